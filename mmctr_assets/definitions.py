@@ -1,0 +1,11 @@
+"""The code location: every stage's definitions merged with the shared resources."""
+
+import dagster as dg
+
+from .defs import raw
+from .resources import default_resources
+
+defs = dg.Definitions.merge(
+    raw.defs,
+    dg.Definitions(resources=default_resources()),
+)

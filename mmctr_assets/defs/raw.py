@@ -1,0 +1,149 @@
+"""raw_*: validated, dtype-normalised snapshots of the source tables, plus the cover-image manifest.
+
+Each raw asset reads its source columnarly, reports structure problems as errors and content
+invariants as blocking asset checks (so bad data stops the graph before the models), and writes a
+snapshot under `<output_dir>/raw/` that downstream assets read instead of the source.
+"""
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from ..lib import dataset
+from ..lib.atomic import write_parquet_atomic
+from ..resources import ProjectStorage
+
+GROUP = "raw"
+IMAGE_FAILURE_WARN_SHARE = 0.05
+
+_DESCRIPTIONS = {
+    "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, click label.",
+    "valid": "Validation interactions; the model is selected on this table's AUC.",
+    "test": "Test interactions keyed by ID, without labels; the submission predicts these rows.",
+    "item_info": "One row per item 0..N (row 0 = padding): tags and the organisers' 128-d embedding.",
+    "item_feature": "Item titles and full tag lists (optional in the download; empty when absent).",
+}
+
+
+def _schema_metadata(frame: pl.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(name, str(dtype)) for name, dtype in frame.schema.items()])
+
+
+def _preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True, fmt_table_cell_list_len=6, fmt_str_lengths=60):
+        return dg.MetadataValue.md(str(frame.head(rows)))
+
+
+def _n_items(storage: ProjectStorage) -> int:
+    path = storage.require(storage.raw("item_info"), "raw_item_info")
+    return pl.scan_parquet(path).select(pl.len()).collect().item() - 1
+
+
+def _table_metadata(table: str, frame: pl.DataFrame, fingerprint: str) -> dict:
+    meta = {
+        "dagster/row_count": len(frame),
+        "dagster/column_schema": _schema_metadata(frame),
+        "data_fingerprint": fingerprint,
+        "preview": _preview(frame),
+    }
+    if "label" in frame.columns:
+        meta["positive_rate"] = float(frame.get_column("label").mean() or 0.0)
+    if "item_seq" in frame.columns:
+        meta["history_length"] = dg.MetadataValue.json(dataset.history_length_summary(frame))
+        meta["users"] = frame.get_column("user_id").n_unique()
+    return meta
+
+
+def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
+    key = f"raw_{table}"
+    needs_item_info = table != "item_info"
+
+    @dg.asset(
+        name=key,
+        group_name=GROUP,
+        kinds={"parquet", "polars"},
+        owners=["team:recsys"],
+        description=_DESCRIPTIONS[table],
+        deps=["raw_item_info"] if needs_item_info else [],
+        check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=True) for n in dataset.CHECK_NAMES[table]],
+    )
+    def _raw(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
+        spec = dataset.TABLES[table]
+        src = storage.source(table)
+        if spec.optional and not src.exists():
+            context.log.warning(f"{src} not found: {table} is optional, writing an empty snapshot.")
+            empty = pl.DataFrame(schema={c: t for c, t in spec.casts.items()} | {"item_title": pl.String})
+            write_parquet_atomic(empty.select(list(spec.columns)), storage.raw(table))
+            return dg.MaterializeResult(
+                metadata={"present": False, "dagster/row_count": 0, "source": str(src)},
+                check_results=[dg.AssetCheckResult(check_name=n, passed=True, description="table absent")
+                               for n in dataset.CHECK_NAMES[table]],
+                data_version=dg.DataVersion("absent"),
+            )
+        frame = dataset.read_table(storage.data_dir, table)
+        n_items = _n_items(storage) if needs_item_info else None
+        outcomes = dataset.content_checks(table, frame, n_items)
+        for o in outcomes:
+            (context.log.info if o.passed else context.log.error)(f"{o.name}: {o.description}")
+        write_parquet_atomic(frame, storage.raw(table))
+        fingerprint = dataset.file_fingerprint(src)
+        return dg.MaterializeResult(
+            metadata=_table_metadata(table, frame, fingerprint) | {"source": dg.MetadataValue.path(str(src))},
+            check_results=[
+                dg.AssetCheckResult(check_name=o.name, passed=o.passed, description=o.description, metadata=o.details)
+                for o in outcomes
+            ],
+            data_version=dg.DataVersion(fingerprint),
+        )
+
+    return _raw
+
+
+@dg.asset(
+    name="raw_item_images",
+    group_name=GROUP,
+    kinds={"parquet", "pillow"},
+    owners=["team:recsys"],
+    description="Manifest of cover images: path, whether the file exists and whether it decodes.",
+    deps=["raw_item_info"],
+    check_specs=[dg.AssetCheckSpec("images_mostly_usable", asset="raw_item_images", blocking=False)],
+)
+def raw_item_images(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
+    n_items = _n_items(storage)
+    ids = pl.int_range(1, n_items + 1, eager=True, dtype=pl.Int64).to_numpy()
+    manifest = dataset.image_manifest(storage.data_dir, ids)
+    write_parquet_atomic(manifest, storage.out("raw", "item_images.parquet"))
+    missing = manifest.filter(~pl.col("exists")).get_column("item_id")
+    corrupt = manifest.filter(pl.col("exists") & ~pl.col("decodable")).get_column("item_id")
+    bad_share = (len(missing) + len(corrupt)) / max(len(manifest), 1)
+    context.log.info(f"{len(manifest)} items: {len(missing)} images missing, {len(corrupt)} corrupt")
+    # content fingerprint of the manifest: images added, removed or broken change it
+    version = str(manifest.select(pl.col("exists"), pl.col("decodable")).hash_rows().sum())
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(manifest),
+            "missing_images": len(missing),
+            "corrupt_images": len(corrupt),
+            "missing_ids_sample": missing.head(20).to_list(),
+            "corrupt_ids_sample": corrupt.head(20).to_list(),
+            "images_dir": dg.MetadataValue.path(str(Path(storage.data_dir) / dataset.IMAGES_DIR)),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="images_mostly_usable",
+                passed=bad_share <= IMAGE_FAILURE_WARN_SHARE,
+                severity=dg.AssetCheckSeverity.WARN,
+                description=f"{bad_share:.2%} of covers are missing or corrupt (warn above "
+                f"{IMAGE_FAILURE_WARN_SHARE:.0%}); those items fall back to text-only CLIP embeddings.",
+                metadata={"bad_share": bad_share},
+            )
+        ],
+        data_version=dg.DataVersion(version),
+    )
+
+
+RAW_TABLES = ("item_info", "train", "valid", "test", "item_feature")
+raw_assets = [build_raw_table_asset(t) for t in RAW_TABLES] + [raw_item_images]
+
+defs = dg.Definitions(assets=raw_assets)
