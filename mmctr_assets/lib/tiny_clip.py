@@ -1,0 +1,166 @@
+"""Build a randomly initialised CLIP (model, tokenizer, image processor) that loads offline.
+
+Real CLIP weights cannot be downloaded here, yet the encoder path must be exercised for real:
+``CLIPModel.from_pretrained(dir)`` / ``CLIPProcessor.from_pretrained(dir)`` load what this writes.
+The small variant keeps tests fast; ``full_size=True`` has ViT-B/32's exact compute (benchmarks).
+Its embeddings carry no meaning: callers check :data:`RANDOM_WEIGHTS_MARKER` and say so.
+
+CLI: ``python -m mmctr_assets.lib.tiny_clip OUT_DIR [--full-size] [--seed N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from mmctr_assets.lib.atomic import atomic_path
+
+RANDOM_WEIGHTS_MARKER = "MMCTR_RANDOM_WEIGHTS"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Training text for the BPE merges: everyday English and hashtag-style titles, so common words
+# become single tokens like in real CLIP; anything else still tokenises through byte fallback.
+_BPE_TEXT = """
+the a an and or of to in on at for with from by is are was were be been it this that these those
+you your my our his her their we they he she i me us them what how why when where who which not no
+yes all any some more most new best good great first last one two three day days night time year
+life love family friend friends home house city world people man woman boy girl baby kid kids
+cat cats dog dogs pet pets animal food cooking recipe eat eating delicious cake coffee tea dinner
+travel trip beach sea mountain nature sunset car cars music song songs dance dancing video videos
+funny cute happy sad beautiful amazing cool wow lol omg challenge tutorial tips diy makeup fashion
+style beauty hair game games gaming sport sports football basketball fitness workout health art
+drawing painting photo photography movie film show story vlog daily routine school study work
+#funny #cute #food #travel #music #dance #fyp #foryou #viral #trending #love #pets #cat #dog
+#comedy #beauty #fashion #gaming #sports #diy #art #vlog #life #family #baby #nature #tutorial
+tag_1 tag_2 tag_3 tag_4 tag_5 tag_6 tag_7 tag_8 tag_9 tag_10 tag_11 tag_12 tag_13 tag_20 tag_42
+"""
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable-char table (byte-level BPE's alphabet, in CLIP's vocab order)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tokenizer(vocab_size: int = 2000):
+    """A real ``CLIPTokenizer`` with CLIP's vocab layout: 256 bytes, 256 ``byte</w>``, merges, specials.
+
+    Every byte is in the vocab, so any text (emoji, hashtags, CJK) tokenises without unknowns.
+    """
+    from tokenizers import Tokenizer, models, trainers
+    from transformers import CLIPTokenizer
+
+    template = CLIPTokenizer()  # CLIP's normaliser and pre-tokeniser, empty vocab
+    trainer_tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token=EOS))
+    trainer_tok.normalizer = template.backend_tokenizer.normalizer
+    trainer_tok.pre_tokenizer = template.backend_tokenizer.pre_tokenizer
+    alphabet = list(_bytes_to_unicode().values())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        initial_alphabet=alphabet,
+        end_of_word_suffix="</w>",
+        show_progress=False,
+    )
+    trainer_tok.train_from_iterator([_BPE_TEXT] * 4, trainer)
+    merges = [tuple(m) for m in json.loads(trainer_tok.to_str())["model"]["merges"]]
+
+    vocab: dict[str, int] = {}
+    for token in alphabet + [c + "</w>" for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]:
+        vocab.setdefault(token, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def _config(tokenizer, full_size: bool):
+    from transformers import CLIPConfig
+
+    ids = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if full_size:  # ViT-B/32 shapes; the token ids must match this tokenizer for EOS pooling
+        return CLIPConfig(text_config=ids)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        **ids,
+    )
+    vision = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=512)
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0, full_size: bool = False) -> Path:
+    """Write a random-weight CLIP model + processor to ``out_dir`` (atomically) and return it.
+
+    Embeddings are 512-d like ViT-B/32's. The directory holds :data:`RANDOM_WEIGHTS_MARKER`.
+    """
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = build_tokenizer()
+    config = _config(tokenizer, full_size)
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    side = config.vision_config.image_size
+    # The PIL backend needs no torchvision; it saves as "CLIPImageProcessor" and loads either way.
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": side}, crop_size={"height": side, "width": side}
+    )
+    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / RANDOM_WEIGHTS_MARKER).write_text(
+            json.dumps({"random_weights": True, "seed": seed, "full_size": full_size}) + "\n"
+            + "Randomly initialised CLIP built by mmctr_assets.lib.tiny_clip: its embeddings carry"
+            " no semantic meaning. Use real weights (MMCTR_CLIP_MODEL) for real results.\n"
+        )
+    return out_dir
+
+
+def is_random_weights(model_dir: str | os.PathLike) -> bool:
+    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).is_file()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mmctr_assets.lib.tiny_clip",
+        description="Build a randomly initialised CLIP (offline stand-in for openai/clip-vit-base-patch32).",
+    )
+    parser.add_argument("out_dir", type=Path, help="directory to write (replaced if it exists)")
+    parser.add_argument("--full-size", action="store_true", help="ViT-B/32 shapes (slow, ~600 MB)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = build_tiny_clip(args.out_dir, seed=args.seed, full_size=args.full_size)
+    print(f"wrote random-weight CLIP to {path}; use it with MMCTR_CLIP_MODEL={path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
