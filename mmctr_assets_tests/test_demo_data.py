@@ -1,0 +1,264 @@
+"""The demo-data generator writes the exact MicroLens format, with learnable planted structure."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from mmctr_assets.lib import demo_data
+from mmctr_assets.lib.demo_data import SIZES, DemoSize, generate, main
+
+TINY = SIZES["tiny"]
+ROW_SCHEMA = {"user_id": pl.Int64, "item_seq": pl.List(pl.Int64), "item_id": pl.Int64,
+              "likes_level": pl.Int64, "views_level": pl.Int64, "label": pl.Float64}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("demo") / "data"
+    return root, generate(root, "tiny", seed=0, progress=False)
+
+
+def _read(root: Path, name: str) -> pl.DataFrame:
+    sub = "" if name == "item_feature" else "MicroLens_1M_x1/"
+    return pl.read_parquet(root / f"{sub}{name}.parquet")
+
+
+def _seq_matrix(df: pl.DataFrame) -> np.ndarray:
+    return np.stack(df["item_seq"].to_numpy())
+
+
+def test_layout_and_exact_schemas(tiny):
+    root, _ = tiny
+    assert sorted(p.name for p in root.iterdir()) == ["MicroLens_1M_x1", "ground_truth", "item_feature.parquet",
+                                                        "item_images"]
+    assert sorted(p.name for p in (root / "MicroLens_1M_x1").iterdir()) == [
+        "item_info.parquet", "test.parquet", "train.parquet", "valid.parquet"]
+    for split in ("train", "valid"):
+        assert _read(root, split).schema == pl.Schema(ROW_SCHEMA)
+    test_schema = {"ID": pl.Int64, **{k: v for k, v in ROW_SCHEMA.items() if k != "label"}}
+    assert list(_read(root, "test").schema.items()) == list(test_schema.items())  # ID first, no label
+    assert _read(root, "item_info").schema == pl.Schema(
+        {"item_id": pl.Int64, "item_tags": pl.List(pl.Int64), "item_emb_d128": pl.List(pl.Float32)})
+    assert _read(root, "item_feature").schema == pl.Schema(
+        {"item_id": pl.Int64, "item_title": pl.String, "item_tags": pl.List(pl.Int64),
+         "likes_level": pl.Int64, "views_level": pl.Int64})
+    assert pl.read_parquet(root / "ground_truth/valid.parquet").schema == pl.Schema(
+        {"row": pl.Int64, "click_prob": pl.Float64})
+    assert pl.read_parquet(root / "ground_truth/test.parquet").schema == pl.Schema(
+        {"ID": pl.Int64, "click_prob": pl.Float64, "label": pl.Float64})
+    assert pl.read_parquet(root / "ground_truth/items.parquet").schema == pl.Schema(
+        {"item_id": pl.Int64, "topic": pl.Int64})
+    assert [len(_read(root, s)) for s in ("train", "valid", "test")] == [TINY.n_train, TINY.n_valid, TINY.n_test]
+
+
+@pytest.mark.parametrize("split", ["train", "valid", "test"])
+def test_histories_fixed_length_left_padded_known_items(tiny, split):
+    root, _ = tiny
+    df = _read(root, split)
+    assert (df["item_seq"].list.len() == TINY.seq_len).all()
+    seq = _seq_matrix(df)
+    real = seq > 0
+    assert (np.diff(real.astype(np.int8), axis=1) >= 0).all(), "a zero follows a real item"
+    n_real = real.sum(axis=1)
+    assert n_real.min() >= 3 and n_real.max() <= TINY.seq_len
+    assert seq.min() >= 0 and seq.max() <= TINY.n_items
+    assert df["item_id"].is_between(1, TINY.n_items).all()
+    assert df["user_id"].is_between(1, TINY.n_users).all()
+    for col in ("likes_level", "views_level"):
+        assert df[col].is_between(1, 10).all()
+    if split != "test":
+        assert set(df["label"].unique()) == {0.0, 1.0}
+
+
+def test_users_repeat_and_levels_are_the_target_items(tiny):
+    root, _ = tiny
+    rows = pl.concat([_read(root, s).drop("label") for s in ("train", "valid")] + [_read(root, "test").drop("ID")])
+    assert rows["user_id"].n_unique() == TINY.n_users  # every user appears, several rows each
+    feat = _read(root, "item_feature").select("item_id", "likes_level", "views_level")
+    joined = rows.join(feat, on="item_id", suffix="_item")
+    assert len(joined) == len(rows)
+    assert (joined["likes_level"] == joined["likes_level_item"]).all()
+    assert (joined["views_level"] == joined["views_level_item"]).all()
+
+
+def test_item_info_rows_are_item_ids_with_zero_padding_row(tiny):
+    root, _ = tiny
+    info = _read(root, "item_info")
+    assert info["item_id"].to_list() == list(range(TINY.n_items + 1))
+    tags = _seq_matrix(info.rename({"item_tags": "item_seq"}))
+    emb = np.stack(info["item_emb_d128"].to_numpy())
+    assert tags.shape == (TINY.n_items + 1, 5) and emb.shape == (TINY.n_items + 1, 128)
+    assert (tags[0] == 0).all() and (emb[0] == 0).all()
+    assert (tags[1:, -1] > 0).all() and (np.diff((tags > 0).astype(np.int8), axis=1) >= 0).all()
+    assert (np.linalg.norm(emb[1:], axis=1) > 0.5).all()
+    # item_info's tags are each item's first (up to) 5 tags from item_feature.
+    feat = _read(root, "item_feature")
+    first5 = feat["item_tags"].list.head(5)
+    info_nonzero = info["item_tags"].list.eval(pl.element().filter(pl.element() > 0))[1:]
+    assert (first5 == info_nonzero).all()
+
+
+def test_item_feature_titles_and_tags(tiny):
+    root, _ = tiny
+    feat = _read(root, "item_feature")
+    assert feat["item_id"].to_list() == list(range(1, TINY.n_items + 1))
+    n_tags = feat["item_tags"].list.len()
+    assert n_tags.min() >= 1 and n_tags.max() <= 8
+    assert (feat["item_tags"].list.min() > 0).all()
+    assert (feat["item_tags"].list.n_unique() == n_tags).all(), "tags repeat within an item"
+    assert feat["item_title"].str.contains(r"^[a-z]+( [a-z]+)*( #[a-z]+)+$").all()
+    for col in ("likes_level", "views_level"):
+        assert feat[col].is_between(1, 10).all() and feat[col].n_unique() == 10
+
+
+def test_topics_show_in_tags_and_images(tiny):
+    root, _ = tiny
+    topics = pl.read_parquet(root / "ground_truth/items.parquet")
+    tag_topic = (_read(root, "item_feature").join(topics, on="item_id").explode("item_tags")
+                 .group_by("item_tags", "topic").len())
+    purity = tag_topic.group_by("item_tags").agg(pl.col("len").max())["len"].sum() / tag_topic["len"].sum()
+    assert purity > 0.7, f"tags barely reveal the topic (purity {purity:.2f})"
+
+    manifest = json.loads((root / "ground_truth/manifest.json").read_text())
+    bad = set(manifest["missing_image_ids"]) | set(manifest["corrupt_image_ids"])
+    ok = topics.filter(~pl.col("item_id").is_in(sorted(bad)))
+    pixels = np.stack([np.asarray(Image.open(root / f"item_images/{i}.jpg").convert("RGB"), dtype=np.float32)
+                       for i in ok["item_id"]])
+    assert pixels.shape[1:] == (TINY.image_size, TINY.image_size, 3)
+    # Nearest topic centroid of mean colour, fitted on even rows, scored on odd rows.
+    feats, topic = pixels.mean(axis=(1, 2)), ok["topic"].to_numpy()
+    centroids = np.stack([feats[::2][topic[::2] == k].mean(axis=0) for k in range(TINY.n_topics)])
+    pred = np.linalg.norm(feats[1::2, None] - centroids[None], axis=2).argmin(axis=1)
+    assert (pred == topic[1::2]).mean() > 0.6  # chance is 1/8
+
+
+def test_test_split_has_unique_shuffled_ids_matching_ground_truth(tiny):
+    root, _ = tiny
+    test = _read(root, "test")
+    ids = test["ID"].to_numpy()
+    assert sorted(ids) == list(range(TINY.n_test))
+    assert not (ids == np.arange(TINY.n_test)).all(), "ID must not be usable as a row counter"
+    truth = pl.read_parquet(root / "ground_truth/test.parquet")
+    assert truth["ID"].to_list() == test["ID"].to_list()
+    assert truth["click_prob"].is_between(0, 1).all() and set(truth["label"].unique()) == {0.0, 1.0}
+
+
+def test_missing_and_corrupt_images_are_as_listed(tiny):
+    root, manifest = tiny
+    missing, corrupt = manifest["missing_image_ids"], manifest["corrupt_image_ids"]
+    assert len(missing) >= 2 and len(corrupt) >= 2 and not set(missing) & set(corrupt)
+    files = {int(p.stem) for p in (root / "item_images").glob("*.jpg")}
+    assert files == set(range(1, TINY.n_items + 1)) - set(missing)
+    for item_id in corrupt:
+        with pytest.raises(OSError):
+            Image.open(root / f"item_images/{item_id}.jpg").load()
+    for item_id in sorted(files - set(corrupt))[:50]:
+        Image.open(root / f"item_images/{item_id}.jpg").load()
+
+
+def test_manifest_and_positive_rate(tiny):
+    root, manifest = tiny
+    assert json.loads((root / "ground_truth/manifest.json").read_text()) == manifest
+    assert manifest["seed"] == 0 and manifest["size"] == dataclasses.asdict(TINY)
+    assert manifest["counts"]["items"] == TINY.n_items
+    train, valid = _read(root, "train"), _read(root, "valid")
+    assert 0.21 < train["label"].mean() < 0.29
+    assert 0.18 < valid["label"].mean() < 0.32
+    assert manifest["positive_rate"]["train"] == pytest.approx(train["label"].mean())
+
+
+def test_planted_signal_is_learnable_but_noisy(tiny):
+    root, manifest = tiny
+    valid = _read(root, "valid")
+    truth = pl.read_parquet(root / "ground_truth/valid.parquet")
+    assert truth["row"].to_list() == list(range(len(valid)))
+    best = roc_auc_score(valid["label"], truth["click_prob"])
+    assert best == pytest.approx(manifest["best_valid_auc"])
+    assert 0.75 < best < 0.95
+
+    # A trivial feature: share of the history in the target's topic (columnar, no row loop).
+    topics = pl.read_parquet(root / "ground_truth/items.parquet")
+    share = (valid.with_row_index("row")
+             .join(topics.rename({"topic": "target_topic"}), on="item_id")
+             .explode("item_seq").filter(pl.col("item_seq") > 0)
+             .join(topics, left_on="item_seq", right_on="item_id")
+             .group_by("row").agg((pl.col("topic") == pl.col("target_topic")).mean().alias("share"),
+                                  pl.col("label").first())
+             .sort("row"))
+    assert len(share) == len(valid)
+    assert roc_auc_score(share["label"], share["share"]) > 0.65
+
+
+def test_history_length_distribution_at_full_seq_len():
+    lengths = demo_data._history_lengths(np.random.default_rng(0), 200_000, 100)
+    assert lengths.min() == 3 and lengths.max() == 100
+    assert np.median(lengths) == 6
+    assert 7 < lengths.mean() < 9
+
+
+def _contents(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_is_byte_identical_other_seed_differs(tiny, tmp_path):
+    root, _ = tiny
+    generate(tmp_path / "again", "tiny", seed=0, progress=False)
+    assert _contents(tmp_path / "again") == _contents(root)
+    generate(tmp_path / "other", "tiny", seed=1, progress=False)
+    for name in ("train", "item_info"):
+        assert not _read(tmp_path / "other", name).equals(_read(root, name))
+
+
+def test_refuses_to_overwrite_unless_asked(tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()  # an existing empty folder is fine
+    small = dataclasses.replace(TINY, n_items=60, n_train=200, n_valid=50, n_test=50, n_users=100)
+    generate(root, small, seed=0, progress=False)
+    (root / "sentinel.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        generate(root, small, seed=1, progress=False)
+    assert (root / "sentinel.txt").exists()
+    manifest = generate(root, small, seed=1, overwrite=True, progress=False)
+    assert manifest["seed"] == 1 and not (root / "sentinel.txt").exists()
+
+
+def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(demo_data, "_write_images", boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate(tmp_path / "data", "tiny", seed=0, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="choose one of"):
+        generate(tmp_path / "x", "huge")
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        generate(tmp_path / "x", "tiny", seed=-1)
+    with pytest.raises(ValueError, match="n_topics=40 must be in 2..32"):
+        dataclasses.replace(TINY, n_topics=40)
+    with pytest.raises(ValueError, match="n_users=9999 must be in"):
+        DemoSize("bad", n_items=100, n_train=10, n_valid=10, n_test=10, n_users=9999, n_topics=4)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        generate(tmp_path / "file", "tiny")
+
+
+def test_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    assert main(["--out", str(out), "--size", "tiny", "--seed", "3", "--quiet", "--n-items", "120"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"]["items"] == 120
+    assert len(_read(out, "item_info")) == 121
+    assert main(["--out", str(out), "--size", "tiny", "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
