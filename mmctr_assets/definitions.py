@@ -2,10 +2,11 @@
 
 import dagster as dg
 
-from .defs import raw
+from .defs import raw, task1
 from .resources import default_resources
 
 defs = dg.Definitions.merge(
     raw.defs,
+    task1.defs,
     dg.Definitions(resources=default_resources()),
 )

@@ -16,6 +16,8 @@ from ..resources import ProjectStorage
 
 GROUP = "raw"
 IMAGE_FAILURE_WARN_SHARE = 0.05
+# lets the cold start run the whole graph, all CLIP shards included, as one run (README.md)
+SINGLE_RUN = dg.BackfillPolicy.single_run()
 
 _DESCRIPTIONS = {
     "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, click label.",
@@ -64,6 +66,7 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
         group_name=GROUP,
         kinds={"parquet", "polars"},
         owners=["team:recsys"],
+        backfill_policy=SINGLE_RUN,
         description=_DESCRIPTIONS[table],
         deps=["raw_item_info"] if needs_item_info else [],
         check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=True) for n in dataset.CHECK_NAMES[table]],
@@ -105,6 +108,7 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
     group_name=GROUP,
     kinds={"parquet", "pillow"},
     owners=["team:recsys"],
+    backfill_policy=SINGLE_RUN,
     description="Manifest of cover images: path, whether the file exists and whether it decodes.",
     deps=["raw_item_info"],
     check_specs=[dg.AssetCheckSpec("images_mostly_usable", asset="raw_item_images", blocking=False)],

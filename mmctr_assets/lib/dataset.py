@@ -447,3 +447,26 @@ def image_manifest(data_dir: str | os.PathLike, item_ids: np.ndarray, workers: i
             "decodable": pl.Series(decodable, dtype=pl.Boolean),
         }
     )
+
+
+def item_content_frame(item_info: pl.DataFrame, item_feature: pl.DataFrame, images: pl.DataFrame) -> pl.DataFrame:
+    """What the content encoder sees per real item: title, tags and cover path.
+
+    Tags come from item_feature's full list when the item has one, else from item_info's five;
+    items absent from item_feature get a null title (their text is their tags).
+    """
+    feature = item_feature.select(
+        "item_id", pl.col("item_title").alias("title"), pl.col("item_tags").alias("feature_tags")
+    )
+    return (
+        item_info.filter(pl.col("item_id") > 0)
+        .select("item_id", "item_tags")
+        .join(feature, on="item_id", how="left")
+        .join(images.select("item_id", "image_path"), on="item_id", how="left")
+        .select(
+            "item_id",
+            "title",
+            pl.coalesce("feature_tags", "item_tags").alias("tags"),
+            "image_path",
+        )
+    )
