@@ -1,0 +1,164 @@
+"""Small composable CTR layers (FuxiCTR style): one idea per module, configured by plain arguments.
+
+Histories are handled *packed*: only real (non-padding) history items are embedded and scored.
+A batch of left-padded histories ``seq [B, L]`` becomes ``values [M]`` plus ``rows [M]`` (the row
+each item belongs to) via :func:`pack_history`; with real MicroLens length statistics (median 6
+of 64 positions) this skips ~87% of the attention work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pack_history(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(item_ids [M], rows [M])`` for the non-zero entries of ``seq [B, L]``, row-major.
+
+    Row-major order keeps the result (and so every later scatter-add) deterministic.
+    """
+    rows, cols = (seq != 0).nonzero(as_tuple=True)
+    return seq[rows, cols], rows
+
+
+class Dice(nn.Module):
+    """Data-adaptive activation from DIN: ``p(x) * x + (1 - p(x)) * alpha * x``, ``p = sigmoid(BN(x))``.
+
+    The BatchNorm (no affine) keeps running statistics for inference. Accepts ``[N, C]`` (including
+    packed history items) or ``[..., C]``; statistics are per feature over all leading positions.
+    """
+
+    def __init__(self, num_features: int, *, eps: float = 1e-8, momentum: float = 0.1):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(num_features, affine=False, eps=eps, momentum=momentum)
+        self.alpha = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self.training and flat.shape[0] < 2:
+            # Batch statistics of a single row are undefined: fall back to the running ones.
+            normed = F.batch_norm(flat, self.bn.running_mean, self.bn.running_var,
+                                  training=False, eps=self.bn.eps)
+        else:
+            normed = self.bn(flat)
+        p = torch.sigmoid(normed)
+        return (flat * (p + (1.0 - p) * self.alpha)).reshape(x.shape)
+
+
+def _activation(name: str, units: int) -> nn.Module:
+    if name == "dice":
+        return Dice(units)
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"activation must be 'dice' or 'relu', got {name!r}")
+
+
+class MLP(nn.Module):
+    """Stack of ``Linear -> [BatchNorm] -> activation -> [Dropout]`` blocks, optional linear output."""
+
+    def __init__(self, input_dim: int, hidden_units: Sequence[int], *, activation: str = "relu",
+                 dropout: float = 0.0, batch_norm: bool = False, output_dim: int | None = None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        dim = input_dim
+        for units in hidden_units:
+            layers.append(nn.Linear(dim, units))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(units))
+            layers.append(_activation(activation, units))
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            dim = units
+        if output_dim is not None:
+            layers.append(nn.Linear(dim, output_dim))
+            dim = output_dim
+        self.layers = nn.Sequential(*layers)
+        self.output_dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class CrossNet(nn.Module):
+    """DCN cross layers: ``x_{l+1} = x0 * f(x_l) + b + x_l``.
+
+    ``version="v1"`` uses a rank-1 ``f(x) = x . w`` (DCN, Wang et al. 2017, ``d`` params per layer);
+    ``"v2"`` a full matrix ``f(x) = W x`` (DCN-V2, 2021, ``d*d`` per layer).
+    """
+
+    def __init__(self, input_dim: int, num_layers: int, *, version: str = "v1"):
+        super().__init__()
+        if version not in ("v1", "v2"):
+            raise ValueError(f"CrossNet version must be 'v1' or 'v2', got {version!r}")
+        self.version = version
+        out = 1 if version == "v1" else input_dim
+        self.weights = nn.ModuleList(nn.Linear(input_dim, out, bias=False) for _ in range(num_layers))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(input_dim)) for _ in range(num_layers))
+
+    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        x = x0
+        for w, b in zip(self.weights, self.biases):
+            x = x0 * w(x) + b + x
+        return x
+
+
+class TargetAttention(nn.Module):
+    """DIN target attention: score each history item ``h`` against the target ``t`` with an MLP
+    over ``[t, h, t - h, t * h]`` and return the score-weighted SUM of the history.
+
+    No softmax, as in the DIN paper: weights are not normalised, so the pooled vector keeps how
+    *much* of the history matches the target (intensity of interest), not only its direction.
+    Padding never gets a weight (it is never scored); an all-padding history pools to zeros.
+
+    ``split_first_layer`` uses linearity of the first layer,
+    ``W[t, h, t-h, t*h] = (W1+W3) t + (W2-W3) h + W4 (t*h)``, to compute the target part once per
+    row instead of once per history item. Same parameters, same function, fewer FLOPs.
+    """
+
+    def __init__(self, embedding_dim: int, attention_units: Sequence[int] = (64, 32), *,
+                 activation: str = "dice", dropout: float = 0.0, split_first_layer: bool = True):
+        super().__init__()
+        if not attention_units:
+            raise ValueError("attention_units needs at least one layer, e.g. [64, 32]")
+        self.embedding_dim = embedding_dim
+        self.split_first_layer = split_first_layer
+        self.first = nn.Linear(4 * embedding_dim, attention_units[0])
+        self.first_activation = _activation(activation, attention_units[0])
+        self.first_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.rest = MLP(attention_units[0], attention_units[1:], activation=activation,
+                        dropout=dropout, output_dim=1)
+
+    def _first_layer(self, target: torch.Tensor, history: torch.Tensor,
+                     rows: torch.Tensor) -> torch.Tensor:
+        t = target.index_select(0, rows)
+        if not self.split_first_layer:
+            return self.first(torch.cat([t, history, t - history, t * history], dim=-1))
+        w1, w2, w3, w4 = self.first.weight.split(self.embedding_dim, dim=1)
+        per_target = F.linear(target, w1 + w3, self.first.bias)
+        per_item = F.linear(torch.cat([history, t * history], dim=-1), torch.cat([w2 - w3, w4], dim=1))
+        return per_target.index_select(0, rows) + per_item
+
+    def forward(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``target [B, D]``, packed ``history [M, D]`` with ``rows [M]`` (its row in the batch)
+        -> pooled interest ``[B, D]``."""
+        if history.shape[0] == 0:
+            return torch.zeros_like(target)
+        z = self.first_dropout(self.first_activation(self._first_layer(target, history, rows)))
+        weighted = self.rest(z) * history
+        return weighted.new_zeros(target.shape).index_add_(0, rows, weighted)
+
+    def forward_padded(self, target: torch.Tensor, history: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Reference implementation over the full padded history ``[B, L, D]`` with ``mask [B, L]``.
+
+        Kept to test the packed path and as the benchmark baseline. Equal to :meth:`forward` in
+        eval mode; in training mode its Dice batch statistics also see the padding positions.
+        """
+        t = target.unsqueeze(1).expand_as(history)
+        z = self.first(torch.cat([t, history, t - history, t * history], dim=-1))
+        z = self.first_dropout(self.first_activation(z))
+        scores = self.rest(z).squeeze(-1) * mask.to(history.dtype)
+        return (scores.unsqueeze(-1) * history).sum(dim=1)
