@@ -1,0 +1,56 @@
+"""Shared fixtures: one tiny generated dataset and one tiny random-weight CLIP per test session."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mmctr_assets.lib import demo_data, tiny_clip
+from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A tiny MicroLens-format dataset with planted signal (read-only: copy before corrupting)."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    demo_data.generate(root, "tiny", seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    return tiny_clip.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny-clip", seed=0)
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may damage."""
+    return Path(shutil.copytree(tiny_data, tmp_path / "data"))
+
+
+@pytest.fixture
+def instance(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    with dg.instance_for_test(temp_dir=str(home)) as inst:
+        yield inst
+
+
+def build_resources(data_dir: Path, output_dir: Path, mlflow_uri: str | None = None) -> dict:
+    return {
+        "storage": ProjectStorage(data_dir=str(data_dir), output_dir=str(output_dir)),
+        # workers=0: tiny inputs, and no worker start-up cost in tests
+        "compute": ComputeResource(device="cpu", num_workers=0, batch_size=32),
+        "mlflow": MlflowResource(tracking_uri=mlflow_uri or f"sqlite:///{output_dir.parent / 'mlflow.db'}"),
+    }
+
+
+@pytest.fixture
+def make_resources():
+    return build_resources
+
+
+@pytest.fixture
+def resources(tiny_data, tmp_path) -> dict:
+    return build_resources(tiny_data, tmp_path / "outputs")
