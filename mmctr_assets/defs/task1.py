@@ -4,6 +4,9 @@ CLIP is partitioned by item shard (`item_id % shards`) so one shard can be recom
 range of shards runs as one run that loads the model once (single-run backfill policy).
 """
 
+import tempfile
+
+import numpy as np
 import polars as pl
 
 import dagster as dg
@@ -11,8 +14,8 @@ import dagster as dg
 from .. import settings
 from ..lib import dataset
 from ..lib.atomic import write_parquet_atomic
-from ..resources import ComputeResource, ProjectStorage
-from .common import ProgressLog
+from ..resources import ComputeResource, MlflowResource, ProjectStorage
+from .common import ProgressLog, log_png_artifact, png_metadata, run_tags
 
 GROUP = "task1_embeddings"
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
@@ -120,4 +123,147 @@ def clip_embeddings(
     )
 
 
-defs = dg.Definitions(assets=[clip_embeddings])
+class Item2VecConfig(dg.Config):
+    dim: int = 128
+    window: int = 5
+    min_count: int = 1
+    epochs: int = 5
+    negative: int = 5
+    workers: int = 2
+    """gensim threads; bit-identical vectors need workers=1 (see lib/item2vec.py)."""
+    seed: int = settings.seed()
+    include_clicked_target: bool = True
+    """Append the target to its history when clicked: the strongest co-occurrence signal."""
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"gensim", "parquet"},
+    owners=["team:recsys"],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=["raw_train"],
+)
+def item2vec_embeddings(
+    context: dg.AssetExecutionContext, config: Item2VecConfig, storage: ProjectStorage
+) -> dg.MaterializeResult:
+    """128-d skip-gram (Word2Vec, window 5) item vectors learnt from training histories.
+
+    Padding 0 is never a token. Items that never occur in a history get no vector; the fusion
+    step then uses their content embedding alone.
+    """
+    from ..lib import item2vec
+
+    train = storage.require(storage.raw("train"), "raw_train")
+    n_items = pl.scan_parquet(storage.raw("item_info")).select(pl.len()).collect().item() - 1
+    out_dir = storage.out("item2vec_embeddings")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
+        context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens in {corpus.seconds:.1f}s")
+        result = item2vec.train_item2vec(
+            corpus.path,
+            dim=config.dim,
+            window=config.window,
+            min_count=config.min_count,
+            epochs=config.epochs,
+            negative=config.negative,
+            workers=config.workers,
+            seed=config.seed,
+        )
+    write_parquet_atomic(item2vec.to_frame(result), out_dir / "embeddings.parquet")
+    without = n_items - len(result.item_ids)
+    context.log.info(f"{len(result.item_ids)} items have a vector, {without} do not; trained in {result.seconds_train:.1f}s")
+    return dg.MaterializeResult(
+        metadata={
+            "items_with_vector": len(result.item_ids),
+            "items_without_vector": without,
+            "sentences": corpus.n_sentences,
+            "tokens": corpus.n_tokens,
+            "targets_appended": corpus.n_targets_appended,
+            "seconds_corpus": round(corpus.seconds, 2),
+            "seconds_train": round(result.seconds_train, 2),
+            "params": dg.MetadataValue.json(result.params),
+        }
+    )
+
+
+def read_item2vec_embeddings(storage: ProjectStorage) -> pl.DataFrame:
+    return pl.read_parquet(storage.require(storage.out("item2vec_embeddings", "embeddings.parquet"), "item2vec_embeddings"))
+
+
+def item_info_updated_path(storage: ProjectStorage):
+    return storage.out("item_info_updated.parquet")
+
+
+class FusionConfig(dg.Config):
+    alpha: float = 0.5
+    """Weight of the content (CLIP) part; 1 - alpha goes to item2vec."""
+    seed: int = settings.seed()
+
+
+@dg.asset(
+    group_name=GROUP,
+    kinds={"scikitlearn", "parquet"},
+    owners=["team:recsys"],
+    backfill_policy=dg.BackfillPolicy.single_run(),
+    deps=[clip_embeddings, item2vec_embeddings, "raw_item_info"],
+    check_specs=[dg.AssetCheckSpec("item_info_updated_valid", asset="fused_item_embeddings", blocking=True)],
+)
+def fused_item_embeddings(
+    context: dg.AssetExecutionContext, config: FusionConfig, storage: ProjectStorage, mlflow: MlflowResource
+) -> dg.MaterializeResult:
+    """The Task 1 deliverable: PCA(CLIP) 512->128 mixed with item2vec, L2-normalised, one row per
+    item, written back into item_info's schema as item_info_updated.parquet."""
+    import mlflow as mlflow_api
+
+    from ..lib import fusion
+    from ..lib.embedding_plot import plot_embedding_projection
+
+    info_path = storage.require(storage.raw("item_info"), "raw_item_info")
+    info = pl.read_parquet(info_path, columns=["item_id", "item_tags"])
+    n_items = info.height - 1
+    clip = read_clip_embeddings(storage)
+    i2v = read_item2vec_embeddings(storage)
+    result = fusion.fuse_embeddings(
+        n_items,
+        clip.get_column("item_id").to_numpy(),
+        clip.get_column("clip_emb").to_numpy(),
+        i2v.get_column("item_id").to_numpy(),
+        i2v.get_column("i2v_emb").to_numpy(),
+        alpha=config.alpha,
+        seed=config.seed,
+    )
+    out = fusion.write_item_info_updated(info_path, result.embeddings, item_info_updated_path(storage))
+    problems = fusion.validate_item_embeddings(pl.read_parquet(out), n_items=n_items, column="item_emb_d128")
+
+    tag = info.get_column("item_tags").list.last().fill_null(0).to_numpy()
+    png = plot_embedding_projection(result.embeddings, np.where(tag > 0, tag, -1), "fused item embeddings (colour: last tag)")
+    with mlflow.start_run("fused_item_embeddings", tags=run_tags(context) | {"stage": "task1"}) as run:
+        mlflow_api.log_params({"alpha": config.alpha, "seed": config.seed, "pca_components": result.pca_components})
+        mlflow_api.log_metrics({"pca_explained_variance": result.explained_variance_total}
+                               | {f"items_{k}": v for k, v in result.counts.items()})
+        log_png_artifact(png, "embedding_projection.png")
+    return dg.MaterializeResult(
+        metadata={
+            "item_info_updated": dg.MetadataValue.path(str(out)),
+            "items": n_items,
+            "counts": dg.MetadataValue.json(result.counts),
+            "pca_explained_variance": round(result.explained_variance_total, 4),
+            "pca_components": result.pca_components,
+            "alpha": config.alpha,
+            "projection": png_metadata(png, "2-D projection of the fused embeddings"),
+            "mlflow_run": mlflow.run_url(run),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="item_info_updated_valid",
+                passed=not problems,
+                description="128 dims, unit norm on real items, no NaN/inf, every item id exactly once, "
+                "row index == item_id: " + ("all hold." if not problems else " ".join(problems)),
+                metadata={"problems": dg.MetadataValue.json(problems)},
+            )
+        ],
+    )
+
+
+defs = dg.Definitions(assets=[clip_embeddings, item2vec_embeddings, fused_item_embeddings])
