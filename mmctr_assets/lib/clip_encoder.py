@@ -26,7 +26,8 @@ REQUIRED_COLUMNS = ("item_id", "title", "tags", "image_path")
 
 _FIX_HINT = (
     "To fix: point MMCTR_CLIP_MODEL at a local copy of the weights (made on a machine with "
-    "internet by `huggingface-cli download openai/clip-vit-base-patch32 --local-dir DIR`), or "
+    "internet by `hf download openai/clip-vit-base-patch32 --local-dir DIR`; older huggingface_hub: "
+    "`huggingface-cli download ...`), or "
     "build the random-weight demo encoder with `python -m mmctr_assets.lib.tiny_clip DIR` and set "
     "MMCTR_CLIP_MODEL=DIR (its embeddings carry no meaning; fine for demos and tests)."
 )
@@ -80,6 +81,11 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else "").rstrip(".")[:300]
+
+
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -119,7 +125,7 @@ def load_clip(
         except Exception as exc:  # noqa: BLE001 - reported with what was tried
             raise ClipLoadError(
                 f"Could not load CLIP from local directory {local} (it exists; contents: "
-                f"{sorted(p.name for p in local.iterdir())[:12]}): {type(exc).__name__}: {exc}. "
+                f"{sorted(p.name for p in local.iterdir())[:12]}): {type(exc).__name__}: {_first_line(exc)}. "
                 f"It must hold config.json, model weights and the processor files written by "
                 f"save_pretrained. {_FIX_HINT}"
             ) from exc
@@ -131,7 +137,7 @@ def load_clip(
                 break
             except Exception as exc:  # noqa: BLE001
                 where = "local Hugging Face cache" if local_only else "Hugging Face Hub (network)"
-                tried.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
+                tried.append(f"{where}: {type(exc).__name__}: {_first_line(exc)}")
         if loaded is None:
             skipped = " (network not tried: HF_HUB_OFFLINE is set)" if _offline() else ""
             raise ClipLoadError(

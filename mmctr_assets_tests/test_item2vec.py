@@ -1,0 +1,116 @@
+import os
+import subprocess
+import sys
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mmctr_assets.lib import item2vec as i2v
+
+SMALL = pl.DataFrame(
+    {
+        "item_seq": [[0, 0, 3, 4], [0, 0, 3, 4], [0, 0, 0, 5], [0, 0, 0, 0], [6, 7, 8, 9], [0, 0, 0, 2]],
+        "item_id": [7, 7, 1, 2, 10, 11],
+        "label": [1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+    }
+)
+
+
+def planted_clusters(n_clusters=4, per=10, rows=3000, width=10, seed=0) -> pl.DataFrame:
+    """Histories drawn from one cluster each, left-padded with 0 to a fixed width."""
+    rng = np.random.default_rng(seed)
+    cluster = rng.integers(0, n_clusters, rows)
+    items = cluster[:, None] * per + rng.integers(0, per, (rows, width)) + 1
+    lengths = rng.integers(2, width + 1, rows)
+    seq = np.where(np.arange(width)[None, :] >= (width - lengths)[:, None], items, 0)
+    return pl.DataFrame(
+        {
+            "item_seq": seq.tolist(),
+            "item_id": cluster * per + rng.integers(0, per, rows) + 1,
+            "label": rng.integers(0, 2, rows).astype(np.float32),
+        }
+    )
+
+
+def test_corpus_lines_drop_padding_and_append_clicked_targets(tmp_path):
+    stats = i2v.build_corpus(SMALL, tmp_path / "c.txt")
+    # row 3: only the clicked target (one token) -> dropped; row 5: [2, 11]
+    assert (tmp_path / "c.txt").read_text().splitlines() == ["3 4 7", "3 4", "6 7 8 9 10", "2 11"]
+    assert (stats.n_rows, stats.n_sentences, stats.n_tokens, stats.n_items, stats.n_targets_appended) == (6, 4, 12, 9, 4)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]  # atomic: no temp file left
+
+
+def test_corpus_without_targets_and_from_parquet(tmp_path):
+    SMALL.write_parquet(tmp_path / "train.parquet")
+    stats = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "c.txt", include_clicked_target=False)
+    assert (tmp_path / "c.txt").read_text().splitlines() == ["3 4", "3 4", "6 7 8 9"]
+    assert stats.n_targets_appended == 0 and stats.n_tokens == 8
+
+
+def test_corpus_input_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"missing \['label'\]"):
+        i2v.build_corpus(SMALL.drop("label"), tmp_path / "c.txt")
+    with pytest.raises(FileNotFoundError, match="raw_train"):
+        i2v.build_corpus(tmp_path / "nope.parquet", tmp_path / "c.txt")
+    assert not (tmp_path / "c.txt").exists()
+
+
+@pytest.fixture(scope="module")
+def cluster_corpus(tmp_path_factory):
+    return i2v.build_corpus(planted_clusters(), tmp_path_factory.mktemp("i2v") / "corpus.txt")
+
+
+def test_learns_planted_co_occurrence(cluster_corpus):
+    res = i2v.train_item2vec(cluster_corpus.path, epochs=5, workers=2, seed=0)
+    assert res.item_ids.dtype == np.int64 and res.item_ids.tolist() == list(range(1, 41))
+    assert res.vectors.dtype == np.float32 and res.vectors.shape == (40, 128)
+    assert 0 not in res.item_ids
+    v = res.vectors / np.linalg.norm(res.vectors, axis=1, keepdims=True)
+    cluster = (res.item_ids - 1) // 10
+    sim = v @ v.T
+    same = (cluster[:, None] == cluster[None, :]) & ~np.eye(40, dtype=bool)
+    diff = cluster[:, None] != cluster[None, :]
+    assert sim[same].mean() > sim[diff].mean() + 0.3
+    # every item's nearest neighbour is in its own cluster
+    np.fill_diagonal(sim, -2)
+    assert (cluster[sim.argmax(axis=1)] == cluster).all()
+    assert res.n_tokens == cluster_corpus.n_tokens and res.n_sentences == cluster_corpus.n_sentences
+
+
+def test_single_worker_is_bit_reproducible_across_processes(cluster_corpus):
+    a = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=7)
+    b = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=7)
+    c = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=8)
+    np.testing.assert_array_equal(a.vectors, b.vectors)
+    assert not np.array_equal(a.vectors, c.vectors)
+    code = (
+        "import sys, numpy as np; from mmctr_assets.lib.item2vec import train_item2vec;"
+        "r = train_item2vec(sys.argv[1], epochs=2, workers=1, seed=7); sys.stdout.buffer.write(r.vectors.tobytes())"
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code, str(cluster_corpus.path)], env=env,
+                         capture_output=True, check=True).stdout
+    np.testing.assert_array_equal(np.frombuffer(out, np.float32).reshape(a.vectors.shape), a.vectors)
+
+
+def test_min_count_leaves_rare_items_without_vectors(tmp_path):
+    (tmp_path / "c.txt").write_text("1 2 3\n1 2 3\n1 2 4\n")
+    res = i2v.train_item2vec(tmp_path / "c.txt", min_count=2, epochs=1, workers=1)
+    assert res.item_ids.tolist() == [1, 2, 3]
+    assert res.n_below_min_count == 1
+
+
+def test_padding_token_in_foreign_corpus_is_refused(tmp_path):
+    (tmp_path / "c.txt").write_text("0 0 3 4\n5 6\n")
+    with pytest.raises(ValueError, match="padding id 0"):
+        i2v.train_item2vec(tmp_path / "c.txt", epochs=1)
+    with pytest.raises(FileNotFoundError, match="build_corpus"):
+        i2v.train_item2vec(tmp_path / "missing.txt")
+
+
+def test_to_frame(cluster_corpus):
+    res = i2v.train_item2vec(cluster_corpus.path, epochs=1, workers=1, dim=16)
+    frame = i2v.to_frame(res)
+    assert frame.schema == pl.Schema({"item_id": pl.Int64, "i2v_emb": pl.Array(pl.Float32, 16)})
+    np.testing.assert_array_equal(frame["i2v_emb"].to_numpy(), res.vectors)

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+
+from mmctr_assets.lib import tiny_clip
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return tiny_clip.build_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny", seed=3)
+
+
+def test_round_trips_through_from_pretrained(clip_dir):
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True)
+    processor = CLIPProcessor.from_pretrained(clip_dir, local_files_only=True)
+    assert model.config.projection_dim == 512
+    assert processor.image_processor.crop_size == {"height": 32, "width": 32}
+
+    # the saved weights are the ones a fresh build with the same seed makes
+    torch.manual_seed(3)
+    fresh = CLIPModel(model.config)
+    for (name, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_marker_says_random_weights(clip_dir):
+    assert tiny_clip.is_random_weights(clip_dir)
+    info = json.loads((clip_dir / tiny_clip.RANDOM_WEIGHTS_MARKER).read_text().splitlines()[0])
+    assert info == {"random_weights": True, "seed": 3, "full_size": False}
+
+
+def test_tokenizer_handles_arbitrary_text(clip_dir):
+    tok = CLIPProcessor.from_pretrained(clip_dir).tokenizer
+    texts = ["My cat's first #beach trip!! #cute #fyp tag_17", "Ünïcödé 🎉 中文 标题 $%^&*", "", "word " * 300]
+    enc = tok(texts, padding=True, truncation=True, max_length=77)
+    for ids, mask in zip(enc["input_ids"], enc["attention_mask"]):
+        real = [i for i, m in zip(ids, mask) if m]
+        assert real[0] == tok.bos_token_id and real[-1] == tok.eos_token_id
+        # the unknown token is <|endoftext|>: it must occur only as the final EOS
+        assert real.count(tok.eos_token_id) == 1
+        assert len(ids) <= 77
+    # common words are single tokens, like in real CLIP
+    assert tok.tokenize("funny cat video") == ["funny</w>", "cat</w>", "video</w>"]
+    # the model pools on EOS: its id in the config must be the tokenizer's
+    config = CLIPModel.from_pretrained(clip_dir).config.text_config
+    assert config.eos_token_id == tok.eos_token_id != 2
+    assert config.vocab_size >= len(tok)
+
+
+def test_text_and_image_features_are_512d(clip_dir):
+    from PIL import Image
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    image = Image.new("RGB", (50, 40), (200, 30, 10))
+    inputs = processor(text=["a red picture"], images=[image], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+    assert img.shape == txt.shape == (1, 512)
+    assert torch.isfinite(img).all() and torch.isfinite(txt).all()
+
+
+def test_full_size_config_has_vit_b32_shapes():
+    config = tiny_clip._config(tiny_clip.build_tokenizer(), full_size=True)
+    ref = CLIPConfig()
+    for part in ("vision_config", "text_config"):
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            assert getattr(getattr(config, part), key) == getattr(getattr(ref, part), key)
+    assert (config.vision_config.image_size, config.vision_config.patch_size) == (224, 32)
+    assert config.projection_dim == 512
+
+
+def test_cli_replaces_directory_atomically(tmp_path, capsys):
+    out = tmp_path / "enc"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    assert tiny_clip.main([str(out), "--seed", "1"]) == 0
+    assert not (out / "stale.txt").exists()
+    assert (out / "config.json").is_file() and (out / tiny_clip.RANDOM_WEIGHTS_MARKER).is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temp dirs left behind
+    assert "MMCTR_CLIP_MODEL=" in capsys.readouterr().out
