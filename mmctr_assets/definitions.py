@@ -2,11 +2,12 @@
 
 import dagster as dg
 
-from .defs import raw, task1
+from .defs import raw, task1, task2
 from .resources import default_resources
 
 defs = dg.Definitions.merge(
     raw.defs,
     task1.defs,
+    task2.defs,
     dg.Definitions(resources=default_resources()),
 )
