@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import colorsys
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -113,12 +114,13 @@ class DemoSize:
     def __post_init__(self) -> None:
         n_rows = self.n_train + self.n_valid + self.n_test
         checks = [
-            (self.n_items >= 20, f"n_items={self.n_items} must be >= 20"),
+            (20 <= self.n_items <= 10_000_000, f"n_items={self.n_items} must be in 20..10,000,000"),
             (min(self.n_train, self.n_valid, self.n_test) >= 1, "n_train, n_valid and n_test must be >= 1"),
             (1 <= self.n_users <= n_rows, f"n_users={self.n_users} must be in 1..n_train+n_valid+n_test={n_rows}"),
             (2 <= self.n_topics <= len(THEMES), f"n_topics={self.n_topics} must be in 2..{len(THEMES)}"),
             (self.n_items >= 2 * self.n_topics, f"n_items={self.n_items} must be >= 2 * n_topics={2 * self.n_topics}"),
-            (self.seq_len >= 3, f"seq_len={self.seq_len} must be >= 3 (the shortest history has 3 items)"),
+            (3 <= self.seq_len <= 4096,
+             f"seq_len={self.seq_len} must be in 3..4096 (the shortest history has 3 items)"),
             (self.image_size >= 8, f"image_size={self.image_size} must be >= 8 pixels"),
             (1 <= self.jpeg_quality <= 95, f"jpeg_quality={self.jpeg_quality} must be in 1..95"),
         ]
@@ -440,8 +442,8 @@ def _topic_palette(k: int) -> tuple[np.ndarray, np.ndarray]:
     """Background and foreground RGB (0..1) per topic; topics sharing a shape get distant hues."""
     t = np.arange(k)
     hues = ((t // 4 + 0.37 * (t % 4)) / -(-k // 4)) % 1.0
-    bg = np.array([colorsys.hsv_to_rgb(h, 0.35, 0.9) for h in hues])
-    fg = np.array([colorsys.hsv_to_rgb((h + 0.5) % 1.0, 0.85, 0.55) for h in hues])
+    bg = np.array([colorsys.hsv_to_rgb(h, 0.35, 0.9) for h in hues], dtype=np.float32)
+    fg = np.array([colorsys.hsv_to_rgb((h + 0.5) % 1.0, 0.85, 0.55) for h in hues], dtype=np.float32)
     return bg, fg
 
 
@@ -449,10 +451,10 @@ def _cover_batch(topic: np.ndarray, size: int, rng: np.random.Generator,
                  palette: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """uint8 (B, S, S, 3) covers: topic colours and topic shape (circle/square/diamond/ring) + noise."""
     b = len(topic)
-    bg = palette[0][topic] + 0.07 * rng.standard_normal((b, 3))
-    fg = palette[1][topic] + 0.07 * rng.standard_normal((b, 3))
-    cy, cx = (size * rng.uniform(0.3, 0.7, (2, b)))[:, :, None, None]
-    r = (size * rng.uniform(0.2, 0.32, b))[:, None, None]
+    bg = palette[0][topic] + rng.normal(0, 0.07, (b, 3)).astype(np.float32)
+    fg = palette[1][topic] + rng.normal(0, 0.07, (b, 3)).astype(np.float32)
+    cy, cx = (size * rng.uniform(0.3, 0.7, (2, b))).astype(np.float32)[:, :, None, None]
+    r = (size * rng.uniform(0.2, 0.32, b)).astype(np.float32)[:, None, None]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     dy, dx = np.abs(yy[None] - cy), np.abs(xx[None] - cx)
     dist = np.sqrt(dx**2 + dy**2)
@@ -462,28 +464,35 @@ def _cover_batch(topic: np.ndarray, size: int, rng: np.random.Generator,
         [dist < r, np.maximum(dx, dy) < 0.85 * r, dx + dy < 1.2 * r],
         (dist < r) & (dist > 0.55 * r))
     img = np.where(mask[..., None], fg[:, None, None, :], bg[:, None, None, :])
-    img += 0.05 * rng.standard_normal(img.shape)
-    return (np.clip(img, 0.0, 1.0) * 255 + 0.5).astype(np.uint8)
+    noise = rng.standard_normal(img.shape, dtype=np.float32)
+    noise *= 0.05
+    img += noise
+    img *= 255
+    img += 0.5
+    return np.clip(img, 0, 255, out=img).astype(np.uint8)
 
 
 def _write_images(folder: Path, size: DemoSize, items: _Items, seed: int, skip: np.ndarray,
                   progress: bool) -> None:
+    """One task per batch of covers (numpy and JPEG encoding release the GIL); own RNG per batch."""
     folder.mkdir()
     palette = _topic_palette(size.n_topics)
     skip_set = np.zeros(size.n_items + 1, dtype=bool)
     skip_set[skip] = True
     ids = np.arange(1, size.n_items + 1)
 
-    def save(item_id: int, pixels: np.ndarray) -> None:
-        Image.fromarray(pixels).save(folder / f"{item_id}.jpg", format="JPEG", quality=size.jpeg_quality)
+    def write_batch(i: int) -> None:
+        batch = ids[i * _IMAGE_BATCH:(i + 1) * _IMAGE_BATCH]
+        pixels = _cover_batch(items.topic[batch], size.image_size, _rng(seed, _STREAM_IMAGES, i), palette)
+        for item_id, px in zip(batch[~skip_set[batch]].tolist(), pixels[~skip_set[batch]]):
+            buf = io.BytesIO()  # one write per file: much faster than PIL's buffered file writes
+            Image.fromarray(px).save(buf, format="JPEG", quality=size.jpeg_quality)
+            (folder / f"{item_id}.jpg").write_bytes(buf.getvalue())
 
-    batches = range(0, len(ids), _IMAGE_BATCH)
+    n_batches = -(-len(ids) // _IMAGE_BATCH)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for i, start in enumerate(tqdm(batches, desc="item_images", unit="batch", disable=not progress)):
-            batch = ids[start:start + _IMAGE_BATCH]
-            pixels = _cover_batch(items.topic[batch], size.image_size, _rng(seed, _STREAM_IMAGES, i), palette)
-            keep = ~skip_set[batch]
-            list(pool.map(save, batch[keep].tolist(), pixels[keep]))
+        list(tqdm(pool.map(write_batch, range(n_batches)), total=n_batches, desc="item_images",
+                  unit="batch", disable=not progress))
 
 
 def _break_images(folder: Path, corrupt: np.ndarray, seed: int) -> None:
