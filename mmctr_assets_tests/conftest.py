@@ -46,7 +46,7 @@ def build_resources(data_dir: Path, output_dir: Path, mlflow_uri: str | None = N
     }
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def make_resources():
     return build_resources
 

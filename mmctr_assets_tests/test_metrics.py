@@ -1,0 +1,85 @@
+"""metrics.py and plots.py (the plots are thin views of the metrics)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from mmctr_assets.lib.metrics import auc, logloss, roc_points
+from mmctr_assets.lib.plots import plot_roc, plot_training_curves
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_auc_known_values():
+    assert auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert auc([0, 1], [0.2, 0.9]) == 1.0
+    assert auc([0, 1], [0.9, 0.2]) == 0.0
+    assert auc([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == 0.5  # ties count half
+
+
+def test_logloss_known_values_and_clipping():
+    assert logloss([1, 0], [0.8, 0.3]) == pytest.approx(-(math.log(0.8) + math.log(0.7)) / 2)
+    assert logloss([1, 1], [1.0, 1.0]) == pytest.approx(-math.log(1 - 1e-7))
+    assert math.isfinite(logloss([1], [0.0]))
+    assert logloss([1, 1], [0.5, 0.5]) == pytest.approx(math.log(2))  # one class is fine here
+
+
+def test_roc_points_span_the_unit_square():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    s = y + rng.normal(size=500)
+    fpr, tpr, thresholds = roc_points(y, s)
+    assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert len(thresholds) == len(fpr) < 500  # collinear points dropped
+    assert np.trapezoid(tpr, fpr) == pytest.approx(auc(y, s))
+
+
+@pytest.mark.parametrize("labels, scores, message", [
+    ([1, 1, 1], [0.1, 0.2, 0.3], "AUC is undefined: all 3 labels are 1"),
+    ([0, 1, 0.5], [0.1, 0.2, 0.3], r"labels must be 0 or 1; 1 are not \(e.g. 0.5 at index 2\)"),
+    ([0, 1], [0.1, np.nan], "scores has 1 NaN/inf values"),
+    ([0, 1], [0.1], "same length, got 2 and 1"),
+    ([], [], "empty"),
+])
+def test_auc_rejects_bad_input_clearly(labels, scores, message):
+    with pytest.raises(ValueError, match=message):
+        auc(labels, scores)
+
+
+def test_logloss_rejects_logits():
+    with pytest.raises(ValueError, match="probabilities in \\[0, 1\\].*not logits"):
+        logloss([0, 1], [-2.0, 3.0])
+
+
+def _history():
+    return [{"epoch": e, "train_loss": 0.6 - 0.05 * e, "valid_auc": 0.7 + 0.02 * e,
+             "valid_logloss": 0.55 - 0.01 * e, "lr": 1e-3 if e < 3 else 1e-4} for e in range(1, 5)]
+
+
+def test_plot_training_curves_returns_png():
+    png = plot_training_curves(_history())
+    assert png.startswith(PNG_MAGIC) and len(png) > 10_000
+
+
+def test_plot_training_curves_accepts_epoch_logs():
+    from mmctr_assets.lib.training import EpochLog
+
+    logs = [EpochLog(**h, seconds=1.0, samples_per_s=1e4, improved=True) for h in _history()]
+    assert plot_training_curves(logs).startswith(PNG_MAGIC)
+
+
+def test_plot_training_curves_rejects_bad_history():
+    with pytest.raises(ValueError, match="history is empty"):
+        plot_training_curves([])
+    with pytest.raises(ValueError, match=r"lack \['valid_logloss', 'lr'\]"):
+        plot_training_curves([{"epoch": 1, "train_loss": 0.5, "valid_auc": 0.7}])
+
+
+def test_plot_roc_returns_png_and_validates():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300)
+    assert plot_roc(y, y + rng.normal(size=300)).startswith(PNG_MAGIC)
+    with pytest.raises(ValueError, match="AUC is undefined"):
+        plot_roc([0, 0], [0.3, 0.4])

@@ -1,0 +1,182 @@
+"""Task 1 assets through Dagster: CLIP shards, item2vec, fusion into item_info_updated."""
+
+import shutil
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+
+import dagster as dg
+from mmctr_assets.defs import task1
+from mmctr_assets.defs.raw import raw_assets
+from mmctr_assets.lib import clip_encoder, dataset
+
+SHARDS = task1.clip_shards.get_partition_keys()
+RANGE = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[-1]}
+
+
+def clip_config(model_dir) -> dict:
+    return {"ops": {"clip_embeddings": {"config": {"model": str(model_dir)}}}}
+
+
+@pytest.fixture(scope="module")
+def built(tiny_data, tiny_clip_dir, tmp_path_factory, make_resources):
+    """Raw snapshots plus every CLIP shard, item2vec and fusion, built once for this module."""
+    out = tmp_path_factory.mktemp("task1") / "outputs"
+    resources = make_resources(tiny_data, out)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(raw_assets, resources=resources, instance=instance).success
+        result = dg.materialize(
+            [task1.clip_embeddings, task1.item2vec_embeddings, task1.fused_item_embeddings],
+            resources=resources,
+            instance=instance,
+            tags=RANGE,
+            run_config=clip_config(tiny_clip_dir),
+        )
+        assert result.success
+        loads = sum("RANDOM WEIGHTS" in (e.user_message or "") for e in instance.all_logs(result.run_id))
+    return out, result, loads
+
+
+@pytest.fixture
+def outputs(built, tmp_path):
+    """A private copy of the built outputs (tests may overwrite shards)."""
+    return shutil.copytree(built[0], tmp_path / "outputs")
+
+
+def shard_bytes(out) -> dict[str, bytes]:
+    return {k: (out / "clip_embeddings" / f"shard-{k}.parquet").read_bytes() for k in SHARDS}
+
+
+def test_range_of_shards_is_one_run_with_one_model_load(built, tiny_data):
+    out, result, _ = built
+    frames = [pl.read_parquet(out / "clip_embeddings" / f"shard-{k}.parquet") for k in SHARDS]
+    ids = pl.concat(frames).get_column("item_id").sort()
+    n_items = pl.read_parquet(dataset.table_path(tiny_data, "item_info")).height - 1
+    assert ids.to_list() == list(range(1, n_items + 1))  # every real item once, never padding 0
+    for k, frame in zip(SHARDS, frames):
+        assert (frame.get_column("item_id") % len(SHARDS) == int(k)).all()
+        emb = frame.get_column("clip_emb").to_numpy()
+        assert emb.shape[1] == 512 and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
+    mats = result.asset_materializations_for_node("clip_embeddings")
+    assert sorted(m.partition for m in mats) == SHARDS
+    assert mats[0].metadata["random_weights"].value is True
+    assert built[2] == 1  # the encoder was loaded (and announced) once for all shards
+
+
+def test_text_only_fallback_is_reported(built, tiny_data):
+    out, result, _ = built
+    manifest = pl.read_parquet(out / "raw" / "item_images.parquet")
+    broken = set(manifest.filter(~pl.col("decodable")).get_column("item_id").to_list())
+    clip = pl.concat(pl.read_parquet(p) for p in sorted((out / "clip_embeddings").glob("shard-*.parquet")))
+    assert set(clip.filter("text_only").get_column("item_id").to_list()) == broken
+    meta = result.asset_materializations_for_node("clip_embeddings")[0].metadata
+    assert meta["text_only_items"].value == len(broken) > 0
+
+
+def test_one_partition_recomputes_only_that_shard(outputs, tiny_data, tiny_clip_dir, instance, make_resources):
+    before = shard_bytes(outputs)
+    for k in SHARDS:
+        (outputs / "clip_embeddings" / f"shard-{k}.parquet").touch()
+    mtimes = {k: (outputs / "clip_embeddings" / f"shard-{k}.parquet").stat().st_mtime_ns for k in SHARDS}
+    result = dg.materialize(
+        [task1.clip_embeddings],
+        resources=make_resources(tiny_data, outputs),
+        instance=instance,
+        partition_key="1",
+        run_config=clip_config(tiny_clip_dir),
+    )
+    assert result.success
+    assert [m.partition for m in result.asset_materializations_for_node("clip_embeddings")] == ["1"]
+    after = {k: (outputs / "clip_embeddings" / f"shard-{k}.parquet").stat().st_mtime_ns for k in SHARDS}
+    assert [k for k in SHARDS if after[k] != mtimes[k]] == ["1"]
+    assert shard_bytes(outputs) == before  # same model, same items: same embeddings
+
+
+def test_failed_shard_leaves_other_shards_untouched(outputs, tiny_data, tiny_clip_dir, instance, make_resources, monkeypatch):
+    before = shard_bytes(outputs)
+    for k in SHARDS:  # mark every file so we can tell which were rewritten
+        (outputs / "clip_embeddings" / f"shard-{k}.parquet").write_bytes(b"old " + k.encode())
+    real_encode = clip_encoder.encode_items
+
+    def encode_failing_on_shard_2(items, bundle, **kwargs):
+        if (items.get_column("item_id") % len(SHARDS) == 2).all():
+            raise OSError("simulated: the GPU fell off the bus while encoding shard 2")
+        return real_encode(items, bundle, **kwargs)
+
+    monkeypatch.setattr(clip_encoder, "encode_items", encode_failing_on_shard_2)
+    result = dg.materialize(
+        [task1.clip_embeddings],
+        resources=make_resources(tiny_data, outputs),
+        instance=instance,
+        tags=RANGE,
+        run_config=clip_config(tiny_clip_dir),
+        raise_on_error=False,
+    )
+    assert not result.success
+    now = {k: (outputs / "clip_embeddings" / f"shard-{k}.parquet").read_bytes() for k in SHARDS}
+    assert now["0"] == before["0"] and now["1"] == before["1"]  # finished before the failure: complete
+    assert now["2"] == b"old 2" and now["3"] == b"old 3"  # failed and not reached: previous files intact
+    leftovers = [p.name for p in (outputs / "clip_embeddings").iterdir() if p.name.startswith(".")]
+    assert leftovers == []  # no half-written temp files
+
+    monkeypatch.setattr(clip_encoder, "encode_items", real_encode)
+    retry = dg.materialize(
+        [task1.clip_embeddings], resources=make_resources(tiny_data, outputs), instance=instance,
+        partition_key="2", run_config=clip_config(tiny_clip_dir),
+    )
+    assert retry.success and (outputs / "clip_embeddings" / "shard-2.parquet").read_bytes() == before["2"]
+
+
+def test_missing_shard_tells_which_command_to_run(outputs, tiny_data, instance, make_resources):
+    (outputs / "clip_embeddings" / "shard-3.parquet").unlink()
+    result = dg.materialize(
+        [task1.fused_item_embeddings], resources=make_resources(tiny_data, outputs), instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "['3']" in message and "--partition" in message
+
+
+def test_item2vec_covers_history_items_and_never_padding(built):
+    out, result, _ = built
+    i2v = pl.read_parquet(out / "item2vec_embeddings" / "embeddings.parquet")
+    ids = i2v.get_column("item_id")
+    assert 0 not in ids.to_list() and ids.min() >= 1
+    assert i2v.get_column("i2v_emb").to_numpy().shape[1] == 128
+    meta = result.asset_materializations_for_node("item2vec_embeddings")[0].metadata
+    assert meta["items_with_vector"].value == len(ids)
+
+
+def test_item_info_updated_keeps_schema_and_passes_checks(built, tiny_data):
+    out, result, _ = built
+    source = pl.read_parquet(dataset.table_path(tiny_data, "item_info"))
+    updated = pl.read_parquet(out / "item_info_updated.parquet")
+    assert updated.schema == source.schema
+    assert updated.get_column("item_id").equals(source.get_column("item_id"))
+    assert updated.get_column("item_tags").equals(source.get_column("item_tags"))
+    emb = updated.get_column("item_emb_d128").list.to_array(128).to_numpy()
+    assert not emb[0].any()
+    assert np.allclose(np.linalg.norm(emb[1:], axis=1), 1, atol=1e-4)
+    assert not np.allclose(emb, source.get_column("item_emb_d128").list.to_array(128).to_numpy())
+    checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    fused_check = next(c for c in checks if c.check_name == "item_info_updated_valid")
+    assert fused_check.passed
+    meta = result.asset_materializations_for_node("fused_item_embeddings")[0].metadata
+    assert 0 < meta["pca_explained_variance"].value <= 1
+    assert meta["projection"].value.startswith("![")
+
+
+def test_fusion_run_is_in_mlflow_with_its_plot(built):
+    out, result, _ = built
+    meta = result.asset_materializations_for_node("fused_item_embeddings")[0].metadata
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("mmctr").experiment_id], "tags.stage = 'task1'"
+    )
+    assert len(runs) == 1 and runs[0].info.run_id in meta["mlflow_run"].value
+    assert runs[0].data.params["alpha"] == "0.5"
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")] == ["plots/embedding_projection.png"]

@@ -1,0 +1,283 @@
+import dataclasses
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from mmctr_assets.lib.ctr_model import ModelConfig
+from mmctr_assets.lib.metrics import auc
+from mmctr_assets.lib.training import (CTRTensors, EpochLog, TrainConfig, load_model, predict,
+                                       save_model, to_tensors, train)
+
+N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
+MODEL = ModelConfig(embedding_dim=DIM, attention_units=(16, 8), deep_units=(32, 16))
+FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, max_len=MAX_LEN, eval_batch_size=1024)
+
+
+def _world(seed=0):
+    """Items in topics; pretrained embeddings = topic centroid + noise (so they carry the signal)."""
+    rng = np.random.default_rng(seed)
+    topic = rng.integers(0, N_TOPICS, N_ITEMS + 1)
+    centers = rng.normal(size=(N_TOPICS, DIM))
+    emb = (centers[topic] + 0.5 * rng.normal(size=(N_ITEMS + 1, DIM))).astype(np.float32)
+    emb[0] = 0
+    return topic, emb
+
+
+def _frame(n, seed, topic, labels=True):
+    """Each user likes one topic and watched mostly it; clicks when the target is that topic."""
+    rng = np.random.default_rng(seed)
+    user_topic = rng.integers(0, N_TOPICS, n)
+    by_topic = [np.flatnonzero(topic[1:] == t) + 1 for t in range(N_TOPICS)]
+    seq = np.zeros((n, WIDTH), np.int64)
+    for t in range(N_TOPICS):
+        rows = np.flatnonzero(user_topic == t)
+        seq[rows] = rng.choice(by_topic[t], size=(rows.size, WIDTH))
+    lengths = np.clip(np.floor(rng.lognormal(1.6, 0.7, n)), 3, WIDTH).astype(int)
+    seq[np.arange(WIDTH)[None, :] < WIDTH - lengths[:, None]] = 0
+    target = rng.integers(1, N_ITEMS + 1, n)
+    likes = rng.integers(1, 11, n)
+    logit = 3.0 * (topic[target] == user_topic) - 1.5 + 0.2 * (likes - 5.5)
+    frame = pl.DataFrame({"user_id": np.arange(n), "item_seq": seq.tolist(), "item_id": target,
+                          "likes_level": likes, "views_level": rng.integers(1, 11, n)})
+    if labels:
+        frame = frame.with_columns(label=pl.Series((rng.random(n) < 1 / (1 + np.exp(-logit)))
+                                                   .astype(np.float64)))
+    return frame, 1 / (1 + np.exp(-logit))
+
+
+@pytest.fixture(scope="module")
+def data():
+    topic, emb = _world()
+    train_frame, _ = _frame(6000, 1, topic)
+    valid_frame, valid_prob = _frame(2000, 2, topic)
+    return {"emb": emb, "train": to_tensors(train_frame, MAX_LEN, n_items=N_ITEMS),
+            "valid": to_tensors(valid_frame, MAX_LEN, n_items=N_ITEMS),
+            "oracle_auc": auc(valid_frame["label"], valid_prob)}
+
+
+def _train(data, tmp_path, name="run", model=MODEL, cfg=FAST, **kwargs):
+    return train(model, cfg, data["train"], data["valid"], data["emb"],
+                 checkpoint_dir=tmp_path / name, **kwargs)
+
+
+# ------------------------------------------------------------------------------ to_tensors
+
+def test_to_tensors_keeps_the_last_max_len_real_items():
+    frame = pl.DataFrame({"item_seq": [[0, 0, 0, 1, 2, 3], [4, 5, 6, 7, 8, 9], [0] * 6],
+                          "item_id": [1, 2, 3], "likes_level": [1, 2, 3], "views_level": [4, 5, 6],
+                          "label": [0.0, 1.0, 0.0]})
+    t = to_tensors(frame, 4)
+    assert t.item_seq.tolist() == [[0, 1, 2, 3], [6, 7, 8, 9], [0, 0, 0, 0]]
+    assert t.item_seq.dtype == torch.int32 and t.item_id.dtype == torch.int64
+    assert t.label.tolist() == [0.0, 1.0, 0.0] and t.label.dtype == torch.float32
+    assert to_tensors(frame, 8).item_seq[0].tolist() == [0, 0, 0, 0, 0, 1, 2, 3]  # left-pads
+
+
+def test_to_tensors_handles_variable_length_histories_and_missing_labels():
+    frame = pl.DataFrame({"item_seq": [[0, 1, 2, 3, 4], [7], [], [5, 6, 8]], "item_id": [1, 2, 3, 4],
+                          "likes_level": [1] * 4, "views_level": [1] * 4})
+    t = to_tensors(frame, 3)
+    assert t.item_seq.tolist() == [[2, 3, 4], [0, 0, 7], [0, 0, 0], [5, 6, 8]]
+    assert t.label is None and len(t) == 4
+
+
+def test_to_tensors_matches_a_per_row_reference_on_random_data():
+    topic, _ = _world()
+    frame, _ = _frame(500, 3, topic)
+    t = to_tensors(frame, 8)
+    for row, seq in zip(t.item_seq.tolist(), frame["item_seq"].to_list()):
+        real = [i for i in seq if i][-8:]
+        assert row == [0] * (8 - len(real)) + real
+
+
+@pytest.mark.parametrize("column, value, message", [
+    ("item_id", [1, 400, 2], r"item_id: 1 of 3 values fall outside the item-embedding table "
+                             r"\(target ids 1..300\), e.g. 400\. The item embeddings must cover"),
+    ("item_id", [1, 0, 2], r"item_id: 1 of 3 values .* e.g. 0"),
+    ("item_seq", [[0, 301], [0, 1], [999, 5]], r"item_seq: 2 of 12 values .*history ids 0..300.*e.g. 301"),
+    ("likes_level", [1, 11, 3], r"likes_level: 1 of 3 .* level table \(0..10\), e.g. 11. Bucket"),
+])
+def test_to_tensors_rejects_ids_outside_the_tables(column, value, message):
+    frame = pl.DataFrame({"item_seq": [[0, 1], [0, 2], [3, 4]], "item_id": [1, 2, 3],
+                          "likes_level": [1, 2, 3], "views_level": [1, 2, 3]})
+    frame = frame.with_columns(pl.Series(column, value))
+    with pytest.raises(ValueError, match=message):
+        to_tensors(frame, 4, n_items=N_ITEMS)
+
+
+@pytest.mark.parametrize("labels, message", [
+    ([0.0, float("nan"), 1.0], r"'label' has 1 NaN/inf values \(e.g. row 1\)"),
+    ([0.0, float("inf"), 1.0], r"'label' has 1 NaN/inf"),
+    ([0.0, 0.5, 2.0], r"'label' must be 0 or 1, but 2 rows are not \(e.g. 0.5 at row 1\)"),
+    ([0.0, None, 1.0], r"'label' has 1 nulls"),
+])
+def test_to_tensors_rejects_bad_labels(labels, message):
+    frame = pl.DataFrame({"item_seq": [[1], [2], [3]], "item_id": [1, 2, 3], "likes_level": [1] * 3,
+                          "views_level": [1] * 3, "label": labels})
+    with pytest.raises(ValueError, match=message):
+        to_tensors(frame, 4)
+
+
+def test_to_tensors_rejects_malformed_frames():
+    good = {"item_seq": [[0, 1], [0, 2]], "item_id": [1, 2], "likes_level": [1, 1], "views_level": [1, 1]}
+    with pytest.raises(ValueError, match=r"lacks columns \['views_level'\]"):
+        to_tensors(pl.DataFrame({k: v for k, v in good.items() if k != "views_level"}), 4)
+    with pytest.raises(ValueError, match="must be LEFT-padded.*1 rows end in padding \\(e.g. row 1\\)"):
+        to_tensors(pl.DataFrame({**good, "item_seq": [[0, 1], [2, 0]]}), 4)
+    with pytest.raises(ValueError, match="'item_seq' has 1 null entries"):
+        to_tensors(pl.DataFrame({**good, "item_seq": [[0, 1], [None, 2]]}), 4)
+    with pytest.raises(ValueError, match="'item_id' must be integer, got Float64"):
+        to_tensors(pl.DataFrame({**good, "item_id": [1.0, 2.0]}), 4)
+
+
+# ---------------------------------------------------------------------------------- train
+
+def test_model_learns_the_planted_signal(data, tmp_path):
+    calls = []
+    epochs = []
+    result = _train(data, tmp_path, cfg=dataclasses.replace(FAST, epochs=3),
+                    on_epoch_end=epochs.append, progress=lambda *a: calls.append(a))
+    assert result.best_valid_auc > 0.75, (result.best_valid_auc, data["oracle_auc"])
+    assert result.best_valid_auc > data["oracle_auc"] - 0.06
+    assert [e.epoch for e in epochs] == [1, 2, 3] and all(isinstance(e, EpochLog) for e in epochs)
+    assert calls[0] == (1, 1, 24) and calls[-1] == (3, 24, 24)  # 6000 rows / 256 -> 24 batches
+    assert result.resumed_from_epoch is None and "started fresh" in result.resume_note
+    assert result.valid_predictions.dtype == np.float32 and result.valid_predictions.shape == (2000,)
+    assert auc(data["valid"].label, result.valid_predictions) == pytest.approx(result.best_valid_auc)
+    best = result.history[result.best_epoch - 1]
+    assert best.valid_auc == result.best_valid_auc and best.improved
+    assert all(h.samples_per_s > 0 and h.seconds > 0 and np.isfinite(h.train_loss) for h in result.history)
+
+
+def test_training_is_deterministic(data, tmp_path):
+    a = _train(data, tmp_path, "a")
+    b = _train(data, tmp_path, "b")
+    assert a.best_valid_auc == b.best_valid_auc
+    np.testing.assert_array_equal(a.valid_predictions, b.valid_predictions)
+    for k in a.best_state_dict:
+        assert torch.equal(a.best_state_dict[k], b.best_state_dict[k]), k
+    c = _train(data, tmp_path, "c", cfg=dataclasses.replace(FAST, seed=1))
+    assert c.best_valid_auc != a.best_valid_auc  # the seed matters
+
+
+class Kill(Exception):
+    pass
+
+
+def _kill_after(epoch):
+    def hook(log):
+        if log.epoch == epoch:
+            raise Kill
+    return hook
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
+    whole = _train(data, tmp_path, "whole")
+    with pytest.raises(Kill):
+        _train(data, tmp_path, "killed", on_epoch_end=_kill_after(1))
+    assert (tmp_path / "killed" / "last.pt").exists()
+    resumed = _train(data, tmp_path, "killed")
+    assert resumed.resumed_from_epoch == 1 and "resumed after epoch 1" in resumed.resume_note
+    assert resumed.best_valid_auc == whole.best_valid_auc
+    assert resumed.best_epoch == whole.best_epoch
+    for k in whole.best_state_dict:
+        assert torch.equal(whole.best_state_dict[k], resumed.best_state_dict[k]), k
+    np.testing.assert_array_equal(whole.valid_predictions, resumed.valid_predictions)
+    strip = lambda h: [(e.epoch, e.train_loss, e.valid_auc, e.lr) for e in h]  # noqa: E731
+    assert strip(resumed.history) == strip(whole.history)
+    # A finished run resumes with nothing left to do; a longer run continues it.
+    again = _train(data, tmp_path, "killed")
+    assert again.resumed_from_epoch == 2 and len(again.history) == 2
+    longer = _train(data, tmp_path, "killed", cfg=dataclasses.replace(FAST, epochs=3))
+    assert longer.resumed_from_epoch == 2 and [e.epoch for e in longer.history] == [1, 2, 3]
+
+
+def test_changed_config_or_data_starts_fresh_and_says_why(data, tmp_path):
+    _train(data, tmp_path, "run")
+    lr = _train(data, tmp_path, "run", cfg=dataclasses.replace(FAST, lr=2e-3))
+    assert lr.resumed_from_epoch is None
+    assert "train_config differs in ['lr']" in lr.resume_note
+    model = _train(data, tmp_path, "run", model=dataclasses.replace(MODEL, dropout=0.0),
+                   cfg=dataclasses.replace(FAST, lr=2e-3))
+    assert "model_config differs in ['dropout']" in model.resume_note
+    other = _train(data, tmp_path, "run", model=dataclasses.replace(MODEL, dropout=0.0),
+                   cfg=dataclasses.replace(FAST, lr=2e-3), data_fingerprint="another dataset")
+    assert "different data" in other.resume_note
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "last.pt").write_bytes(b"not a checkpoint")
+    junk = _train(data, tmp_path, "junk")
+    assert junk.resumed_from_epoch is None and "could not be read" in junk.resume_note
+
+
+def test_lr_is_cut_after_a_bad_epoch_and_training_stops_after_two(tmp_path):
+    """Labels are pure noise, so valid AUC wanders; check the schedule's rules on whatever happens."""
+    topic, emb = _world()
+    rng = np.random.default_rng(5)
+    frames = [_frame(n, s, topic)[0].with_columns(label=pl.Series(rng.integers(0, 2, n).astype(float)))
+              for n, s in ((2000, 6), (1000, 7))]
+    cfg = dataclasses.replace(FAST, epochs=30, lr=3e-3)
+    result = train(MODEL, cfg, to_tensors(frames[0], MAX_LEN), to_tensors(frames[1], MAX_LEN), emb,
+                   checkpoint_dir=tmp_path)
+    h = result.history
+    assert result.stopped_early and len(h) < 30
+    assert not h[-1].improved and not h[-2].improved  # two bad epochs in a row end it
+    for prev, cur in zip(h, h[1:]):
+        assert cur.lr == pytest.approx(prev.lr if prev.improved else prev.lr * 0.1)
+    assert result.best_valid_auc == max(e.valid_auc for e in h)
+
+
+def test_precision_options(data, tmp_path):
+    with pytest.raises(ValueError, match="precision='fp16' needs a CUDA device.*Use 'bf16' or 'fp32'"):
+        _train(data, tmp_path, cfg=dataclasses.replace(FAST, precision="fp16"))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig(precision="fp8")
+    bf16 = _train(data, tmp_path, "bf16", cfg=dataclasses.replace(FAST, precision="bf16"))
+    assert 0.6 < bf16.best_valid_auc <= 1 and np.isfinite(bf16.history[0].train_loss)
+
+
+def test_train_rejects_unusable_inputs(data, tmp_path):
+    unlabeled = dataclasses.replace(data["valid"], label=None)
+    with pytest.raises(ValueError, match="valid_tensors has no labels"):
+        train(MODEL, FAST, data["train"], unlabeled, data["emb"], checkpoint_dir=tmp_path)
+    one_class = dataclasses.replace(data["valid"], label=torch.ones(len(data["valid"])))
+    with pytest.raises(ValueError, match="valid_tensors labels are all 1"):
+        train(MODEL, FAST, data["train"], one_class, data["emb"], checkpoint_dir=tmp_path)
+    soft = dataclasses.replace(data["train"], label=torch.full((len(data["train"]),), 0.3))
+    with pytest.raises(ValueError, match="train_tensors: column 'label' must be 0 or 1"):
+        train(MODEL, FAST, soft, data["valid"], data["emb"], checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"item_id: .*target ids 1\.\.99"):
+        train(MODEL, FAST, data["train"], data["valid"], data["emb"][:100], checkpoint_dir=tmp_path)
+    assert not list(tmp_path.iterdir())  # nothing written for rejected input
+
+
+# ------------------------------------------------------------------------- predict / files
+
+def test_predict_save_and_load_round_trip(data, tmp_path):
+    result = _train(data, tmp_path, cfg=dataclasses.replace(FAST, epochs=1))
+    probs = predict(result.model, data["valid"], batch_size=300)
+    assert probs.dtype == np.float32 and probs.shape == (2000,)
+    assert ((probs > 0) & (probs < 1)).all()
+    np.testing.assert_allclose(probs, result.valid_predictions, rtol=1e-6)
+    path = save_model(result.model, tmp_path / "model.pt")
+    loaded = load_model(path)
+    assert not loaded.training
+    np.testing.assert_array_equal(predict(loaded, data["valid"]), predict(result.model, data["valid"]))
+    np.testing.assert_array_equal(predict(load_model(result.best_model_path), data["valid"]),
+                                  predict(result.model, data["valid"]))
+    test = dataclasses.replace(data["valid"], label=None)  # test set: no labels needed
+    assert predict(loaded, test).shape == (2000,)
+
+
+def test_predict_and_load_model_errors(data, tmp_path):
+    result = _train(data, tmp_path, cfg=dataclasses.replace(FAST, epochs=1))
+    bad = CTRTensors(item_id=torch.tensor([1, 301]), item_seq=torch.zeros(2, 4, dtype=torch.int32),
+                     likes_level=torch.ones(2, dtype=torch.long), views_level=torch.ones(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="item_id: 1 of 2 values .* e.g. 301"):
+        predict(result.model, bad)
+    with pytest.raises(FileNotFoundError, match="no model file at"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match="not a DCN-DIN model written by save_model"):
+        load_model(tmp_path / "foreign.pt")
