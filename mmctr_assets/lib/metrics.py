@@ -29,7 +29,7 @@ def _check(labels, scores, *, need_both_classes: bool) -> tuple[np.ndarray, np.n
     if not_binary.any():
         i = int(np.argmax(not_binary))
         raise ValueError(f"labels must be 0 or 1; {int(not_binary.sum())} are not "
-                         f"(e.g. {y[i]!r} at index {i})")
+                         f"(e.g. {y[i]:g} at index {i})")
     if need_both_classes and (y.min() == y.max()):
         raise ValueError(f"AUC is undefined: all {y.size} labels are {int(y[0])}. Evaluate on a "
                          "sample that contains both clicks (1) and non-clicks (0)")

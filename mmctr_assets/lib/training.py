@@ -49,8 +49,11 @@ class CTRTensors:
     def __len__(self) -> int:
         return self.item_id.shape[0]
 
+    def _fields(self) -> list[torch.Tensor | None]:
+        return [getattr(self, f.name) for f in dataclasses.fields(self)]  # astuple would deep-copy
+
     def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> CTRTensors:
-        return CTRTensors(*(None if t is None else fn(t) for t in dataclasses.astuple(self)))
+        return CTRTensors(*(None if t is None else fn(t) for t in self._fields()))
 
     def take(self, index: torch.Tensor) -> CTRTensors:
         return self._map(lambda t: t.index_select(0, index))
@@ -81,7 +84,7 @@ class CTRTensors:
                          "Bucket the levels into that range or raise ModelConfig.level_vocab_size.")
 
     def arrays(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in dataclasses.astuple(self) if t is not None)
+        return tuple(t for t in self._fields() if t is not None)
 
 
 def _check_range(column: str, values: torch.Tensor, lo: int, hi: int, table: str, fix: str) -> None:
