@@ -12,7 +12,9 @@ from mmctr_assets.lib.training import (CTRTensors, EpochLog, TrainConfig, load_m
 
 N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
 MODEL = ModelConfig(embedding_dim=DIM, attention_units=(16, 8), deep_units=(32, 16))
-FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, max_len=MAX_LEN, eval_batch_size=1024)
+# One thread: on a shared 2-core box two OpenMP threads can run 10x slower under contention.
+FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, max_len=MAX_LEN, eval_batch_size=1024,
+                   num_threads=1)
 
 
 def _world(seed=0):

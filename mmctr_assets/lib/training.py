@@ -406,6 +406,108 @@ def _batch_bounds(n: int, batch_size: int) -> list[int]:
     return bounds
 
 
+@dataclass
+class _Run:
+    """Everything an epoch changes, hence everything ``last.pt`` holds."""
+
+    model: DCNDIN
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    history: list[EpochLog] = field(default_factory=list)
+    best_auc: float = -math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped_early: bool = False
+    best_state: dict[str, torch.Tensor] | None = None
+
+    _LOOP = ("best_auc", "best_epoch", "bad_epochs", "stopped_early", "best_state")
+
+    def checkpoint(self, run_key: dict) -> dict[str, Any]:
+        return {"format": CHECKPOINT_FORMAT, "run_key": run_key,
+                "history": [dataclasses.asdict(h) for h in self.history],
+                **{k: getattr(self, k) for k in self._LOOP},
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(self.generator)}
+
+    def restore(self, ckpt: dict[str, Any]) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"], self.generator)
+        self.history = [EpochLog(**h) for h in ckpt["history"]]
+        for k in self._LOOP:
+            setattr(self, k, ckpt[k])
+
+
+def _try_resume(run: _Run, last_path: Path, run_key: dict) -> tuple[int | None, str]:
+    """Restore ``run`` from ``last_path`` when it belongs to this run; say what happened."""
+    if not last_path.exists():
+        return None, f"started fresh: no checkpoint at {last_path}"
+    try:
+        ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
+        why = (_resume_mismatch(ckpt["run_key"], run_key) if ckpt.get("format") == CHECKPOINT_FORMAT
+               else f"its format is not {CHECKPOINT_FORMAT}")
+    except Exception as e:  # a foreign or damaged file is never fatal, just not resumable
+        why = f"it could not be read ({type(e).__name__}: {e})"
+    if why:
+        return None, f"started fresh: checkpoint {last_path} not used because {why}"
+    run.restore(ckpt)
+    return len(run.history), f"resumed after epoch {len(run.history)} from {last_path}"
+
+
+def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.device, epoch: int,
+                 progress: Callable[[int, int, int], None] | None) -> float:
+    """One pass over ``data`` in a seeded random order; returns the mean training loss."""
+    model, optimizer, scaler = run.model, run.optimizer, run.scaler
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bounds = _batch_bounds(len(data), cfg.batch_size)
+    perm = torch.randperm(len(data), generator=run.generator).to(device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no per-step host sync
+    model.train()
+    for step in range(len(bounds) - 1):
+        b = data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
+        with _autocast(device, cfg.precision):
+            logits = model(b.item_id, b.item_seq, b.likes_level, b.views_level)
+        loss = bce_loss(logits, b.label)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        loss_sum += loss.detach() * len(b)
+        if progress is not None:
+            progress(epoch, step + 1, len(bounds) - 1)
+    train_loss = float(loss_sum) / len(data)
+    if not math.isfinite(train_loss):
+        raise FloatingPointError(
+            f"training diverged in epoch {epoch}: mean train loss is {train_loss}. Lower TrainConfig.lr "
+            f"(now {optimizer.param_groups[0]['lr']}), keep grad_clip_norm, or use precision='fp32'")
+    return train_loss
+
+
+def _check_train_inputs(train_tensors: CTRTensors, valid_tensors: CTRTensors, n_items: int,
+                        level_vocab_size: int) -> None:
+    for name, t in (("train_tensors", train_tensors), ("valid_tensors", valid_tensors)):
+        if t.label is None:
+            raise ValueError(f"{name} has no labels; train() needs labelled train and valid data")
+        if len(t) == 0:
+            raise ValueError(f"{name} is empty")
+        try:
+            _check_labels(t.label.cpu().numpy())
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        t.validate(n_items, level_vocab_size)
+    if valid_tensors.label.min() == valid_tensors.label.max():
+        raise ValueError(f"valid_tensors labels are all {float(valid_tensors.label[0]):g}: valid AUC "
+                         "(early stopping, LR schedule) needs both clicks and non-clicks")
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: CTRTensors,
           valid_tensors: CTRTensors, item_embeddings: np.ndarray, *,
           item_tags: np.ndarray | None = None, device: str | torch.device = "cpu",
@@ -421,22 +523,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
     cfg = train_config
     device = torch.device(device)
     _check_precision(cfg.precision, device)
-    for name, t in (("train_tensors", train_tensors), ("valid_tensors", valid_tensors)):
-        if t.label is None:
-            raise ValueError(f"{name} has no labels; train() needs labelled train and valid data")
-        if len(t) == 0:
-            raise ValueError(f"{name} is empty")
-        try:
-            _check_labels(t.label.cpu().numpy())
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-    if valid_tensors.label.min() == valid_tensors.label.max():
-        raise ValueError(f"valid_tensors labels are all {float(valid_tensors.label[0]):g}: valid AUC "
-                         "(early stopping, LR schedule) needs both clicks and non-clicks")
     item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
-    n_items = item_embeddings.shape[0] - 1
-    train_tensors.validate(n_items, model_config.level_vocab_size)
-    valid_tensors.validate(n_items, model_config.level_vocab_size)
+    _check_train_inputs(train_tensors, valid_tensors, item_embeddings.shape[0] - 1,
+                        model_config.level_vocab_size)
     train_data = train_tensors.truncate(cfg.max_len)
     valid_data = valid_tensors.truncate(cfg.max_len)
     if data_fingerprint is None:
@@ -444,112 +533,61 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         data_fingerprint = _hash_arrays(*train_data.arrays(), *valid_data.arrays(),
                                         item_embeddings, *extra)
     run_key = _run_key(model_config, cfg, data_fingerprint)
-    checkpoint_dir = Path(checkpoint_dir)
-    last_path, best_path = checkpoint_dir / "last.pt", checkpoint_dir / "best.pt"
-    if device.type == "cuda":  # batches are then gathered on the GPU; no host round-trips
+    last_path, best_path = Path(checkpoint_dir) / "last.pt", Path(checkpoint_dir) / "best.pt"
+    if device.type == "cuda":  # batches are then gathered on the GPU, no host round-trips
         train_data, valid_data = train_data.to(device), valid_data.to(device)
+    valid_labels = valid_data.label.cpu().numpy()
 
     with _torch_settings(cfg.deterministic, cfg.num_threads):
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        generator = torch.Generator().manual_seed(cfg.seed)
         model = DCNDIN(model_config, item_embeddings, item_tags).to(device)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience - 1, threshold=0.0)
-        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-        loop = {"history": [], "best_auc": -math.inf, "best_epoch": 0, "bad_epochs": 0,
-                "stopped_early": False}
-        best_state: dict[str, torch.Tensor] | None = None
-        resumed_from, note = None, f"started fresh: no checkpoint at {last_path}"
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+        run = _Run(model=model, optimizer=optimizer,
+                   scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
+                       optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience - 1,
+                       threshold=0.0),  # torch's patience p cuts after p + 1 bad epochs
+                   scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
+                   generator=torch.Generator().manual_seed(cfg.seed))
+        resumed_from, note = _try_resume(run, last_path, run_key)
 
-        if last_path.exists():
-            try:
-                ckpt = torch.load(last_path, map_location="cpu", weights_only=True)
-                why = (None if ckpt.get("format") == CHECKPOINT_FORMAT
-                       else f"format is not {CHECKPOINT_FORMAT}")
-                why = why or _resume_mismatch(ckpt["run_key"], run_key)
-            except Exception as e:  # a foreign or damaged file: never fatal, just not resumable
-                why = f"it could not be read ({type(e).__name__}: {e})"
-            if why is None:
-                model.load_state_dict(ckpt["model"])
-                optimizer.load_state_dict(ckpt["optimizer"])
-                scheduler.load_state_dict(ckpt["scheduler"])
-                scaler.load_state_dict(ckpt["scaler"])
-                _set_rng_state(ckpt["rng"], generator)
-                loop = ckpt["loop"]
-                best_state = ckpt["best_state"]
-                resumed_from = len(loop["history"])
-                note = f"resumed after epoch {resumed_from} from {last_path}"
-            else:
-                note = f"started fresh: checkpoint {last_path} not used because {why}"
-        history = [EpochLog(**h) for h in loop["history"]]
-
-        bounds = _batch_bounds(len(train_data), cfg.batch_size)
-        for epoch in range(len(history) + 1, cfg.epochs + 1):
-            if loop["stopped_early"]:
+        for epoch in range(len(run.history) + 1, cfg.epochs + 1):
+            if run.stopped_early:
                 break
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            model.train()
-            perm = torch.randperm(len(train_data), generator=generator).to(device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for step in range(len(bounds) - 1):
-                b = train_data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
-                with _autocast(device, cfg.precision):
-                    logits = model(b.item_id, b.item_seq, b.likes_level, b.views_level)
-                loss = bce_loss(logits, b.label)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip_norm:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                loss_sum += loss.detach() * len(b)
-                if progress is not None:
-                    progress(epoch, step + 1, len(bounds) - 1)
-            train_loss = float(loss_sum) / len(train_data)
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(
-                    f"training diverged in epoch {epoch}: mean train loss is {train_loss}. Lower "
-                    f"TrainConfig.lr (now {lr}), keep grad_clip_norm, or use precision='fp32'")
+            train_loss = _train_epoch(run, train_data, cfg, device, epoch, progress)
             train_seconds = time.perf_counter() - t0
             probs = _predict(model, valid_data, cfg.eval_batch_size, device, cfg.precision)
-            labels = valid_data.label.cpu().numpy()
-            valid_auc = auc(labels, probs)
-            improved = valid_auc > loop["best_auc"]
+            valid_auc = auc(valid_labels, probs)
+            improved = valid_auc > run.best_auc
             if improved:
-                loop.update(best_auc=valid_auc, best_epoch=epoch, bad_epochs=0)
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-                _save_artifact(model.to_dict(), best_state, best_path)
+                run.best_auc, run.best_epoch, run.bad_epochs = valid_auc, epoch, 0
+                run.best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                _save_artifact(model.to_dict(), run.best_state, best_path)
             else:
-                loop["bad_epochs"] += 1
-                loop["stopped_early"] = loop["bad_epochs"] >= cfg.early_stopping_patience
-            scheduler.step(valid_auc)
+                run.bad_epochs += 1
+                run.stopped_early = run.bad_epochs >= cfg.early_stopping_patience
+            run.scheduler.step(valid_auc)
             log = EpochLog(epoch=epoch, train_loss=train_loss, valid_auc=valid_auc,
-                           valid_logloss=logloss(labels, probs), lr=lr,
+                           valid_logloss=logloss(valid_labels, probs), lr=lr,
                            seconds=time.perf_counter() - t0,
                            samples_per_s=len(train_data) / train_seconds, improved=improved)
-            history.append(log)
-            loop["history"] = [dataclasses.asdict(h) for h in history]
+            run.history.append(log)
             with atomic_path(last_path) as tmp:
-                torch.save({"format": CHECKPOINT_FORMAT, "run_key": run_key, "loop": loop,
-                            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                            "best_state": best_state, "rng": _rng_state(generator)}, tmp)
+                torch.save(run.checkpoint(run_key), tmp)
             if on_epoch_end is not None:
                 on_epoch_end(log)
 
-        model.load_state_dict(best_state)
-        model.eval()
-        valid_predictions = _predict(model, valid_data, cfg.eval_batch_size, device, cfg.precision)
+        model.load_state_dict(run.best_state)
+        valid_predictions = _predict(model.eval(), valid_data, cfg.eval_batch_size, device,
+                                     cfg.precision)
 
     return TrainResult(
-        best_valid_auc=loop["best_auc"], best_epoch=loop["best_epoch"], history=history,
-        best_state_dict=best_state, model_config=model_config, train_config=cfg,
+        best_valid_auc=run.best_auc, best_epoch=run.best_epoch, history=run.history,
+        best_state_dict=run.best_state, model_config=model_config, train_config=cfg,
         valid_predictions=valid_predictions, resumed_from_epoch=resumed_from,
-        stopped_early=loop["stopped_early"], resume_note=note, model=model,
+        stopped_early=run.stopped_early, resume_note=note, model=model,
         best_model_path=best_path if best_path.exists() else None)

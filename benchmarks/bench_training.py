@@ -1,0 +1,182 @@
+"""Is DCN-DIN training/inference as fast as the bare model, and how much does packed attention buy?
+
+Seed-size model (``ModelConfig()`` defaults: 128-d frozen item embeddings, attention [64, 32],
+3 cross layers, deep [128, 64]), CPU, batch 4096, max_len 64, one process. Data: demo_data
+``medium`` (real MicroLens history-length distribution, generated once into ``--cache``), or
+with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8).
+Each result is one JSON line:
+
+1. ``train_loop``: samples/s of ``train()`` for one epoch (seeded batch slicing, eval and
+   checkpoint included) vs the bare ``forward + backward + AdamW step`` on the same batches
+   already in memory. Goal: ratio >= 0.8.
+2. ``attention``: training-step samples/s with the padded reference attention, packed attention,
+   and packed attention with the split first layer (the default). Goal: default >= 10,000/s.
+3. ``predict``: rows/s of ``predict()`` vs the bare forward on ready tensors.
+
+    .venv/bin/python benchmarks/bench_training.py [--synthetic] [--rows 200000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmctr_assets.lib.ctr_model import DCNDIN, ModelConfig, bce_loss  # noqa: E402
+from mmctr_assets.lib.training import CTRTensors, TrainConfig, predict, to_tensors, train  # noqa: E402
+
+BATCH, MAX_LEN = 4096, 64
+
+
+def emit(**result) -> None:
+    result.update(load_avg_1m=round(os.getloadavg()[0], 2), threads=torch.get_num_threads(),
+                  torch=torch.__version__, cpu=platform.processor() or platform.machine())
+    print(json.dumps(result), flush=True)
+
+
+def demo_medium(cache: Path) -> tuple[dict[str, pl.DataFrame], np.ndarray, str]:
+    from mmctr_assets.lib import demo_data
+
+    root = cache / "demo_medium_seed0"
+    if not (root / "MicroLens_1M_x1" / "item_info.parquet").exists():
+        demo_data.generate(root, size="medium", seed=0, overwrite=True, progress=False)
+    data = root / "MicroLens_1M_x1"
+    frames = {name: pl.read_parquet(data / f"{name}.parquet") for name in ("train", "valid", "test")}
+    info = pl.read_parquet(data / "item_info.parquet").sort("item_id")
+    emb = info.get_column("item_emb_d128").list.to_array(128).to_numpy().astype(np.float32)
+    return frames, emb, "demo_data medium"
+
+
+def synthetic(rows: int, n_items: int = 10_000, seed: int = 0):
+    """Left-padded width-100 histories; lengths 3 + lognormal (median 6, mean ~8, max 100)."""
+    rng = np.random.default_rng(seed)
+    emb = rng.normal(size=(n_items + 1, 128)).astype(np.float32)
+    emb[0] = 0
+
+    def frame(n, labels=True):
+        lengths = np.clip(np.floor(rng.lognormal(1.8, 0.75, n)), 3, 100).astype(int)
+        seq = rng.integers(1, n_items + 1, (n, 100))
+        seq[np.arange(100)[None, :] < 100 - lengths[:, None]] = 0
+        f = pl.DataFrame({"item_seq": seq, "item_id": rng.integers(1, n_items + 1, n),
+                          "likes_level": rng.integers(1, 11, n), "views_level": rng.integers(1, 11, n)})
+        return f.with_columns(label=pl.Series(rng.integers(0, 2, n).astype(float))) if labels else f
+
+    return {"train": frame(rows), "valid": frame(10_000), "test": frame(20_000, False)}, emb, "synthetic"
+
+
+def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
+    """The exact batches train() will draw in its first epoch, materialised in advance."""
+    perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(seed))
+    return [tensors.take(perm[i:i + BATCH]) for i in range(0, len(tensors), BATCH)]
+
+
+def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, batches: list[CTRTensors],
+                    cfg: TrainConfig) -> float:
+    torch.manual_seed(cfg.seed)
+    model = DCNDIN(model_config, emb).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = sum(len(b) for b in batches)
+    t0 = time.perf_counter()
+    for b in batches:
+        loss = bce_loss(model(b.item_id, b.item_seq, b.likes_level, b.views_level), b.label)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+        opt.step()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--synthetic", action="store_true", help="skip demo_data; synthesise in memory")
+    ap.add_argument("--rows", type=int, default=200_000, help="train rows for --synthetic")
+    ap.add_argument("--cache", type=Path, default=Path(".mmctr/bench"), help="where demo data is kept")
+    ap.add_argument("--attention-batches", type=int, default=12,
+                    help="training steps per attention variant (the padded one is slow)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    try:
+        frames, emb, source = (synthetic(args.rows) if args.synthetic else demo_medium(args.cache))
+    except ImportError:
+        frames, emb, source = synthetic(args.rows)
+    n_items = emb.shape[0] - 1
+    t0 = time.perf_counter()
+    tensors = {k: to_tensors(f, MAX_LEN, n_items=n_items) for k, f in frames.items()}
+    conv_s = time.perf_counter() - t0
+    real = (tensors["train"].item_seq != 0).sum(1).float()
+    emit(bench="data", source=source, rows={k: len(t) for k, t in tensors.items()},
+         to_tensors_rows_per_s=round(sum(len(f) for f in frames.values()) / conv_s),
+         history_len_median=float(real.median()), history_len_mean=round(float(real.mean()), 2),
+         padding_share=round(1 - float(real.mean()) / MAX_LEN, 3))
+
+    model_config = ModelConfig()
+    cfg = TrainConfig(batch_size=BATCH, max_len=MAX_LEN, epochs=1, num_threads=args.threads)
+    train_t, valid_t = tensors["train"], tensors["valid"]
+
+    # Warm-up (lazy kernel init, allocator) so neither side of a comparison pays it.
+    warm = batches_like_train(train_t, 123)[:3]
+    bare_train_rate(model_config, emb, warm, cfg)
+
+    # 1. real train() loop vs bare steps on pre-built batches (same batches, same order).
+    batches = batches_like_train(train_t, cfg.seed)
+    bare = bare_train_rate(model_config, emb, batches, cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        result = train(model_config, cfg, train_t, valid_t, emb, checkpoint_dir=tmp)
+        wall = time.perf_counter() - t0
+    loop = result.history[0].samples_per_s
+    end_to_end = len(train_t) / wall
+    emit(bench="train_loop", batch_size=BATCH, max_len=MAX_LEN, train_rows=len(train_t),
+         bare_step_samples_per_s=round(bare), train_epoch_samples_per_s=round(loop),
+         train_call_samples_per_s=round(end_to_end), ratio=round(loop / bare, 3),
+         ratio_whole_call=round(end_to_end / bare, 3), goal_ratio=0.8, meets_goal=loop / bare >= 0.8,
+         valid_auc_after_1_epoch=round(result.best_valid_auc, 4))
+
+    # 2. attention implementations, identical batches and initial weights.
+    few = batches[:args.attention_batches]
+    rates = {}
+    for impl in ("padded", "packed", "packed_split"):
+        rates[impl] = bare_train_rate(dataclasses.replace(model_config, attention_impl=impl), emb, few, cfg)
+    emit(bench="attention", batch_size=BATCH, max_len=MAX_LEN, steps=len(few),
+         **{f"{k}_samples_per_s": round(v) for k, v in rates.items()},
+         packed_speedup=round(rates["packed"] / rates["padded"], 2),
+         packed_split_speedup=round(rates["packed_split"] / rates["padded"], 2),
+         goal_samples_per_s=10_000, meets_goal=rates["packed_split"] >= 10_000)
+
+    # 3. inference: predict() vs bare forward on ready tensors.
+    model = result.model
+    infer = CTRTensors(*(torch.cat([a, b]) for a, b in zip(tensors["valid"].arrays()[:4],
+                                                              tensors["test"].arrays()[:4])))
+    eval_bs = cfg.eval_batch_size
+    ready = [infer.slice(i, i + eval_bs) for i in range(0, len(infer), eval_bs)]
+    with torch.inference_mode():
+        model(*ready[0].arrays())  # warm-up
+        t0 = time.perf_counter()
+        for b in ready:
+            torch.sigmoid(model(*b.arrays()))
+        bare_inf = len(infer) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    predict(model, infer, batch_size=eval_bs)
+    pred = len(infer) / (time.perf_counter() - t0)
+    emit(bench="predict", batch_size=eval_bs, rows=len(infer), bare_forward_rows_per_s=round(bare_inf),
+         predict_rows_per_s=round(pred), ratio=round(pred / bare_inf, 3))
+
+
+if __name__ == "__main__":
+    main()
