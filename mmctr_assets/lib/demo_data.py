@@ -203,7 +203,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class _Items:
     topic: np.ndarray        # (N+1,) int64, index = item_id, [0] = -1 for padding
-    popularity: np.ndarray   # (N+1,) float64, Zipf-like within topic, [0] = 0
     likes: np.ndarray        # (N+1,) int64 levels 1..10, [0] = 0
     views: np.ndarray        # (N+1,) int64 levels 1..10, [0] = 0
     z_pop: np.ndarray        # (N+1,) standardised log popularity
@@ -241,8 +240,7 @@ def _make_items(size: DemoSize, seed: int) -> _Items:
 
     pad = lambda a, v: np.concatenate([[v], a])  # noqa: E731
     return _Items(
-        topic=pad(topic, -1).astype(np.int64), popularity=pad(popularity, 0.0),
-        likes=pad(likes, 0), views=pad(views, 0), z_pop=pad(z_pop, 0.0),
+        topic=pad(topic, -1).astype(np.int64), likes=pad(likes, 0), views=pad(views, 0), z_pop=pad(z_pop, 0.0),
         cum_pop=cum_pop, order=order.astype(np.int64) + 1, topic_lo=topic_lo, topic_hi=topic_hi,
         topic_bias=TOPIC_BIAS_SD * rng.standard_normal(k),
     )
