@@ -207,6 +207,7 @@ class FusionConfig(dg.Config):
     owners=["team:recsys"],
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=[clip_embeddings, item2vec_embeddings, "raw_item_info"],
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     check_specs=[dg.AssetCheckSpec("item_info_updated_valid", asset="fused_item_embeddings", blocking=True)],
 )
 def fused_item_embeddings(

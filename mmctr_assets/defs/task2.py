@@ -117,6 +117,7 @@ def _fingerprint(*parts: str) -> str:
     pool="gpu",
     op_tags=GPU_TAGS,
     deps=[fused_item_embeddings, "raw_train", "raw_valid", "raw_item_info"],
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
 )
 def dcn_din_model(
     context: dg.AssetExecutionContext,
@@ -241,6 +242,7 @@ def prediction_path(storage: ProjectStorage):
     owners=["team:recsys"],
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=[dcn_din_model, "raw_test"],
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
 def predictions(
@@ -309,6 +311,7 @@ class SubmissionConfig(dg.Config):
     owners=["team:recsys"],
     backfill_policy=dg.BackfillPolicy.single_run(),
     deps=[predictions],
+    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
 )
 def submission_zip(context: dg.AssetExecutionContext, config: SubmissionConfig, storage: ProjectStorage) -> dg.MaterializeResult:
     """The file to upload to Codabench: a zip whose only member is prediction.csv (ID, Task2)."""
