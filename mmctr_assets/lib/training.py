@@ -88,6 +88,11 @@ class CTRTensors:
 
 
 def _check_range(column: str, values: torch.Tensor, lo: int, hi: int, table: str, fix: str) -> None:
+    if values.numel() == 0:
+        return
+    low, high = torch.aminmax(values)
+    if low >= lo and high <= hi:  # one pass in the common case; count only when reporting
+        return
     bad = (values < lo) | (values > hi)
     n_bad = int(bad.sum())
     if n_bad:
@@ -125,30 +130,20 @@ def _int_column(frame: pl.DataFrame, name: str) -> np.ndarray:
     return s.cast(pl.Int64).to_numpy().copy()
 
 
-def _history_matrix(s: pl.Series, max_len: int) -> np.ndarray:
-    """Right-align each history's last ``max_len`` entries into ``[N, max_len]`` int32, 0-padded."""
-    if isinstance(s.dtype, pl.Array):
-        s = s.cast(pl.List(s.dtype.inner))
-    if not isinstance(s.dtype, pl.List) or not s.dtype.inner.is_integer():
-        raise ValueError(f"column 'item_seq' must be a list of integers, got {s.dtype}")
-    if s.null_count():
-        raise ValueError(f"column 'item_seq' is null in {s.null_count():,} rows; use a list of zeros "
-                         "(all padding) for an empty history")
-    arr = s.rechunk().to_arrow()
+def _right_align(arr, max_len: int, out: np.ndarray) -> None:
+    """Write the last ``max_len`` entries of each list in arrow ``arr`` right-aligned into ``out``."""
     flat = arr.flatten()
     if flat.null_count:
         raise ValueError(f"column 'item_seq' has {flat.null_count:,} null entries inside its lists; "
                          "pad with 0, not null")
     values = flat.to_numpy(zero_copy_only=False)
-    if values.size and (values.max() > np.iinfo(np.int32).max or values.min() < 0):
+    if values.size and (values.min() < 0 or values.max() > np.iinfo(np.int32).max):
         raise ValueError(f"item_seq holds ids outside 0..{np.iinfo(np.int32).max} "
                          f"(e.g. {values[(values < 0) | (values > np.iinfo(np.int32).max)][0]}); "
                          "item ids must be non-negative row indices of item_info")
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    offsets -= offsets[0]
     lengths = np.diff(offsets)
     n = lengths.size
-    out = np.zeros((n, max_len), dtype=np.int32)
     if n and (lengths == lengths[0]).all():  # the usual fixed-width case: a reshape, no scatter
         width = int(lengths[0])
         keep = min(width, max_len)
@@ -158,12 +153,30 @@ def _history_matrix(s: pl.Series, max_len: int) -> np.ndarray:
         keep = np.minimum(lengths, max_len)
         k = np.arange(keep.sum()) - np.repeat(np.cumsum(keep) - keep, keep)
         rows = np.repeat(np.arange(n), keep)
-        out[rows, np.repeat(max_len - keep, keep) + k] = values[np.repeat(offsets[1:] - keep, keep) + k]
-    right_padded = (out[:, -1] == 0) & out.any(axis=1)
-    if right_padded.any():
+        src = np.repeat(offsets[1:] - offsets[0] - keep, keep) + k
+        out[rows, np.repeat(max_len - keep, keep) + k] = values[src]
+
+
+def _history_matrix(s: pl.Series, max_len: int) -> np.ndarray:
+    """Right-align each history's last ``max_len`` entries into ``[N, max_len]`` int32, 0-padded."""
+    if isinstance(s.dtype, pl.Array):
+        s = s.cast(pl.List(s.dtype.inner))
+    if not isinstance(s.dtype, pl.List) or not s.dtype.inner.is_integer():
+        raise ValueError(f"column 'item_seq' must be a list of integers, got {s.dtype}")
+    if s.null_count():
+        raise ValueError(f"column 'item_seq' is null in {s.null_count():,} rows; use a list of zeros "
+                         "(all padding) for an empty history")
+    out = np.zeros((len(s), max_len), dtype=np.int32)
+    start = 0
+    for chunk in s.to_frame().to_arrow().column(0).chunks:  # per parquet row group, no rechunk copy
+        _right_align(chunk, max_len, out[start:start + len(chunk)])
+        start += len(chunk)
+    ends_in_padding = np.flatnonzero(out[:, -1] == 0)
+    right_padded = ends_in_padding[out[ends_in_padding].any(axis=1)]
+    if right_padded.size:
         raise ValueError(f"item_seq must be LEFT-padded with 0 (most recent item last), but "
-                         f"{int(right_padded.sum()):,} rows end in padding (e.g. row "
-                         f"{int(np.argmax(right_padded))}); re-pad them on the left")
+                         f"{right_padded.size:,} rows end in padding (e.g. row {right_padded[0]}); "
+                         "re-pad them on the left")
     return out
 
 
