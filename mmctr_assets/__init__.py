@@ -1,9 +1,16 @@
 """mmctr: multimodal CTR prediction on MicroLens-format data as Dagster assets.
 
-`defs` is the code location that `dagster dev` (workspace.yaml) and
-`dagster asset materialize -m mmctr_assets` load.
+`code_location` is what `dagster dev` (workspace.yaml) and
+`dagster asset materialize -m mmctr_assets` load. It is built lazily, when Dagster asks for it,
+so the plain library (`mmctr_assets.lib`, e.g. the demo-data CLI) does not load every asset
+module and their heavy imports.
 """
 
-from .definitions import defs
+import dagster as dg
 
-__all__ = ["defs"]
+
+@dg.definitions
+def code_location() -> dg.Definitions:  # not named `defs`: that is the mmctr_assets.defs package
+    from .definitions import defs
+
+    return defs

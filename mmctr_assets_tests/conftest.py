@@ -6,8 +6,18 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from mmctr_assets.defs import task1
+from mmctr_assets.defs.raw import raw_assets
 from mmctr_assets.lib import demo_data, tiny_clip
 from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
+
+SHARDS = task1.clip_shards.get_partition_keys()
+# run tags that make one run cover every CLIP shard (single-run backfill)
+RANGE = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[-1]}
+
+
+def clip_config(model_dir) -> dict:
+    return {"ops": {"clip_embeddings": {"config": {"model": str(model_dir)}}}}
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +64,23 @@ def make_resources():
 @pytest.fixture
 def resources(tiny_data, tmp_path) -> dict:
     return build_resources(tiny_data, tmp_path / "outputs")
+
+
+@pytest.fixture(scope="session")
+def task1_outputs(tiny_data, tiny_clip_dir, tmp_path_factory, make_resources):
+    """Raw snapshots, every CLIP shard, item2vec and fusion on the tiny data, built once per session
+    (read-only: copy before changing)."""
+    out = tmp_path_factory.mktemp("task1") / "outputs"
+    resources = make_resources(tiny_data, out)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(raw_assets, resources=resources, instance=instance).success
+        result = dg.materialize(
+            [task1.clip_embeddings, task1.item2vec_embeddings, task1.fused_item_embeddings],
+            resources=resources,
+            instance=instance,
+            tags=RANGE,
+            run_config=clip_config(tiny_clip_dir),
+        )
+        assert result.success
+        loads = sum("RANDOM WEIGHTS" in (e.user_message or "") for e in instance.all_logs(result.run_id))
+    return out, result, loads

@@ -9,34 +9,14 @@ import pytest
 
 import dagster as dg
 from mmctr_assets.defs import task1
-from mmctr_assets.defs.raw import raw_assets
 from mmctr_assets.lib import clip_encoder, dataset
 
-SHARDS = task1.clip_shards.get_partition_keys()
-RANGE = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[-1]}
+from conftest import RANGE, SHARDS, clip_config
 
 
-def clip_config(model_dir) -> dict:
-    return {"ops": {"clip_embeddings": {"config": {"model": str(model_dir)}}}}
-
-
-@pytest.fixture(scope="module")
-def built(tiny_data, tiny_clip_dir, tmp_path_factory, make_resources):
-    """Raw snapshots plus every CLIP shard, item2vec and fusion, built once for this module."""
-    out = tmp_path_factory.mktemp("task1") / "outputs"
-    resources = make_resources(tiny_data, out)
-    with dg.instance_for_test() as instance:
-        assert dg.materialize(raw_assets, resources=resources, instance=instance).success
-        result = dg.materialize(
-            [task1.clip_embeddings, task1.item2vec_embeddings, task1.fused_item_embeddings],
-            resources=resources,
-            instance=instance,
-            tags=RANGE,
-            run_config=clip_config(tiny_clip_dir),
-        )
-        assert result.success
-        loads = sum("RANDOM WEIGHTS" in (e.user_message or "") for e in instance.all_logs(result.run_id))
-    return out, result, loads
+@pytest.fixture
+def built(task1_outputs):
+    return task1_outputs
 
 
 @pytest.fixture

@@ -1,0 +1,192 @@
+"""Task 2 assets through Dagster: the model and its MLflow run, predictions, the submission zip."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import mlflow
+import polars as pl
+import pytest
+
+import dagster as dg
+from mmctr_assets.defs import task2
+from mmctr_assets.lib import dataset
+
+# small batches: the tiny training table has 2,000 rows
+TRAIN = {"batch_size": 128, "epochs": 4, "lr": 2e-3, "seed": 7}
+
+
+def train_config(**overrides) -> dict:
+    return {"ops": {"dcn_din_model": {"config": TRAIN | overrides}}}
+
+
+@pytest.fixture(scope="session")
+def task2_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
+    out = Path(shutil.copytree(task1_outputs[0], tmp_path_factory.mktemp("task2") / "outputs"))
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [task2.dcn_din_model, task2.predictions, task2.submission_zip],
+            resources=make_resources(tiny_data, out),
+            instance=instance,
+            run_config=train_config(),
+        )
+        assert result.success
+    return out, result
+
+
+@pytest.fixture
+def outputs(task2_outputs, tmp_path) -> Path:
+    return Path(shutil.copytree(task2_outputs[0], tmp_path / "outputs"))
+
+
+def model_metadata(result):
+    return result.asset_materializations_for_node("dcn_din_model")[0].metadata
+
+
+def test_model_learns_planted_signal(task2_outputs):
+    meta = model_metadata(task2_outputs[1])
+    assert meta["best_valid_auc"].value > 0.65
+    assert meta["valid_auc_check"].value == pytest.approx(meta["best_valid_auc"].value, abs=1e-6)
+    assert meta["training_curves"].value.startswith("![") and meta["valid_roc"].value.startswith("![")
+    assert (task2_outputs[0] / "dcn_din_model" / "model.pt").exists()
+    assert not (task2_outputs[0] / "dcn_din_model" / "checkpoints-fused").exists()
+
+
+def test_training_run_is_logged_to_mlflow(task2_outputs):
+    out, result = task2_outputs
+    meta = model_metadata(result)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"].value)
+    assert run.data.metrics["best_valid_auc"] == pytest.approx(meta["best_valid_auc"].value)
+    assert run.data.params["train.batch_size"] == "128" and run.data.params["embedding_source"] == "fused"
+    assert run.data.params["data_fingerprint"] == meta["data_fingerprint"].value
+    assert run.data.tags["dagster.run_id"] == result.run_id
+    assert run.data.tags["dagster.asset_key"] == "dcn_din_model"
+    for metric in ("train_loss", "valid_auc", "valid_logloss", "lr"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
+        assert steps == list(range(1, meta["epochs_run"].value + 1)), metric
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")} | {
+        a.path for a in client.list_artifacts(run.info.run_id, "plots")
+    }
+    assert artifacts == {"model/model.pt", "model/model_config.json", "plots/training_curves.png", "plots/valid_roc.png"}
+
+
+def test_same_config_same_auc(outputs, tiny_data, make_resources, instance):
+    result = dg.materialize(
+        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance, run_config=train_config()
+    )
+    first = json.loads((outputs / "dcn_din_model" / "model_config.json").read_text())
+    again = model_metadata(result)
+    assert again["data_fingerprint"].value == first["data_fingerprint"]
+    with dg.instance_for_test() as other:
+        rerun = dg.materialize(
+            [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=other, run_config=train_config()
+        )
+    assert model_metadata(rerun)["best_valid_auc"].value == again["best_valid_auc"].value
+
+
+def test_predictions_are_keyed_by_test_ids(task2_outputs, tiny_data):
+    out, result = task2_outputs
+    pred = pl.read_csv(out / "prediction.csv")
+    test_ids = pl.read_parquet(dataset.table_path(tiny_data, "test")).get_column("ID")
+    assert pred.columns == ["ID", "probability"]
+    assert pred.get_column("ID").to_list() == test_ids.to_list()
+    p = pred.get_column("probability")
+    assert p.is_finite().all() and p.min() >= 0 and p.max() <= 1 and p.std() > 0
+    check = next(e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    assert check.check_name == "predictions_valid" and check.passed
+
+
+def test_submission_zip_holds_exactly_prediction_csv(task2_outputs):
+    out, _ = task2_outputs
+    with zipfile.ZipFile(out / "submission.zip") as zf:
+        assert zf.namelist() == ["prediction.csv"]
+        with zf.open("prediction.csv") as f:
+            frame = pl.read_csv(f)
+    assert frame.columns == ["ID", "Task2"]
+    assert frame.get_column("ID").equals(pl.read_csv(out / "prediction.csv").get_column("ID"))
+
+
+def test_submission_column_is_configurable(outputs, tiny_data, make_resources, instance):
+    result = dg.materialize(
+        [task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance,
+        run_config={"ops": {"submission_zip": {"config": {"column": "Task1"}}}},
+    )
+    assert result.success
+    with zipfile.ZipFile(outputs / "submission.zip") as zf, zf.open("prediction.csv") as f:
+        assert pl.read_csv(f).columns == ["ID", "Task1"]
+
+
+def test_submission_without_predictions_says_what_to_run(outputs, tiny_data, make_resources, instance):
+    (outputs / "prediction.csv").unlink()
+    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "--select '*predictions'" in str(failure.event_specific_data.error)
+
+
+def test_failed_submission_keeps_previous_zip(outputs, tiny_data, make_resources, instance):
+    before = (outputs / "submission.zip").read_bytes()
+    (outputs / "prediction.csv").write_text("not,a\nprediction,file\n")
+    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance, raise_on_error=False)
+    assert not result.success
+    assert (outputs / "submission.zip").read_bytes() == before
+    assert sorted(p.name for p in outputs.iterdir() if p.name.startswith(".")) == []
+
+
+def test_unknown_embedding_source_is_a_clear_error(outputs, tiny_data, make_resources, instance):
+    result = dg.materialize(
+        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
+        run_config=train_config(embedding_source="clip"), raise_on_error=False,
+    )
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "embedding_source must be one of" in str(failure.event_specific_data.error)
+
+
+def _cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m", "mmctr_assets", *args],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs,
+    )
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_same_result(outputs, tiny_data, tmp_path, make_resources):
+    """SIGKILL the CLI mid-training, materialise again: it resumes from the last completed epoch
+    and ends exactly where an uninterrupted run ends."""
+    cfg = train_config(epochs=12, early_stopping_patience=12, lr_patience=12, batch_size=64)
+    reference = Path(shutil.copytree(outputs, tmp_path / "reference"))
+    with dg.instance_for_test() as inst:
+        uninterrupted = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, reference), instance=inst, run_config=cfg)
+    expected = model_metadata(uninterrupted)["best_valid_auc"].value
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = os.environ | {
+        "DAGSTER_HOME": str(home), "MMCTR_DATA_DIR": str(tiny_data), "MMCTR_OUTPUT_DIR": str(outputs),
+        "MMCTR_STATE_DIR": str(tmp_path / "state"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    args = ["--select", "dcn_din_model", "--config-json", json.dumps(cfg)]
+    last = outputs / "dcn_din_model" / "checkpoints-fused" / "last.pt"
+    proc = _cli(args, env)
+    deadline = time.time() + 240
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # after epoch 1 is checkpointed, somewhere inside epoch 2
+    proc.wait()
+    assert last.exists(), proc.stdout.read()[-3000:]
+
+    resumed = _cli(args, env)
+    log, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, log[-3000:]
+    assert "resumed" in log and "started fresh" not in log, log[-3000:]
+    instance = dg.DagsterInstance.from_config(str(home))
+    event = instance.get_latest_materialization_event(dg.AssetKey("dcn_din_model"))
+    meta = event.asset_materialization.metadata
+    assert meta["best_valid_auc"].value == expected
+    assert meta["epochs_run"].value == model_metadata(uninterrupted)["epochs_run"].value
