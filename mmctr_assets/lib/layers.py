@@ -44,8 +44,9 @@ class Dice(nn.Module):
                                   training=False, eps=self.bn.eps)
         else:
             normed = self.bn(flat)
-        p = torch.sigmoid(normed)
-        return (flat * (p + (1.0 - p) * self.alpha)).reshape(x.shape)
+        # p*x + (1-p)*alpha*x == x * (alpha + p*(1-alpha)): two full-size ops instead of four
+        gate = torch.addcmul(self.alpha, torch.sigmoid(normed), 1.0 - self.alpha)
+        return (flat * gate).reshape(x.shape)
 
 
 def _activation(name: str, units: int) -> nn.Module:
@@ -138,8 +139,8 @@ class TargetAttention(nn.Module):
             return self.first(torch.cat([t, history, t - history, t * history], dim=-1))
         w1, w2, w3, w4 = self.first.weight.split(self.embedding_dim, dim=1)
         per_target = F.linear(target, w1 + w3, self.first.bias)
-        per_item = F.linear(torch.cat([history, t * history], dim=-1), torch.cat([w2 - w3, w4], dim=1))
-        return per_target.index_select(0, rows) + per_item
+        z = torch.addmm(per_target.index_select(0, rows), history, (w2 - w3).t())
+        return torch.addmm(z, t * history, w4.t())
 
     def forward(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """``target [B, D]``, packed ``history [M, D]`` with ``rows [M]`` (its row in the batch)

@@ -236,7 +236,7 @@ class TrainConfig:
     seed: int = 0
     max_len: int = 64
     precision: str = "fp32"
-    eval_batch_size: int = 16384
+    eval_batch_size: int = 4096  # larger inference batches are slower on CPU (memory-bound)
     num_threads: int | None = None  # None: torch's default (one per physical core)
     deterministic: bool = True
 
@@ -350,7 +350,7 @@ def _predict(model: DCNDIN, tensors: CTRTensors, batch_size: int, device: torch.
     return out
 
 
-def predict(model: DCNDIN, tensors: CTRTensors, *, batch_size: int = 16384,
+def predict(model: DCNDIN, tensors: CTRTensors, *, batch_size: int = 4096,
             device: str | torch.device = "cpu", precision: str = "fp32") -> np.ndarray:
     """Click probabilities ``float32 [N]`` in row order (model moved to ``device``)."""
     device = torch.device(device)
