@@ -241,6 +241,8 @@ def prediction_path(storage: ProjectStorage):
     kinds={"pytorch", "csv"},
     owners=["team:recsys"],
     backfill_policy=dg.BackfillPolicy.single_run(),
+    pool="gpu",
+    op_tags=GPU_TAGS,
     deps=[dcn_din_model, "raw_test"],
     automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
