@@ -190,8 +190,11 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
     strip = lambda h: [(e.epoch, e.train_loss, e.valid_auc, e.lr) for e in h]  # noqa: E731
     assert strip(resumed.history) == strip(whole.history)
     # A finished run resumes with nothing left to do; a longer run continues it.
+    (tmp_path / "killed" / "best.pt").unlink()
     again = _train(data, tmp_path, "killed")
     assert again.resumed_from_epoch == 2 and len(again.history) == 2
+    np.testing.assert_array_equal(predict(load_model(again.best_model_path), data["valid"]),
+                                  whole.valid_predictions)
     longer = _train(data, tmp_path, "killed", cfg=dataclasses.replace(FAST, epochs=3))
     assert longer.resumed_from_epoch == 2 and [e.epoch for e in longer.history] == [1, 2, 3]
 

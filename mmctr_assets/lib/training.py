@@ -284,7 +284,7 @@ class TrainResult:
     stopped_early: bool
     resume_note: str  # why the run resumed or started fresh
     model: DCNDIN = field(repr=False)  # best weights, eval mode
-    best_model_path: Path | None = None  # checkpoint_dir/best.pt (load_model format)
+    best_model_path: Path | None = None  # checkpoint_dir/best.pt, readable with load_model
 
 
 # ------------------------------------------------------------------------------ model files
@@ -595,6 +595,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
                 on_epoch_end(log)
 
         model.load_state_dict(run.best_state)
+        if not best_path.exists():  # e.g. deleted after the run finished; last.pt still has it
+            _save_artifact(model.to_dict(), run.best_state, best_path)
         valid_predictions = _predict(model.eval(), valid_data, cfg.eval_batch_size, device,
                                      cfg.precision)
 
@@ -603,4 +605,4 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         best_state_dict=run.best_state, model_config=model_config, train_config=cfg,
         valid_predictions=valid_predictions, resumed_from_epoch=resumed_from,
         stopped_early=run.stopped_early, resume_note=note, model=model,
-        best_model_path=best_path if best_path.exists() else None)
+        best_model_path=best_path)
