@@ -1,0 +1,98 @@
+"""The GPU pool: every asset that computes on the accelerator is in pool "gpu", and the instance
+config we ship (deploy/dagster.yaml) lets one such step run at a time across all runs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import yaml
+
+import dagster as dg
+from mmctr_assets import settings
+from mmctr_assets.definitions import defs
+
+SHIPPED_INSTANCE = settings.PACKAGE_DIR / "deploy" / "dagster.yaml"
+DAGSTER = Path(sys.executable).with_name("dagster")
+
+# Two stand-in GPU steps. Each records when it holds the GPU and waits (up to BARRIER_S) for the
+# other to start, so without a pool limit the two steps always overlap.
+GPU_STEPS = textwrap.dedent(
+    """
+    import os, time
+    from pathlib import Path
+    import dagster as dg
+
+    LOG, BARRIER_S = Path(os.environ["POOL_TEST_LOG"]), 4.0
+
+    def gpu_step(name, peer):
+        @dg.asset(name=name, pool="gpu")
+        def _step():
+            (LOG / f"{name}.start").write_text(repr(time.time()))
+            deadline = time.time() + BARRIER_S
+            while not (LOG / f"{peer}.start").exists() and time.time() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            (LOG / f"{name}.end").write_text(repr(time.time()))
+        return _step
+
+    # in-process: no per-step interpreter start; pool slots are claimed the same way
+    defs = dg.Definitions(
+        assets=[gpu_step("train_a", "train_b"), gpu_step("train_b", "train_a")], executor=dg.in_process_executor
+    )
+    """
+)
+
+
+def test_assets_on_the_compute_device_are_in_the_gpu_pool():
+    assets = {a.key.to_user_string(): a for a in defs.resolve_asset_graph().assets_defs}
+    uses_device = {k for k, a in assets.items() if "compute" in a.required_resource_keys}
+    in_pool = {k for k, a in assets.items() if a.op.pool == "gpu"}
+    assert uses_device == in_pool == {"clip_embeddings", "dcn_din_model", "predictions"}
+    assert {a.op.pool for k, a in assets.items() if k not in in_pool} == {None}
+
+
+def test_shipped_instance_limits_every_pool_to_one():
+    config = yaml.safe_load(SHIPPED_INSTANCE.read_text())
+    assert config["concurrency"]["pools"]["default_limit"] == 1
+    with dg.instance_for_test(overrides=config) as instance:
+        assert instance.get_concurrency_config().pool_config.default_pool_limit == 1
+
+
+def run_two_gpu_runs(tmp_path: Path, pool_limit: int) -> dict[str, tuple[float, float]]:
+    """Launch two runs at once, each with one GPU step, on an instance with the shipped config
+    (pool limit overridden when `pool_limit` differs); return each step's (start, end)."""
+    home, log = tmp_path / f"home-{pool_limit}", tmp_path / f"log-{pool_limit}"
+    home.mkdir()
+    log.mkdir()
+    config = yaml.safe_load(SHIPPED_INSTANCE.read_text())
+    config["concurrency"]["pools"]["default_limit"] = pool_limit
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    module = tmp_path / "gpu_steps.py"
+    module.write_text(GPU_STEPS)
+    env = os.environ | {"DAGSTER_HOME": str(home), "POOL_TEST_LOG": str(log)}
+    # create the storage once, so the two runs do not race to create the sqlite tables
+    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env, check=True)
+    procs = [
+        subprocess.Popen([str(DAGSTER), "asset", "materialize", "-f", str(module), "--select", name],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for name in ("train_a", "train_b")
+    ]
+    outputs = [p.communicate(timeout=180)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    return {n: (float((log / f"{n}.start").read_text()), float((log / f"{n}.end").read_text())) for n in ("train_a", "train_b")}
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return min(a[1], b[1]) - max(a[0], b[0])
+
+
+def test_two_runs_never_hold_the_gpu_at_once(tmp_path):
+    steps = run_two_gpu_runs(tmp_path, pool_limit=1)
+    assert overlap(steps["train_a"], steps["train_b"]) < 0, json.dumps(steps)
+    # control: with room for two, the same runs do overlap, so the check above can fail
+    steps = run_two_gpu_runs(tmp_path, pool_limit=2)
+    assert overlap(steps["train_a"], steps["train_b"]) > 0, json.dumps(steps)
