@@ -1,0 +1,226 @@
+"""End-to-end quality and full-size cost of the real asset graph (issue 4, items 1 and 3).
+
+``--quality``: demo data ``medium`` (10k items, 200k train rows) with a tiny random-weight CLIP,
+raw -> clip_embeddings (all shards, one run) -> item2vec -> fused, then dcn_din_model trained
+through Dagster once per embedding source (content, item2vec, fused, organisers) with the same
+seed, config and epoch budget. One JSON line per training: valid AUC, the ceiling
+``best_valid_auc`` of the generator's true click probabilities, the gap (goal for fused: <= 0.02),
+epochs, seconds and the MLflow run id. ``--variants`` adds a table of model/training variants
+(trainable id/tag embeddings, fine-tuning, lr, batch size, history length) on chosen sources so
+defaults can be picked from measurements.
+
+``--full``: on full-size data (``--data-dir``, e.g. kept by ``bench_raw.py --keep``), one epoch of
+dcn_din_model over the 3.6M training rows and the predictions over 379,142 test rows, each step
+in a fresh subprocess (wall time and peak RSS, goal: within 24 GiB). It trains on
+``embedding_source=organisers`` so clip_embeddings over 91,717 items is not needed.
+
+    .venv/bin/python benchmarks/bench_pipeline.py --quality [--variants] [--medium-dir DIR]
+    .venv/bin/python benchmarks/bench_pipeline.py --full --data-dir DIR
+
+Dagster outputs and generated data go to ``--work-dir`` (default: a temp dir) and are deleted
+unless ``--keep``; the MLflow sqlite store each mode prints is kept, so the run ids stay usable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SOURCES = ("content", "item2vec", "fused", "organisers")
+GOAL_FUSED_GAP = 0.02
+GOAL_FULL_PEAK_MB = 24 * 1024
+# Trainer settings shared by every quality run: TrainConfig defaults (lr 1e-3, batch 4096,
+# max_len 64, early stopping) with a fixed seed and epoch budget.
+QUALITY_TRAIN = {"seed": 0, "epochs": 10}
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    "id_emb": {"use_id_embedding": True},
+    "tag_emb": {"use_tag_embedding": True},
+    "id_tag_emb": {"use_id_embedding": True, "use_tag_embedding": True},
+    "finetune": {"finetune_item_embeddings": True},
+    "lr_3e-3": {"lr": 3e-3},
+    "batch_1024": {"batch_size": 1024},
+    "max_len_100": {"max_len": 100},
+    "id_tag_lr_3e-3": {"use_id_embedding": True, "use_tag_embedding": True, "lr": 3e-3},
+}
+
+
+def load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"load_avg_1m": round(one, 2), "load_avg_5m": round(five, 2), "load_avg_15m": round(fifteen, 2),
+            "cpus": os.cpu_count()}
+
+
+def emit(**result) -> None:
+    print(json.dumps(result | load()), flush=True)
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def resources(data_dir: Path, work: Path) -> dict:
+    from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
+
+    return {
+        "storage": ProjectStorage(data_dir=str(data_dir), output_dir=str(work / "outputs")),
+        "compute": ComputeResource(device="cpu", num_workers=1),
+        "mlflow": MlflowResource(tracking_uri=f"sqlite:///{work / 'mlflow.db'}", experiment_name="bench_pipeline"),
+    }
+
+
+def materialise(assets: list, res: dict, run_config: dict | None = None, **kwargs):
+    import dagster as dg
+
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    t0 = time.perf_counter()
+    result = dg.materialize(assets, resources=res, instance=dg.DagsterInstance.ephemeral(),
+                            run_config=quiet | (run_config or {}), **kwargs)
+    if not result.success:
+        raise RuntimeError(f"materialising {[a.key.to_user_string() for a in assets]} failed")
+    return result, time.perf_counter() - t0
+
+
+def train_config(source: str, overrides: dict) -> dict:
+    return {"ops": {"dcn_din_model": {"config": QUALITY_TRAIN | {"embedding_source": source} | overrides}}}
+
+
+# ------------------------------------------------------------------------------------ quality
+
+def build_task1(data_dir: Path, work: Path, res: dict) -> None:
+    from mmctr_assets.defs import task1
+    from mmctr_assets.defs.raw import raw_assets
+    from mmctr_assets.lib.tiny_clip import build_tiny_clip
+
+    clip_dir = build_tiny_clip(work / "tiny-clip", seed=0)
+    _, raw_s = materialise(raw_assets, res)
+    keys = task1.clip_shards.get_partition_keys()
+    _, clip_s = materialise(
+        [task1.clip_embeddings], res, run_config={"ops": {"clip_embeddings": {"config": {"model": str(clip_dir)}}}},
+        tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
+    _, i2v_s = materialise([task1.item2vec_embeddings], res)
+    _, fused_s = materialise([task1.fused_item_embeddings], res)
+    emit(bench="task1_build", raw_s=round(raw_s, 1), clip_s=round(clip_s, 1), item2vec_s=round(i2v_s, 1),
+         fused_s=round(fused_s, 1), clip_shards=len(keys), clip="tiny random-weight CLIP")
+
+
+def train_once(res: dict, source: str, variant: str, overrides: dict, best: float) -> None:
+    from mmctr_assets.defs import task2
+
+    result, seconds = materialise([task2.dcn_din_model], res, run_config=train_config(source, overrides))
+    meta = result.asset_materializations_for_node("dcn_din_model")[0].metadata
+    auc = meta["best_valid_auc"].value
+    line = {"bench": "quality", "source": source, "variant": variant, "overrides": overrides,
+            "valid_auc": round(auc, 4), "best_valid_auc": round(best, 4), "gap": round(best - auc, 4),
+            "epochs": meta["epochs_run"].value, "best_epoch": meta["best_epoch"].value,
+            "stopped_early": meta["stopped_early"].value, "seconds": round(seconds, 1),
+            "samples_per_s": meta["samples_per_s"].value, "mlflow_run_id": meta["mlflow_run_id"].value}
+    if source == "fused":
+        line |= {"goal_gap": GOAL_FUSED_GAP, "meets_goal": best - auc <= GOAL_FUSED_GAP}
+    emit(**line)
+
+
+def bench_quality(args, work: Path) -> None:
+    from mmctr_assets.lib import demo_data
+
+    data_dir = args.medium_dir or work / "medium"
+    if not (data_dir / "ground_truth" / "manifest.json").exists():
+        t0 = time.perf_counter()
+        demo_data.generate(data_dir, "medium", seed=0, overwrite=True, progress=False)
+        emit(bench="generate", size="medium", seconds=round(time.perf_counter() - t0, 1))
+    best = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())["best_valid_auc"]
+    res = resources(data_dir, work)
+    build_task1(data_dir, work, res)
+    for source in SOURCES:
+        train_once(res, source, "default", {}, best)
+    if args.variants:
+        for source in args.variant_sources.split(","):
+            for name, overrides in VARIANTS.items():
+                if name != "default":
+                    train_once(res, source, name, overrides, best)
+
+
+# --------------------------------------------------------------------------------------- full
+
+def child_full_step(step: str, data_dir: str, work: str) -> dict:
+    """One step of the full-size graph, in this fresh process: raw, train or predict."""
+    from mmctr_assets.defs import task2
+    from mmctr_assets.defs.raw import raw_assets
+
+    res = resources(Path(data_dir), Path(work))
+    if step == "raw":
+        keep = {"raw_item_info", "raw_train", "raw_valid", "raw_test"}
+        _, seconds = materialise([a for a in raw_assets if a.key.to_user_string() in keep], res)
+        return {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb(), 1)}
+    if step == "train":
+        result, seconds = materialise([task2.dcn_din_model], res, run_config=train_config("organisers", {"epochs": 1}))
+        meta = result.asset_materializations_for_node("dcn_din_model")[0].metadata
+        return {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb(), 1),
+                "train_rows": 3_600_000, "valid_auc": round(meta["best_valid_auc"].value, 4),
+                "samples_per_s": meta["samples_per_s"].value, "mlflow_run_id": meta["mlflow_run_id"].value}
+    result, seconds = materialise([task2.predictions], res)
+    meta = result.asset_materializations_for_node("predictions")[0].metadata
+    return {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb(), 1),
+            "rows": meta["dagster/row_count"].value, "predict_rows_per_s": meta["rows_per_s"].value,
+            "checks_passed": all(c.passed for c in result.get_asset_check_evaluations())}
+
+
+def bench_full(args, work: Path) -> None:
+    if not (args.data_dir / "MicroLens_1M_x1" / "train.parquet").exists():
+        raise SystemExit(f"--full needs full-size data in --data-dir (got {args.data_dir}); make it with "
+                         "`benchmarks/bench_raw.py --keep` or `mmctr-demo-data --size full --out DIR`")
+    for step in ("raw", "train", "predict"):
+        cmd = [sys.executable, __file__, "--child", step, str(args.data_dir), str(work)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"full-size step {step} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        run = json.loads(proc.stdout.strip().splitlines()[-1])
+        emit(bench="full", step=step, **run, embedding_source="organisers",
+             goal_peak_rss_mb=GOAL_FULL_PEAK_MB, meets_goal=run["peak_rss_mb"] < GOAL_FULL_PEAK_MB)
+
+
+def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child_full_step(*sys.argv[2:5])), flush=True)
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quality", action="store_true", help="AUC per embedding source on medium demo data")
+    ap.add_argument("--variants", action="store_true", help="with --quality: the variant table too")
+    ap.add_argument("--variant-sources", default="fused", help="comma-separated sources for --variants")
+    ap.add_argument("--medium-dir", type=Path, help="reuse (or create) medium demo data here")
+    ap.add_argument("--full", action="store_true", help="one epoch + test predictions on full-size data")
+    ap.add_argument("--data-dir", type=Path, help="full-size dataset for --full")
+    ap.add_argument("--work-dir", type=Path, help="outputs and mlflow.db (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep --work-dir's contents")
+    args = ap.parse_args()
+    if not (args.quality or args.full):
+        ap.error("choose --quality and/or --full")
+
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="mmctr-bench-pipeline-"))
+    modes = [(bench_quality, work / "quality")] * args.quality + [(bench_full, work / "full")] * args.full
+    try:
+        for bench, folder in modes:
+            folder.mkdir(parents=True, exist_ok=True)
+            print(f"{bench.__name__}: MLflow runs in sqlite:///{folder / 'mlflow.db'} "
+                  f"(mlflow ui --backend-store-uri sqlite:///{folder / 'mlflow.db'})", file=sys.stderr, flush=True)
+            bench(args, folder)
+    finally:
+        if not args.keep:  # everything but the MLflow stores, which the printed run ids point into
+            for _, folder in modes:
+                for path in folder.glob("*"):
+                    if path.name != "mlflow.db":
+                        shutil.rmtree(path, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
