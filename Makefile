@@ -17,7 +17,7 @@ export MMCTR_DATA_DIR  ?= $(STATE)/demo_data
 export MMCTR_CLIP_MODEL ?= $(STATE)/models/tiny-clip
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
-.PHONY: install demo dev test mlflow-ui clean-outputs
+.PHONY: install demo-inputs demo dev test mlflow-ui clean-outputs
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -41,7 +41,8 @@ demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(STATE)/mo
 
 ## Materialise the whole graph on the demo data: the documented cold-start command.
 demo: demo-inputs
-	$(BIN)/dagster asset materialize -m mmctr_assets --select '*' --partition-range 0...$$(($(SHARDS)-1))
+	$(BIN)/dagster asset materialize -m mmctr_assets --select '*' --partition-range 0...$$(($(SHARDS)-1)) \
+		--config mmctr_assets/deploy/demo_run_config.yaml
 	@echo "Outputs in $(STATE)/outputs; open the UI with 'make dev'."
 
 ## The UI (webserver + daemon) on http://127.0.0.1:3000 with the same instance and data.
