@@ -58,7 +58,12 @@ class ComputeResource(dg.ConfigurableResource):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(self.device)
+        try:
+            device = torch.device(self.device)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if device.type == "cuda":
             if not torch.cuda.is_available():
                 raise RuntimeError(
@@ -71,8 +76,6 @@ class ComputeResource(dg.ConfigurableResource):
                     f"ComputeResource.device is {self.device!r} but only {torch.cuda.device_count()} "
                     "CUDA devices are visible."
                 )
-        elif device.type != "cpu":
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.precision == "fp16" and device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
         return device
