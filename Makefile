@@ -17,7 +17,7 @@ export MMCTR_DATA_DIR  ?= $(STATE)/demo_data
 export MMCTR_CLIP_MODEL ?= $(STATE)/models/tiny-clip
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
-.PHONY: install demo-inputs demo dev test mlflow-ui clean-outputs
+.PHONY: install demo-inputs demo dev browser test mlflow-ui clean-outputs
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -52,7 +52,12 @@ dev: install
 mlflow-ui: install
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(STATE)/mlflow.db --port 5000
 
-test: install
+## The UI tests drive the asset graph in Debian's Chromium (Playwright's own browser download is
+## not used); installing it needs root, as in CI.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+test: install browser
 	$(BIN)/pytest -q
 
 clean-outputs:
