@@ -25,7 +25,7 @@ GPU_STEPS = textwrap.dedent(
     from pathlib import Path
     import dagster as dg
 
-    LOG, BARRIER_S = Path(os.environ["POOL_TEST_LOG"]), 4.0
+    LOG, BARRIER_S = Path(os.environ["POOL_TEST_LOG"]), 8.0
 
     def gpu_step(name, peer):
         @dg.asset(name=name, pool="gpu")
