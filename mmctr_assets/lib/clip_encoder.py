@@ -196,6 +196,12 @@ class _ItemDataset(torch.utils.data.Dataset):
         return i, self.texts[i], image, status
 
 
+def _input_side(image_processor) -> int:
+    """Largest side the processor resizes/crops to: JPEGs need not decode bigger than that."""
+    sides = [v for d in (image_processor.size, image_processor.crop_size) if d for v in dict(d).values()]
+    return int(max(sides)) if sides else 0
+
+
 def _load_image(path: str | None, draft: int):
     from PIL import Image
 
@@ -265,8 +271,7 @@ def encode_items(
     real = np.flatnonzero(ids != 0)
     texts = item_texts(items).gather(real).to_list()
     paths = items["image_path"].cast(pl.String).gather(real).to_list()
-    crop = bundle.processor.image_processor.crop_size
-    draft = max(crop["height"], crop["width"]) if crop else 0
+    draft = _input_side(bundle.processor.image_processor)
 
     dataset = _ItemDataset(texts, paths, load_images=combine != "text", draft=draft)
     loader = torch.utils.data.DataLoader(

@@ -1,0 +1,131 @@
+"""Does item2vec's pipeline cost no more than gensim's own training? (goal: <= 1.3x)
+
+On the full-size demo train split (3.6M histories, MicroLens length distribution), one process:
+
+* ours: ``build_corpus`` (polars: parquet -> LineSentence file) + ``train_item2vec`` (polars
+  vocabulary + gensim skip-gram in corpus_file mode), timed end to end;
+* baseline: gensim alone on the already prepared corpus with the same parameters:
+  ``Word2Vec.build_vocab(corpus_file=...)`` (reported, not counted) and ``train()`` (the baseline).
+
+One JSON line per result. Peak RSS per phase is sampled with psutil (the process's RSS, so a
+phase's peak includes what is still held from before it: the baseline runs after ours).
+
+    .venv/bin/python benchmarks/bench_item2vec.py [--data-dir DIR] [--epochs 5] [--workers 2]
+
+Without ``--data-dir`` the full-size demo data is generated into a temp folder (~100 s, about
+0.5 GB) and deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mmctr_assets.lib import item2vec  # noqa: E402
+
+MB = 1 << 20
+
+
+@contextmanager
+def peak_rss():
+    """Sample this process's RSS every 20 ms; yields a dict that gets 'peak_rss_mb'."""
+    proc, out, stop = psutil.Process(), {}, threading.Event()
+    peak = [proc.memory_info().rss]
+
+    def sample():
+        while not stop.wait(0.02):
+            peak[0] = max(peak[0], proc.memory_info().rss)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        thread.join()
+        out["peak_rss_mb"] = round(max(peak[0], proc.memory_info().rss) / MB)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, help="folder holding MicroLens_1M_x1/train.parquet")
+    parser.add_argument("--size", default="full", help="demo size to generate without --data-dir")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    params = dict(dim=128, window=5, min_count=1, epochs=args.epochs, negative=5, workers=args.workers,
+                  seed=args.seed)
+    common = {"bench": "item2vec", "cpus": os.cpu_count(), "params": params}
+
+    def emit(**kw):
+        print(json.dumps(common | kw), flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        data_dir = args.data_dir
+        if data_dir is None:
+            from mmctr_assets.lib import demo_data
+
+            data_dir = tmp / "data"
+            t = time.perf_counter()
+            demo_data.generate(data_dir, size=args.size, seed=args.seed, progress=False)
+            emit(phase="generate_demo_data", size=args.size, seconds=round(time.perf_counter() - t, 1))
+        train = data_dir / "MicroLens_1M_x1" / "train.parquet"
+        rss0 = round(psutil.Process().memory_info().rss / MB)
+
+        # ours, end to end
+        with peak_rss() as mem:
+            t = time.perf_counter()
+            stats = item2vec.build_corpus(train, tmp / "corpus.txt")
+            t_corpus = time.perf_counter() - t
+        emit(phase="ours_build_corpus", seconds=round(t_corpus, 2), rows=stats.n_rows,
+             sentences=stats.n_sentences, tokens=stats.n_tokens, items=stats.n_items,
+             corpus_mb=round(stats.path.stat().st_size / MB, 1), rss_before_mb=rss0, **mem)
+        with peak_rss() as mem:
+            t = time.perf_counter()
+            ours = item2vec.train_item2vec(stats.path, **params)
+            t_train = time.perf_counter() - t
+        emit(phase="ours_train_item2vec", seconds=round(t_train, 2),
+             seconds_vocab=round(ours.seconds_vocab, 2), seconds_gensim_train=round(ours.seconds_train, 2),
+             items_with_vector=len(ours.item_ids), **mem)
+
+        # baseline: gensim alone on the prepared corpus
+        from gensim.models import Word2Vec
+
+        with peak_rss() as mem:
+            model = Word2Vec(vector_size=params["dim"], window=params["window"], min_count=params["min_count"],
+                             sg=1, negative=params["negative"], workers=params["workers"], seed=params["seed"],
+                             epochs=params["epochs"])
+            t = time.perf_counter()
+            model.build_vocab(corpus_file=str(stats.path))
+            t_vocab = time.perf_counter() - t
+            t = time.perf_counter()
+            model.train(corpus_file=str(stats.path), total_examples=model.corpus_count,
+                        total_words=model.corpus_total_words, epochs=params["epochs"])
+            t_base = time.perf_counter() - t
+        emit(phase="baseline_gensim", seconds_train=round(t_base, 2), seconds_build_vocab_not_counted=round(t_vocab, 2),
+             items_with_vector=len(model.wv), **mem)
+
+        total = t_corpus + t_train
+        emit(phase="comparison", ours_total_seconds=round(total, 2), baseline_train_seconds=round(t_base, 2),
+             ratio=round(total / t_base, 3), goal=1.3, meets_goal=total / t_base <= 1.3,
+             vocab_polars_vs_gensim_scan_s=[round(ours.seconds_vocab, 2), round(t_vocab, 2)],
+             process_max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
