@@ -164,9 +164,12 @@ def child_full_step(step: str, data_dir: str, work: str) -> dict:
         return {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb(), 1)}
     if step == "train":
         result, seconds = materialise([task2.dcn_din_model], res, run_config=train_config("organisers", {"epochs": 1}))
+        import mlflow
+
         meta = result.asset_materializations_for_node("dcn_din_model")[0].metadata
+        params = mlflow.MlflowClient(res["mlflow"].tracking_uri).get_run(meta["mlflow_run_id"].value).data.params
         return {"wall_s": round(seconds, 1), "peak_rss_mb": round(peak_mb(), 1),
-                "train_rows": 3_600_000, "valid_auc": round(meta["best_valid_auc"].value, 4),
+                "train_rows": int(params["train_rows"]), "valid_auc": round(meta["best_valid_auc"].value, 4),
                 "samples_per_s": meta["samples_per_s"].value, "mlflow_run_id": meta["mlflow_run_id"].value}
     result, seconds = materialise([task2.predictions], res)
     meta = result.asset_materializations_for_node("predictions")[0].metadata
