@@ -89,7 +89,8 @@ def clip_embeddings(
             shard,
             bundle,
             batch_size=compute.batch_size,
-            num_workers=compute.num_workers,
+            # worker start-up costs seconds: not worth it for a few batches
+            num_workers=compute.num_workers if shard.height >= 4 * compute.batch_size else 0,
             combine=config.combine,
             progress=ProgressLog(context.log, f"clip shard {key}"),
         )
