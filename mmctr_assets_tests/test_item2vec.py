@@ -48,6 +48,19 @@ def test_corpus_without_targets_and_from_parquet(tmp_path):
     assert stats.n_targets_appended == 0 and stats.n_tokens == 8
 
 
+def test_corpus_is_the_same_in_small_batches(tmp_path):
+    frame = planted_clusters(rows=500)
+    frame.write_parquet(tmp_path / "train.parquet", row_group_size=128)
+    one = i2v.build_corpus(frame, tmp_path / "one.txt", batch_rows=1 << 16)
+    many = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "many.txt", batch_rows=37)
+    lazy = i2v.build_corpus(frame.lazy(), tmp_path / "lazy.txt", batch_rows=100)
+    text = (tmp_path / "one.txt").read_text()
+    assert text == (tmp_path / "many.txt").read_text() == (tmp_path / "lazy.txt").read_text()
+    assert len(text.splitlines()) == one.n_sentences == 500
+    fields = lambda s: (s.n_rows, s.n_sentences, s.n_tokens, s.n_items, s.n_targets_appended)  # noqa: E731
+    assert fields(one) == fields(many) == fields(lazy)
+
+
 def test_corpus_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['label'\]"):
         i2v.build_corpus(SMALL.drop("label"), tmp_path / "c.txt")

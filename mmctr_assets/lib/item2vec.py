@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
 from mmctr_assets.lib.atomic import atomic_path
 
@@ -50,29 +52,37 @@ class Item2VecResult:
     params: dict = field(default_factory=dict)
 
 
-def _scan_train(train: str | os.PathLike | pl.DataFrame | pl.LazyFrame) -> pl.LazyFrame:
+def _train_batches(train, batch_rows: int) -> Iterator[pl.DataFrame]:
+    """The train split in row batches: bounded memory however long the file (3.6M x 100 ids)."""
+    if isinstance(train, pl.LazyFrame):
+        train = train.collect()
     if isinstance(train, pl.DataFrame):
-        lf = train.lazy()
-    elif isinstance(train, pl.LazyFrame):
-        lf = train
+        columns, batches = train.columns, None
     else:
         path = Path(train)
         if not path.is_file():
             raise FileNotFoundError(f"train parquet {path} does not exist; materialise raw_train first.")
-        lf = pl.scan_parquet(path)
-    missing = [c for c in TRAIN_COLUMNS if c not in lf.collect_schema().names()]
+        parquet = pq.ParquetFile(path)
+        columns = parquet.schema_arrow.names
+    missing = [c for c in TRAIN_COLUMNS if c not in columns]
     if missing:
         raise ValueError(
             f"build_corpus needs train columns {list(TRAIN_COLUMNS)}; missing {missing}. "
             "Pass MicroLens train.parquet (item_seq list<int64>, item_id int64, label 0/1)."
         )
-    return lf
+    if isinstance(train, pl.DataFrame):
+        yield from train.select(TRAIN_COLUMNS).iter_slices(batch_rows)
+        return
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=list(TRAIN_COLUMNS)):
+        yield pl.from_arrow(batch)
 
 
 def build_corpus(
     train: str | os.PathLike | pl.DataFrame | pl.LazyFrame,
     out_path: str | os.PathLike,
     include_clicked_target: bool = True,
+    *,
+    batch_rows: int = 1 << 16,
 ) -> CorpusStats:
     """Write one line per training history: its non-padding item ids separated by spaces.
 
@@ -81,31 +91,37 @@ def build_corpus(
     as targets (common for new items) would get no vector. Non-clicked targets are left out:
     an impression the user skipped says they do not belong with the history. Histories with
     fewer than two items are dropped (no context to learn from). Padding 0 is never written.
+    Rows are processed ``batch_rows`` at a time (full size: ~0.7 GB peak instead of ~3 GB).
     """
     started = time.perf_counter()
-    lf = _scan_train(train)
     seq = pl.col("item_seq").cast(pl.List(pl.Int64))
-    clicked = pl.col("label") == 1
+    clicked = (pl.col("label") == 1) & (pl.col("item_id") != 0)
     if include_clicked_target:
         seq = pl.when(clicked).then(pl.concat_list(seq, pl.col("item_id").cast(pl.Int64))).otherwise(seq)
+    else:
+        clicked = pl.lit(False)
     tokens = seq.list.eval(pl.element().filter(pl.element() != 0))
-    frame = lf.select(
-        tokens.alias("tokens"),
-        (clicked & (pl.col("item_id") != 0)).alias("clicked") if include_clicked_target else pl.lit(False).alias("clicked"),
-    ).collect(engine="streaming")
-    n_rows = frame.height
-    n_targets = int(frame["clicked"].sum())
-    frame = frame.filter(pl.col("tokens").list.len() >= 2)
-    lines = frame.select(pl.col("tokens").list.eval(pl.element().cast(pl.String)).list.join(" "))
+    line = pl.col("tokens").list.eval(pl.element().cast(pl.String)).list.join(" ")
+
+    n_rows = n_sentences = n_tokens = n_targets = 0
+    seen: list[pl.Series] = []
     out_path = Path(out_path)
-    with atomic_path(out_path) as tmp:
-        lines.write_csv(tmp, include_header=False, quote_style="never")
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as out:
+        for batch in _train_batches(train, batch_rows):
+            frame = batch.select(tokens.alias("tokens"), clicked.alias("clicked"))
+            n_rows += frame.height
+            n_targets += int(frame["clicked"].sum())
+            frame = frame.filter(pl.col("tokens").list.len() >= 2)
+            n_sentences += frame.height
+            n_tokens += int(frame["tokens"].list.len().sum())
+            seen.append(frame["tokens"].explode().unique())
+            frame.select(line).write_csv(out, include_header=False, quote_style="never")
     return CorpusStats(
         path=out_path,
         n_rows=n_rows,
-        n_sentences=frame.height,
-        n_tokens=int(frame["tokens"].list.len().sum()),
-        n_items=int(frame["tokens"].explode().n_unique()),
+        n_sentences=n_sentences,
+        n_tokens=n_tokens,
+        n_items=pl.concat(seen).n_unique() if seen else 0,
         n_targets_appended=n_targets,
         seconds=time.perf_counter() - started,
     )
@@ -116,16 +132,18 @@ def corpus_counts(corpus_path: str | os.PathLike) -> tuple[pl.DataFrame, int]:
     path = Path(corpus_path)
     if not path.is_file():
         raise FileNotFoundError(f"item2vec corpus {path} does not exist; run build_corpus first.")
-    lines = pl.read_csv(path, has_header=False, new_columns=["line"], separator="\t",
+    lines = pl.scan_csv(path, has_header=False, new_columns=["line"], separator="\t",
                         schema={"line": pl.String}, quote_char=None)
+    # streaming: ~0.4 GB and 4 s for the full-size corpus (eager split+explode: 1.6 GB, 15 s)
     counts = (
         lines.select(pl.col("line").str.split(" ").explode().alias("token"))
         .filter(pl.col("token") != "")
         .group_by("token")
         .len("count")
         .sort("token")
+        .collect(engine="streaming")
     )
-    return counts, lines.height
+    return counts, lines.select(pl.len()).collect(engine="streaming").item()
 
 
 def train_item2vec(
