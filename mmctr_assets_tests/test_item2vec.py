@@ -118,6 +118,9 @@ def test_padding_token_in_foreign_corpus_is_refused(tmp_path):
     (tmp_path / "c.txt").write_text("0 0 3 4\n5 6\n")
     with pytest.raises(ValueError, match="padding id 0"):
         i2v.train_item2vec(tmp_path / "c.txt", epochs=1)
+    (tmp_path / "words.txt").write_text("3 cat 4\n")
+    with pytest.raises(ValueError, match=r"not item ids, e.g. \['cat'\]"):
+        i2v.train_item2vec(tmp_path / "words.txt", epochs=1)
     with pytest.raises(FileNotFoundError, match="build_corpus"):
         i2v.train_item2vec(tmp_path / "missing.txt")
 

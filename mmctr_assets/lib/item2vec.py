@@ -1,8 +1,8 @@
 """item2vec: skip-gram Word2Vec over users' click histories -> one collaborative vector per item.
 
 Items clicked by the same users end up close together, which is the collaborative signal CLIP's
-content vectors lack. The corpus is written as a LineSentence text file by polars (columnar, no
-Python loop over rows) and gensim trains on it in ``corpus_file`` mode (C++ reader, all workers
+content vectors lack. The corpus is written as a LineSentence text file by polars (columnar, in
+row batches to bound memory, no Python loop over rows) and gensim trains on it in ``corpus_file`` mode (C++ reader, all workers
 busy, no Python iteration); the vocabulary comes from polars counts instead of gensim's Python
 scan of the file.
 
@@ -57,7 +57,7 @@ def _train_batches(train, batch_rows: int) -> Iterator[pl.DataFrame]:
     if isinstance(train, pl.LazyFrame):
         train = train.collect()
     if isinstance(train, pl.DataFrame):
-        columns, batches = train.columns, None
+        columns = train.columns
     else:
         path = Path(train)
         if not path.is_file():
@@ -169,6 +169,10 @@ def train_item2vec(
     counts, n_sentences = corpus_counts(corpus_path)
     if counts.is_empty():
         raise ValueError(f"item2vec corpus {corpus_path} has no tokens; is the train split empty?")
+    bad = counts.filter(~pl.col("token").str.contains(r"^[0-9]+$"))["token"]
+    if len(bad):
+        raise ValueError(f"item2vec corpus {corpus_path} holds tokens that are not item ids, e.g. "
+                         f"{bad.head(5).to_list()}; build it with build_corpus.")
     if (counts["token"] == "0").any():
         raise ValueError(
             f"item2vec corpus {corpus_path} contains the padding id 0 as a token; padding must never "
@@ -188,10 +192,7 @@ def train_item2vec(
     seconds_train = time.perf_counter() - t
 
     keys = model.wv.index_to_key
-    try:
-        ids = np.asarray(keys).astype(np.int64)
-    except ValueError as exc:
-        raise ValueError(f"item2vec corpus {corpus_path} holds non-integer tokens: {exc}") from exc
+    ids = np.asarray(keys).astype(np.int64)
     order = np.argsort(ids, kind="stable")
     return Item2VecResult(
         item_ids=ids[order],
