@@ -5,7 +5,8 @@ raw -> clip_embeddings (all shards, one run) -> item2vec -> fused, then dcn_din_
 through Dagster once per embedding source (content, item2vec, fused, organisers) with the same
 seed, config and epoch budget. One JSON line per training: valid AUC, the ceiling
 ``best_valid_auc`` of the generator's true click probabilities, the gap (goal for fused: <= 0.02),
-epochs, seconds and the MLflow run id. ``--variants`` adds a table of model/training variants
+epochs, seconds and the MLflow run id. A first line gives the same-data reference of a model told
+every item's true topic (how much of the gap the row's features leave unexplainable). ``--variants`` adds a table of model/training variants
 (trainable id/tag embeddings, fine-tuning, lr, batch size, history length) on chosen sources so
 defaults can be picked from measurements.
 
@@ -14,7 +15,8 @@ dcn_din_model over the 3.6M training rows and the predictions over 379,142 test 
 in a fresh subprocess (wall time and peak RSS, goal: within 24 GiB). It trains on
 ``embedding_source=organisers`` so clip_embeddings over 91,717 items is not needed.
 
-    .venv/bin/python benchmarks/bench_pipeline.py --quality [--variants] [--medium-dir DIR]
+    .venv/bin/python benchmarks/bench_pipeline.py --quality [--variants [NAME,...]] [--sources fused,...]
+        [--medium-dir DIR]
     .venv/bin/python benchmarks/bench_pipeline.py --full --data-dir DIR
 
 Dagster outputs and generated data go to ``--work-dir`` (default: a temp dir) and are deleted
@@ -52,6 +54,15 @@ VARIANTS: dict[str, dict] = {
     "batch_1024": {"batch_size": 1024},
     "max_len_100": {"max_len": 100},
     "id_tag_lr_3e-3": {"use_id_embedding": True, "use_tag_embedding": True, "lr": 3e-3},
+    # trainable tables need more steps: the same tables with 4x the steps per epoch
+    "id_emb_batch_1024": {"use_id_embedding": True, "batch_size": 1024},
+    "tag_emb_batch_1024": {"use_tag_embedding": True, "batch_size": 1024},
+    "id_tag_batch_1024": {"use_id_embedding": True, "use_tag_embedding": True, "batch_size": 1024},
+    "tag_lr_3e-3": {"use_tag_embedding": True, "lr": 3e-3},
+    "dropout_0.3": {"dropout": 0.3},
+    "deep_256_128": {"deep_units": [256, 128]},
+    "cross_v2": {"cross_version": "v2"},
+    "lr_3e-3_batch_1024": {"lr": 3e-3, "batch_size": 1024},
 }
 
 
@@ -114,6 +125,34 @@ def build_task1(data_dir: Path, work: Path, res: dict) -> None:
          fused_s=round(fused_s, 1), clip_shards=len(keys), clip="tiny random-weight CLIP")
 
 
+def topic_oracle_auc(data_dir: Path) -> float:
+    """Valid AUC of a model told every item's TRUE topic (ground_truth/items.parquet): what one row's
+    history, levels and item popularity allow, so the ceiling gap splits into data vs model."""
+    import numpy as np
+    import polars as pl
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from mmctr_assets.lib.metrics import auc
+
+    items = pl.read_parquet(data_dir / "ground_truth" / "items.parquet").sort("item_id")
+    topic = np.concatenate([[-1], items.get_column("topic").to_numpy()])
+    train, valid = (pl.read_parquet(data_dir / "MicroLens_1M_x1" / f"{t}.parquet") for t in ("train", "valid"))
+    count = np.bincount(train.get_column("item_id").to_numpy(), minlength=len(topic))
+
+    def features(frame: pl.DataFrame) -> np.ndarray:
+        seq = frame.get_column("item_seq")
+        hist = topic[seq.list.to_array(seq.list.len().max()).to_numpy()]
+        target = frame.get_column("item_id").to_numpy()
+        real = (hist >= 0).sum(axis=1)
+        in_topic = (hist == topic[target][:, None]).sum(axis=1)
+        return np.column_stack([topic[target], in_topic / np.maximum(real, 1), real, np.log1p(count[target]),
+                                frame.get_column("likes_level").to_numpy(), frame.get_column("views_level").to_numpy()])
+
+    model = HistGradientBoostingClassifier(max_iter=300, categorical_features=[0], random_state=0)
+    model.fit(features(train), train.get_column("label").to_numpy())
+    return auc(valid.get_column("label").to_numpy(), model.predict_proba(features(valid))[:, 1])
+
+
 def train_once(res: dict, source: str, variant: str, overrides: dict, best: float) -> None:
     from mmctr_assets.defs import task2
 
@@ -139,15 +178,17 @@ def bench_quality(args, work: Path) -> None:
         demo_data.generate(data_dir, "medium", seed=0, overwrite=True, progress=False)
         emit(bench="generate", size="medium", seconds=round(time.perf_counter() - t0, 1))
     best = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())["best_valid_auc"]
+    oracle = topic_oracle_auc(data_dir)
+    emit(bench="topic_oracle", valid_auc=round(oracle, 4), best_valid_auc=round(best, 4), gap=round(best - oracle, 4),
+         model="gradient boosting on true item topics: history share in the target's topic, levels, popularity")
     res = resources(data_dir, work)
     build_task1(data_dir, work, res)
-    for source in SOURCES:
+    for source in args.sources.split(","):
         train_once(res, source, "default", {}, best)
     if args.variants:
         for source in args.variant_sources.split(","):
-            for name, overrides in VARIANTS.items():
-                if name != "default":
-                    train_once(res, source, name, overrides, best)
+            for name in args.variants.split(","):
+                train_once(res, source, name, VARIANTS[name], best)
 
 
 # --------------------------------------------------------------------------------------- full
@@ -198,7 +239,9 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quality", action="store_true", help="AUC per embedding source on medium demo data")
-    ap.add_argument("--variants", action="store_true", help="with --quality: the variant table too")
+    ap.add_argument("--sources", default=",".join(SOURCES), help="comma-separated sources trained with defaults")
+    ap.add_argument("--variants", nargs="?", const=",".join(v for v in VARIANTS if v != "default"),
+                    help=f"with --quality: also these comma-separated variants; bare: all of {list(VARIANTS)[1:]}")
     ap.add_argument("--variant-sources", default="fused", help="comma-separated sources for --variants")
     ap.add_argument("--medium-dir", type=Path, help="reuse (or create) medium demo data here")
     ap.add_argument("--full", action="store_true", help="one epoch + test predictions on full-size data")
@@ -208,6 +251,10 @@ def main() -> None:
     args = ap.parse_args()
     if not (args.quality or args.full):
         ap.error("choose --quality and/or --full")
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in VARIANTS]
+    unknown += [s for s in (args.sources + "," + args.variant_sources).split(",") if s and s not in SOURCES]
+    if unknown:
+        ap.error(f"unknown variants/sources {unknown}; variants: {list(VARIANTS)}, sources: {list(SOURCES)}")
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="mmctr-bench-pipeline-"))
     modes = [(bench_quality, work / "quality")] * args.quality + [(bench_full, work / "full")] * args.full
