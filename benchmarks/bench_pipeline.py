@@ -5,10 +5,11 @@ raw -> clip_embeddings (all shards, one run) -> item2vec -> fused, then dcn_din_
 through Dagster once per embedding source (content, item2vec, fused, organisers) with the same
 seed, config and epoch budget. One JSON line per training: valid AUC, the ceiling
 ``best_valid_auc`` of the generator's true click probabilities, the gap (goal for fused: <= 0.02),
-epochs, seconds and the MLflow run id. A first line gives the same-data reference of a model told
-every item's true topic (how much of the gap the row's features leave unexplainable). ``--variants`` adds a table of model/training variants
-(trainable id/tag embeddings, fine-tuning, lr, batch size, history length) on chosen sources so
-defaults can be picked from measurements.
+epochs, seconds and the MLflow run id. A first line gives a same-data reference: a model told
+every item's true topic, i.e. how much of the gap one row's features leave unexplainable.
+``--variants`` adds a table of model/training variants (trainable id/tag embeddings, fine-tuning,
+lr, batch size, history length, width) on chosen sources so defaults can be picked from
+measurements. Training settings: TrainConfig defaults with seed 0 and at most 10 epochs.
 
 ``--full``: on full-size data (``--data-dir``, e.g. kept by ``bench_raw.py --keep``), one epoch of
 dcn_din_model over the 3.6M training rows and the predictions over 379,142 test rows, each step
