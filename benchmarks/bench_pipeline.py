@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,6 +36,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import emit, peak_mb  # noqa: E402
 
 SOURCES = ("content", "item2vec", "fused", "organisers")
 GOAL_FUSED_GAP = 0.02
@@ -65,20 +65,6 @@ VARIANTS: dict[str, dict] = {
     "cross_v2": {"cross_version": "v2"},
     "lr_3e-3_batch_1024": {"lr": 3e-3, "batch_size": 1024},
 }
-
-
-def load() -> dict:
-    one, five, fifteen = os.getloadavg()
-    return {"load_avg_1m": round(one, 2), "load_avg_5m": round(five, 2), "load_avg_15m": round(fifteen, 2),
-            "cpus": os.cpu_count()}
-
-
-def emit(**result) -> None:
-    print(json.dumps(result | load()), flush=True)
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def resources(data_dir: Path, work: Path) -> dict:

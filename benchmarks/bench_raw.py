@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import emit, peak_mb  # noqa: E402
 
 ORDER = ("item_info", "train", "valid", "test", "item_feature", "item_images")
 GOAL_TRAIN_PEAK_OVER_ARROW = 3.0
@@ -37,20 +38,6 @@ def rss_mb() -> float:
     with open("/proc/self/status") as f:
         kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     return kb / 1024
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def load() -> dict:
-    one, five, fifteen = os.getloadavg()
-    return {"load_avg_1m": round(one, 2), "load_avg_5m": round(five, 2), "load_avg_15m": round(fifteen, 2),
-            "cpus": os.cpu_count()}
-
-
-def emit(**result) -> None:
-    print(json.dumps(result | load()), flush=True)
 
 
 def snapshot_path(out_dir: Path, table: str) -> Path:
