@@ -47,6 +47,13 @@ GOAL_FULL_PEAK_MB = 24 * 1024
 QUALITY_TRAIN = {"seed": 0, "epochs": 10}
 VARIANTS: dict[str, dict] = {
     "default": {},
+    # the DIN paper's linear attention weights without the extra scalars (the defaults until
+    # the history-match features and item frequency were measured here), then each one alone
+    "din_linear": {"attention_output_activation": "linear", "history_match_features": False,
+                   "use_item_frequency": False},
+    "sigmoid_only": {"history_match_features": False, "use_item_frequency": False},
+    "no_item_frequency": {"use_item_frequency": False},
+    "no_match_features": {"history_match_features": False},
     "id_emb": {"use_id_embedding": True},
     "tag_emb": {"use_tag_embedding": True},
     "id_tag_emb": {"use_id_embedding": True, "use_tag_embedding": True},

@@ -38,7 +38,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmctr_assets.lib.ctr_model import DCNDIN, ModelConfig, bce_loss  # noqa: E402
-from mmctr_assets.lib.training import CTRTensors, TrainConfig, predict, to_tensors, train  # noqa: E402
+from mmctr_assets.lib.training import (  # noqa: E402
+    CTRTensors, TrainConfig, item_frequency, predict, to_tensors, train)
 
 BATCH, MAX_LEN = 4096, 64
 
@@ -85,10 +86,10 @@ def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
     return [tensors.take(perm[i:i + BATCH]) for i in range(0, len(tensors), BATCH)]
 
 
-def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, batches: list[CTRTensors],
-                    cfg: TrainConfig) -> float:
+def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarray,
+                    batches: list[CTRTensors], cfg: TrainConfig) -> float:
     torch.manual_seed(cfg.seed)
-    model = DCNDIN(model_config, emb).train()
+    model = DCNDIN(model_config, emb, item_frequency=counts).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = sum(len(b) for b in batches)
@@ -132,17 +133,18 @@ def main() -> None:
     model_config = ModelConfig()
     cfg = TrainConfig(batch_size=BATCH, max_len=MAX_LEN, epochs=1, num_threads=args.threads)
     train_t, valid_t = tensors["train"], tensors["valid"]
+    counts = item_frequency(train_t, n_items)  # what train() computes before its first step
 
     # Warm-up (lazy kernel init, allocator) so neither side of a comparison pays it.
     warm = batches_like_train(train_t, 123)[:3]
-    bare_train_rate(model_config, emb, warm, cfg)
+    bare_train_rate(model_config, emb, counts, warm, cfg)
 
     # 1. real train() loop vs bare steps on pre-built batches (same batches, same order).
     #    Alternated and best-of-N, so load from other processes hits both sides alike.
     batches = batches_like_train(train_t, cfg.seed)
     bare, loop, end_to_end = [], [], []
     for _ in range(args.repeats):
-        bare.append(bare_train_rate(model_config, emb, batches, cfg))
+        bare.append(bare_train_rate(model_config, emb, counts, batches, cfg))
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             result = train(model_config, cfg, train_t, valid_t, emb, checkpoint_dir=tmp)
@@ -161,7 +163,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for impl in ("padded", "packed", "packed_split"):
             rates.setdefault(impl, []).append(
-                bare_train_rate(dataclasses.replace(model_config, attention_impl=impl), emb, few, cfg))
+                bare_train_rate(dataclasses.replace(model_config, attention_impl=impl), emb, counts, few, cfg))
     best = {k: max(v) for k, v in rates.items()}
     emit(bench="attention", batch_size=BATCH, max_len=MAX_LEN, steps=len(few), repeats=args.repeats,
          **{f"{k}_samples_per_s": round(v) for k, v in best.items()},

@@ -170,3 +170,20 @@ def test_attention_is_not_normalised():
     once = att.forward_padded(target, history, mask)
     twice = att.forward_padded(target, torch.cat([history, history], 1), torch.cat([mask, mask], 1))
     torch.testing.assert_close(twice, 2 * once)
+
+
+def test_sigmoid_weights_score_sum_packed_equals_padded():
+    target, history, mask = _history()
+    att = _warm(TargetAttention(D, [16, 8], output_activation="sigmoid"), target, history, mask)
+    pooled, matches = att(target, *_packed(history, mask), return_score_sum=True)
+    pooled_r, matches_r = att.forward_padded(target, history, mask, return_score_sum=True)
+    torch.testing.assert_close(pooled, pooled_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(matches, matches_r, atol=1e-5, rtol=1e-5)
+    n_real = mask.sum(1).float()
+    assert (matches > 0).logical_or(n_real == 0).all() and (matches < n_real).logical_or(n_real == 0).all()
+    assert matches[2] == 0 and torch.equal(pooled[2], torch.zeros(D))  # all-padding row
+    assert torch.equal(att(target, *_packed(history, mask)), pooled)  # default: the pooled vector only
+    empty = att(target, history[:0, 0], torch.zeros(0, dtype=torch.long), return_score_sum=True)
+    assert torch.equal(empty[0], torch.zeros_like(target)) and torch.equal(empty[1], torch.zeros(len(target)))
+    with pytest.raises(ValueError, match="output_activation must be 'linear' or 'sigmoid'"):
+        TargetAttention(D, [16, 8], output_activation="softmax")

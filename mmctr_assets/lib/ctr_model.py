@@ -2,6 +2,11 @@
 
 Items are represented by a frozen pretrained embedding matrix (the Task 1 deliverable), optionally
 concatenated with a trainable item-id embedding and a mean-pooled tag embedding.
+
+Two scalar inputs beside DIN's pooled vector, both measured on the medium demo data (valid AUC
+0.843 -> 0.852 together, benchmarks/README.md): the history-match features (the sigmoid attention
+weights' mean and log-sum: which share, and how many, of the user's items match the target; a
+pooled vector only implies them) and the target's log frequency in the training data (popularity).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ class ModelConfig:
     attention_units: tuple[int, ...] = (64, 32)
     attention_dropout: float = 0.0
     attention_impl: str = "packed_split"  # "packed" / "padded" exist for tests and benchmarks
+    attention_output_activation: str = "sigmoid"  # "linear": the DIN paper's unbounded weights
+    history_match_features: bool = True  # mean and log-sum of the (sigmoid) attention weights
+    use_item_frequency: bool = True  # the target's standardised log count in the training data
     cross_layers: int = 3
     cross_version: str = "v1"
     deep_units: tuple[int, ...] = (128, 64)
@@ -48,6 +56,12 @@ class ModelConfig:
         problems = []
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.attention_output_activation not in ("linear", "sigmoid"):
+            problems.append("attention_output_activation must be 'linear' or 'sigmoid', "
+                            f"got {self.attention_output_activation!r}")
+        elif self.history_match_features and self.attention_output_activation != "sigmoid":
+            problems.append("history_match_features needs attention_output_activation='sigmoid' "
+                            "(weights in (0, 1) are soft matches that can be counted)")
         if self.cross_version not in ("v1", "v2"):
             problems.append(f"cross_version must be 'v1' or 'v2', got {self.cross_version!r}")
         for name in ("embedding_dim", "id_embedding_dim", "tag_embedding_dim",
@@ -87,11 +101,15 @@ class DCNDIN(nn.Module):
     ``forward`` returns logits (use ``torch.sigmoid`` for probabilities). ``item_embeddings`` is the
     ``[n_items + 1, embedding_dim]`` matrix with row 0 the padding item; ``item_tags`` the
     ``[n_items + 1, n_tag_slots]`` tag-id matrix (0 = no tag), needed with ``use_tag_embedding``;
-    ``n_tags`` (tag vocabulary size) defaults to ``item_tags.max() + 1``.
+    ``n_tags`` (tag vocabulary size) defaults to ``item_tags.max() + 1``. ``item_frequency``
+    ``[n_items + 1]`` counts each item's occurrences in the training data (needed with
+    ``use_item_frequency``; :func:`mmctr_assets.lib.training.item_frequency` computes it); the
+    model keeps it as a buffer, so a saved model predicts with its training data's counts.
     """
 
     def __init__(self, config: ModelConfig, item_embeddings: np.ndarray | torch.Tensor,
-                 item_tags: np.ndarray | torch.Tensor | None = None, *, n_tags: int | None = None):
+                 item_tags: np.ndarray | torch.Tensor | None = None, *, n_tags: int | None = None,
+                 item_frequency: np.ndarray | torch.Tensor | None = None):
         super().__init__()
         emb = torch.as_tensor(np.asarray(item_embeddings, dtype=np.float32))
         if emb.ndim != 2 or emb.shape[1] != config.embedding_dim:
@@ -132,8 +150,13 @@ class DCNDIN(nn.Module):
         self.views_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         self.attention = TargetAttention(item_dim, config.attention_units, activation="dice",
                                          dropout=config.attention_dropout,
-                                         split_first_layer=config.attention_impl == "packed_split")
+                                         split_first_layer=config.attention_impl == "packed_split",
+                                         output_activation=config.attention_output_activation)
         feature_dim = 2 * item_dim + 2 * config.level_embedding_dim
+        feature_dim += 2 * config.history_match_features
+        if config.use_item_frequency:
+            self.register_buffer("item_log_frequency", _standardised_log_counts(item_frequency, self.n_items))
+            feature_dim += 1
         self.cross = CrossNet(feature_dim, config.cross_layers, version=config.cross_version)
         self.deep = MLP(feature_dim, config.deep_units, activation="dice", dropout=config.dropout,
                         batch_norm=config.batch_norm)
@@ -151,18 +174,29 @@ class DCNDIN(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
+        """Pooled interest ``[B, item_dim]``."""
+        return self._attend(target, item_seq)[0]
+
+    def _attend(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pooled interest ``[B, item_dim]``, sum of attention weights ``[B]``)."""
         if self.config.attention_impl == "padded":
-            return self.attention.forward_padded(target, self.item_vectors(item_seq), item_seq != 0)
+            return self.attention.forward_padded(target, self.item_vectors(item_seq), item_seq != 0,
+                                                 return_score_sum=True)
         ids, rows = pack_history(item_seq)
-        return self.attention(target, self.item_vectors(ids), rows)
+        return self.attention(target, self.item_vectors(ids), rows, return_score_sum=True)
 
     def forward(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level: torch.Tensor,
                 views_level: torch.Tensor) -> torch.Tensor:
         """-> logits ``[B]``."""
         target = self.item_vectors(item_id)
-        features = torch.cat([target, self.interest(target, item_seq),
-                              self.likes_embedding(likes_level), self.views_embedding(views_level)],
-                             dim=-1)
+        interest, matches = self._attend(target, item_seq)
+        parts = [target, interest, self.likes_embedding(likes_level), self.views_embedding(views_level)]
+        if self.config.history_match_features:
+            n_real = (item_seq != 0).sum(dim=1).clamp(min=1).to(matches.dtype)
+            parts.append(torch.stack([matches / n_real, torch.log1p(matches)], dim=-1))
+        if self.config.use_item_frequency:
+            parts.append(self.item_log_frequency[item_id].unsqueeze(-1).to(target.dtype))
+        features = torch.cat(parts, dim=-1)
         return self.output(torch.cat([self.cross(features), self.deep(features)], dim=-1)).squeeze(-1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,8 +210,26 @@ class DCNDIN(nn.Module):
         """Empty model (zero tables) with the architecture of ``d``; load a state_dict into it."""
         config = ModelConfig.from_dict(d["config"])
         tags = np.zeros((d["n_items"] + 1, d["n_tag_slots"]), np.int64) if config.use_tag_embedding else None
+        counts = np.zeros(d["n_items"] + 1, np.int64) if config.use_item_frequency else None
         return cls(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
-                   n_tags=d["n_tags"] or None)
+                   n_tags=d["n_tags"] or None, item_frequency=counts)
+
+
+def _standardised_log_counts(counts: np.ndarray | torch.Tensor | None, n_items: int) -> torch.Tensor:
+    """``log1p(count)`` standardised over the real items; the padding row stays 0."""
+    if counts is None:
+        raise ValueError("use_item_frequency=True needs item_frequency (each item's count in the "
+                         "training data, training.item_frequency(train_tensors) computes it); pass it "
+                         "or set use_item_frequency=False")
+    counts = np.asarray(counts, dtype=np.float64)
+    if counts.shape != (n_items + 1,) or (counts < 0).any() or not np.isfinite(counts).all():
+        raise ValueError(f"item_frequency must be {n_items + 1} finite counts >= 0 (one per row of "
+                         f"item_embeddings), got shape {counts.shape}")
+    logs = np.log1p(counts)
+    std = logs[1:].std()
+    out = (logs - logs[1:].mean()) / (std if std > 0 else 1.0)
+    out[0] = 0.0
+    return torch.from_numpy(out.astype(np.float32))
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,9 @@ class TargetAttention(nn.Module):
 
     No softmax, as in the DIN paper: weights are not normalised, so the pooled vector keeps how
     *much* of the history matches the target (intensity of interest), not only its direction.
+    ``output_activation="sigmoid"`` (FuxiCTR's ``attention_output_activation``) bounds each weight
+    to (0, 1), a soft "this item matches the target"; ``return_score_sum=True`` then also returns
+    each row's sum of weights, the soft number of matching history items.
     Padding never gets a weight (it is never scored); an all-padding history pools to zeros.
 
     ``split_first_layer`` uses linearity of the first layer,
@@ -120,10 +123,14 @@ class TargetAttention(nn.Module):
     """
 
     def __init__(self, embedding_dim: int, attention_units: Sequence[int] = (64, 32), *,
-                 activation: str = "dice", dropout: float = 0.0, split_first_layer: bool = True):
+                 activation: str = "dice", dropout: float = 0.0, split_first_layer: bool = True,
+                 output_activation: str = "linear"):
         super().__init__()
         if not attention_units:
             raise ValueError("attention_units needs at least one layer, e.g. [64, 32]")
+        if output_activation not in ("linear", "sigmoid"):
+            raise ValueError(f"output_activation must be 'linear' or 'sigmoid', got {output_activation!r}")
+        self.output_activation = output_activation
         self.embedding_dim = embedding_dim
         self.split_first_layer = split_first_layer
         self.first = nn.Linear(4 * embedding_dim, attention_units[0])
@@ -142,17 +149,25 @@ class TargetAttention(nn.Module):
         z = torch.addmm(per_target.index_select(0, rows), history, (w2 - w3).t())
         return torch.addmm(z, t * history, w4.t())
 
-    def forward(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """``target [B, D]``, packed ``history [M, D]`` with ``rows [M]`` (its row in the batch)
-        -> pooled interest ``[B, D]``."""
-        if history.shape[0] == 0:
-            return torch.zeros_like(target)
-        z = self.first_dropout(self.first_activation(self._first_layer(target, history, rows)))
-        weighted = self.rest(z) * history
-        return weighted.new_zeros(target.shape).index_add_(0, rows, weighted)
+    def _scores(self, z: torch.Tensor) -> torch.Tensor:
+        scores = self.rest(self.first_dropout(self.first_activation(z)))
+        return torch.sigmoid(scores) if self.output_activation == "sigmoid" else scores
 
-    def forward_padded(self, target: torch.Tensor, history: torch.Tensor,
-                       mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, target: torch.Tensor, history: torch.Tensor, rows: torch.Tensor, *,
+                return_score_sum: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``target [B, D]``, packed ``history [M, D]`` with ``rows [M]`` (its row in the batch)
+        -> pooled interest ``[B, D]`` (and the per-row sum of weights ``[B]``)."""
+        if history.shape[0] == 0:
+            pooled, score_sum = torch.zeros_like(target), target.new_zeros(target.shape[0])
+        else:
+            scores = self._scores(self._first_layer(target, history, rows))
+            weighted = scores * history
+            pooled = weighted.new_zeros(target.shape).index_add_(0, rows, weighted)
+            score_sum = scores.new_zeros(target.shape[0]).index_add_(0, rows, scores.squeeze(-1))
+        return (pooled, score_sum) if return_score_sum else pooled
+
+    def forward_padded(self, target: torch.Tensor, history: torch.Tensor, mask: torch.Tensor, *,
+                       return_score_sum: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Reference implementation over the full padded history ``[B, L, D]`` with ``mask [B, L]``.
 
         Kept to test the packed path and as the benchmark baseline. Equal to :meth:`forward` in
@@ -160,6 +175,6 @@ class TargetAttention(nn.Module):
         """
         t = target.unsqueeze(1).expand_as(history)
         z = self.first(torch.cat([t, history, t - history, t * history], dim=-1))
-        z = self.first_dropout(self.first_activation(z))
-        scores = self.rest(z).squeeze(-1) * mask.to(history.dtype)
-        return (scores.unsqueeze(-1) * history).sum(dim=1)
+        scores = self._scores(z).squeeze(-1) * mask.to(history.dtype)
+        pooled = (scores.unsqueeze(-1) * history).sum(dim=1)
+        return (pooled, scores.sum(dim=1)) if return_score_sum else pooled

@@ -213,6 +213,18 @@ def to_tensors(frame: pl.DataFrame, max_len: int, *, n_items: int | None = None,
     return tensors
 
 
+def item_frequency(tensors: CTRTensors, n_items: int) -> np.ndarray:
+    """How often each item id ``0..n_items`` occurs as a target or in a history (padding counts 0).
+
+    Labels play no part, so the count is a popularity signal that is safe to compute on training
+    rows and reuse unchanged at prediction time.
+    """
+    seq = tensors.item_seq
+    counts = torch.bincount(tensors.item_id, minlength=n_items + 1)
+    counts += torch.bincount(seq[seq != 0].long(), minlength=n_items + 1)
+    return counts.cpu().numpy().astype(np.int64)
+
+
 # ----------------------------------------------------------------------------------- configs
 
 @dataclass(frozen=True)
@@ -554,7 +566,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        model = DCNDIN(model_config, item_embeddings, item_tags).to(device)
+        counts = (item_frequency(train_data, item_embeddings.shape[0] - 1)
+                  if model_config.use_item_frequency else None)
+        model = DCNDIN(model_config, item_embeddings, item_tags, item_frequency=counts).to(device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.lr, weight_decay=cfg.weight_decay)
         run = _Run(model=model, optimizer=optimizer,
