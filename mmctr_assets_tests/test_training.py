@@ -287,3 +287,7 @@ def test_predict_and_load_model_errors(data, tmp_path):
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a DCN-DIN model written by save_model"):
         load_model(tmp_path / "foreign.pt")
+    old = torch.load(result.best_model_path, weights_only=True) | {"format": "mmctr.dcn_din.model/1"}
+    torch.save(old, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="another mmctr version .* materialise dcn_din_model again"):
+        load_model(tmp_path / "old.pt")

@@ -26,8 +26,9 @@ from mmctr_assets.lib.atomic import atomic_path
 from mmctr_assets.lib.ctr_model import DCNDIN, ModelConfig, bce_loss
 from mmctr_assets.lib.metrics import auc, logloss
 
-MODEL_FORMAT = "mmctr.dcn_din.model/1"
-CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/1"
+# /2: sigmoid attention, history-match features and the item-frequency buffer
+MODEL_FORMAT = "mmctr.dcn_din.model/2"
+CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/2"
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # TrainConfig fields that may change between a run and its resume (extend a finished run).
 _RESUMABLE_CHANGES = {"epochs"}
@@ -323,7 +324,11 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         artifact = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable torch file ({type(e).__name__}: {e})") from e
-    if not isinstance(artifact, dict) or artifact.get("format") != MODEL_FORMAT:
+    found = artifact.get("format") if isinstance(artifact, dict) else None
+    if isinstance(found, str) and found.startswith("mmctr.dcn_din.model/") and found != MODEL_FORMAT:
+        raise ValueError(f"{path} was written by another mmctr version (format {found!r}, this one "
+                         f"reads {MODEL_FORMAT!r}); retrain it: materialise dcn_din_model again")
+    if found != MODEL_FORMAT:
         raise ValueError(f"{path} is not a DCN-DIN model written by save_model "
                          f"(expected format {MODEL_FORMAT!r})")
     model = DCNDIN.from_dict(artifact["architecture"])
