@@ -11,7 +11,9 @@ from mmctr_assets.lib.training import (CTRTensors, EpochLog, TrainConfig, load_m
                                        save_model, to_tensors, train)
 
 N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
-MODEL = ModelConfig(embedding_dim=DIM, attention_units=(16, 8), deep_units=(32, 16))
+# This world has no popularity signal (uniform targets): the item-frequency input is noise here.
+MODEL = ModelConfig(embedding_dim=DIM, attention_units=(16, 8), deep_units=(32, 16),
+                    use_item_frequency=False)
 # One thread: on a shared 2-core box two OpenMP threads can run 10x slower under contention.
 FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, max_len=MAX_LEN, eval_batch_size=1024,
                    num_threads=1)
