@@ -82,3 +82,50 @@ def test_cli_replaces_directory_atomically(tmp_path, capsys):
     assert (out / "config.json").is_file() and (out / tiny_clip.RANDOM_WEIGHTS_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temp dirs left behind
     assert "MMCTR_CLIP_MODEL=" in capsys.readouterr().out
+
+
+def _topic_pair_auc(model_dir, data_dir):
+    """How well cosine similarity of mean(image, text) embeddings tells same-topic item pairs."""
+    import numpy as np
+    import polars as pl
+    from mmctr_assets.lib.clip_encoder import _load_image, item_texts
+    from mmctr_assets.lib.metrics import auc
+
+    model, processor = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+    items = pl.read_parquet(data_dir / "item_feature.parquet").rename({"item_title": "title", "item_tags": "tags"})
+    items = items.join(pl.read_parquet(data_dir / "ground_truth" / "items.parquet"), on="item_id")
+    loaded = [_load_image(str(data_dir / "item_images" / f"{i}.jpg"), 0) for i in items["item_id"]]
+    keep = [status == "ok" for _, status in loaded]
+    items = items.filter(pl.Series(keep)).head(200)
+    images = [image for image, status in loaded if status == "ok"][:200]
+    with torch.no_grad():
+        img = model.get_image_features(**processor.image_processor(images=images, return_tensors="pt")).pooler_output
+        tok = processor.tokenizer(item_texts(items).to_list(), padding=True, truncation=True, max_length=77,
+                                  return_tensors="pt")
+        txt = model.get_text_features(**tok).pooler_output
+    emb = torch.nn.functional.normalize(torch.nn.functional.normalize(img, dim=-1)
+                                        + torch.nn.functional.normalize(txt, dim=-1), dim=-1).numpy()
+    topic = items["topic"].to_numpy()
+    a, b = np.triu_indices(len(emb), k=1)
+    return auc((topic[a] == topic[b]).astype(float), (emb[a] * emb[b]).sum(1))
+
+
+def test_fit_on_demo_data_makes_content_embeddings_carry_topics(tiny_data, tmp_path, capsys):
+    out = tmp_path / "fitted"
+    assert tiny_clip.main([str(out), "--seed", "0", "--fit-on", str(tiny_data), "--fit-epochs", "8"]) == 0
+    assert "fitted on" in capsys.readouterr().out
+    assert not tiny_clip.is_random_weights(out) and (out / tiny_clip.DEMO_FITTED_MARKER).is_file()
+    info = json.loads((out / tiny_clip.DEMO_FITTED_MARKER).read_text().splitlines()[0])
+    assert info["demo_fitted"] and info["pairs"] > 250 and info["epochs"] == 8
+    random_dir = tiny_clip.build_tiny_clip(tmp_path / "random", seed=0)
+    before, after = _topic_pair_auc(random_dir, tiny_data), _topic_pair_auc(out, tiny_data)
+    assert after > before + 0.1 and after > 0.85, (before, after)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
+
+
+def test_fit_on_demo_data_errors(clip_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="item_feature.parquet"):
+        tiny_clip.fit_on_demo_data(clip_dir, tmp_path)
+    with pytest.raises(SystemExit):
+        tiny_clip.main([str(tmp_path / "x"), "--full-size", "--fit-on", str(tmp_path)])
+    assert tiny_clip.is_random_weights(clip_dir)  # a failed fit leaves the model as it was

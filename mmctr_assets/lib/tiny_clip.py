@@ -5,7 +5,12 @@ Real CLIP weights cannot be downloaded here, yet the encoder path must be exerci
 The small variant keeps tests fast; ``full_size=True`` has ViT-B/32's exact compute (benchmarks).
 Its embeddings carry no meaning: callers check :data:`RANDOM_WEIGHTS_MARKER` and say so.
 
-CLI: ``python -m mmctr_assets.lib.tiny_clip OUT_DIR [--full-size] [--seed N]``
+:func:`fit_on_demo_data` trains the small one with CLIP's own contrastive loss on a demo dataset's
+cover/title pairs (seconds on a CPU), so demos and quality benchmarks get content embeddings that,
+like real CLIP's on real covers, carry the items' topics. Such a model is marked
+:data:`DEMO_FITTED_MARKER`: it means something on that demo data only.
+
+CLI: ``python -m mmctr_assets.lib.tiny_clip OUT_DIR [--full-size] [--seed N] [--fit-on DATA_DIR]``
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pathlib import Path
 from mmctr_assets.lib.atomic import atomic_path
 
 RANDOM_WEIGHTS_MARKER = "MMCTR_RANDOM_WEIGHTS"
+DEMO_FITTED_MARKER = "MMCTR_DEMO_FITTED"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Training text for the BPE merges: everyday English and hashtag-style titles, so common words
@@ -148,6 +154,70 @@ def is_random_weights(model_dir: str | os.PathLike) -> bool:
     return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
+def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, *, epochs: int = 3,
+                     batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> dict:
+    """Train the CLIP in ``model_dir`` in place (atomically) on ``data_dir``'s cover/title pairs.
+
+    Text is what the encoder will embed (title + ``tag_<id>`` words); items without a decodable
+    cover are left out. Returns what was done (pairs, epochs, final loss), also in the marker.
+    """
+    import polars as pl
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    from mmctr_assets.lib.clip_encoder import _load_image, item_texts
+
+    model_dir, data_dir = Path(model_dir), Path(data_dir)
+    feature_path = data_dir / "item_feature.parquet"
+    if not feature_path.is_file():
+        raise FileNotFoundError(f"fitting CLIP needs {feature_path} (titles and tags); "
+                                "generate demo data with `mmctr-demo-data --out DIR`")
+    items = pl.read_parquet(feature_path, columns=["item_id", "item_title", "item_tags"]).rename(
+        {"item_title": "title", "item_tags": "tags"})
+    texts, images = [], []
+    for item_id, text in zip(items["item_id"].to_list(), item_texts(items).to_list()):
+        image, status = _load_image(str(data_dir / "item_images" / f"{item_id}.jpg"), 0)
+        if status == "ok":
+            texts.append(text)
+            images.append(image)
+    if len(images) < 2:
+        raise ValueError(f"{data_dir / 'item_images'} has {len(images)} decodable covers for the items "
+                         "in item_feature.parquet; fitting needs at least 2 cover/title pairs")
+    model = CLIPModel.from_pretrained(model_dir)
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    pixels = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = processor.tokenizer(texts, padding=True, truncation=True,
+                                 max_length=model.config.text_config.max_position_embeddings,
+                                 return_tensors="pt")
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    loss = float("nan")
+    for _ in range(epochs):
+        order = torch.randperm(len(images), generator=generator)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            if len(rows) < 2:  # a contrastive batch needs negatives
+                continue
+            out = model(input_ids=tokens["input_ids"][rows], attention_mask=tokens["attention_mask"][rows],
+                        pixel_values=pixels[rows], return_loss=True)
+            optimizer.zero_grad(set_to_none=True)
+            out.loss.backward()
+            optimizer.step()
+            loss = float(out.loss)
+    info = {"demo_fitted": True, "data_dir": str(data_dir), "pairs": len(images), "epochs": epochs,
+            "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": round(loss, 4)}
+    with atomic_path(model_dir) as tmp:
+        tmp.mkdir()
+        model.eval().save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / DEMO_FITTED_MARKER).write_text(
+            json.dumps(info) + "\nTiny CLIP fitted on the demo data above with CLIP's contrastive loss: its "
+            "embeddings mean something for that data only. Use real weights (MMCTR_CLIP_MODEL) for real results.\n")
+    return info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m mmctr_assets.lib.tiny_clip",
@@ -156,8 +226,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path, help="directory to write (replaced if it exists)")
     parser.add_argument("--full-size", action="store_true", help="ViT-B/32 shapes (slow, ~600 MB)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fit-on", type=Path, metavar="DATA_DIR",
+                        help="then train it on this demo dataset's cover/title pairs (small model only)")
+    parser.add_argument("--fit-epochs", type=int, default=3)
     args = parser.parse_args(argv)
+    if args.fit_on and args.full_size:
+        parser.error("--fit-on trains the small model; drop --full-size")
     path = build_tiny_clip(args.out_dir, seed=args.seed, full_size=args.full_size)
+    if args.fit_on:
+        info = fit_on_demo_data(path, args.fit_on, epochs=args.fit_epochs, seed=args.seed)
+        print(f"wrote a tiny CLIP fitted on {info['pairs']} cover/title pairs of {args.fit_on} "
+              f"(final loss {info['final_loss']}) to {path}; use it with MMCTR_CLIP_MODEL={path}")
+        return 0
     print(f"wrote random-weight CLIP to {path}; use it with MMCTR_CLIP_MODEL={path}")
     return 0
 
