@@ -13,7 +13,7 @@ DEMO_SIZE  ?= small
 export DAGSTER_HOME    ?= $(STATE)/dagster_home
 export MMCTR_STATE_DIR ?= $(STATE)
 export MMCTR_DATA_DIR  ?= $(STATE)/demo_data
-# The demo has no internet: it encodes with a small random-weight CLIP built locally.
+# The demo has no internet: it encodes with a small CLIP built and fitted locally.
 export MMCTR_CLIP_MODEL ?= $(STATE)/models/tiny-clip
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
@@ -34,8 +34,9 @@ $(DAGSTER_HOME)/dagster.yaml: mmctr_assets/deploy/dagster.yaml
 $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet: | $(VENV)/.installed
 	$(BIN)/mmctr-demo-data --out $(MMCTR_DATA_DIR) --size $(DEMO_SIZE)
 
-$(STATE)/models/tiny-clip/config.json: | $(VENV)/.installed
-	$(BIN)/mmctr-tiny-clip $(STATE)/models/tiny-clip
+# Fitted on the demo covers/titles (seconds), so the demo's content embeddings carry topics.
+$(STATE)/models/tiny-clip/config.json: | $(VENV)/.installed $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet
+	$(BIN)/mmctr-tiny-clip $(STATE)/models/tiny-clip --fit-on $(MMCTR_DATA_DIR)
 
 demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(STATE)/models/tiny-clip/config.json
 
