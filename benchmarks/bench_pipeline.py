@@ -1,6 +1,7 @@
 """End-to-end quality and full-size cost of the real asset graph (issue 4, items 1 and 3).
 
-``--quality``: demo data ``medium`` (10k items, 200k train rows) with a tiny random-weight CLIP,
+``--quality``: demo data ``medium`` (10k items, 200k train rows) with a tiny random-weight CLIP
+(``--fit-clip``: fitted on the demo covers/titles first),
 raw -> clip_embeddings (all shards, one run) -> item2vec -> fused, then dcn_din_model trained
 through Dagster once per embedding source (content, item2vec, fused, organisers) with the same
 seed, config and epoch budget. One JSON line per training: valid AUC, the ceiling
@@ -16,7 +17,7 @@ dcn_din_model over the 3.6M training rows and the predictions over 379,142 test 
 in a fresh subprocess (wall time and peak RSS, goal: within 24 GiB). It trains on
 ``embedding_source=organisers`` so clip_embeddings over 91,717 items is not needed.
 
-    .venv/bin/python benchmarks/bench_pipeline.py --quality [--variants [NAME,...]] [--sources fused,...]
+    .venv/bin/python benchmarks/bench_pipeline.py --quality [--fit-clip] [--variants [NAME,...]] [--sources fused,...]
         [--medium-dir DIR]
     .venv/bin/python benchmarks/bench_pipeline.py --full --data-dir DIR
 
