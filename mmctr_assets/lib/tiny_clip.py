@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -154,12 +155,17 @@ def is_random_weights(model_dir: str | os.PathLike) -> bool:
     return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
-def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, *, epochs: int = 3,
+FIT_MIN_STEPS = 300  # default epochs: at least 3 and enough for this many optimizer steps
+
+
+def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, *, epochs: int | None = None,
                      batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> dict:
     """Train the CLIP in ``model_dir`` in place (atomically) on ``data_dir``'s cover/title pairs.
 
     Text is what the encoder will embed (title + ``tag_<id>`` words); items without a decodable
-    cover are left out. Returns what was done (pairs, epochs, final loss), also in the marker.
+    cover are left out. ``epochs=None`` picks enough for :data:`FIT_MIN_STEPS` steps (small demo
+    data has few batches per epoch). Returns what was done (pairs, epochs, final loss), also in
+    the marker.
     """
     import polars as pl
     import torch
@@ -189,6 +195,8 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     tokens = processor.tokenizer(texts, padding=True, truncation=True,
                                  max_length=model.config.text_config.max_position_embeddings,
                                  return_tensors="pt")
+    if epochs is None:
+        epochs = max(3, math.ceil(FIT_MIN_STEPS / math.ceil(len(images) / batch_size)))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -205,7 +213,7 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
             optimizer.step()
-            loss = float(out.loss)
+            loss = out.loss.detach().item()
     info = {"demo_fitted": True, "data_dir": str(data_dir), "pairs": len(images), "epochs": epochs,
             "batch_size": batch_size, "lr": lr, "seed": seed, "final_loss": round(loss, 4)}
     with atomic_path(model_dir) as tmp:
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit-on", type=Path, metavar="DATA_DIR",
                         help="then train it on this demo dataset's cover/title pairs (small model only)")
-    parser.add_argument("--fit-epochs", type=int, default=3)
+    parser.add_argument("--fit-epochs", type=int, default=None,
+                        help=f"default: at least 3 and enough for {FIT_MIN_STEPS} optimizer steps")
     args = parser.parse_args(argv)
     if args.fit_on and args.full_size:
         parser.error("--fit-on trains the small model; drop --full-size")
