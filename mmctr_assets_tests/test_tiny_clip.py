@@ -88,13 +88,13 @@ def _topic_pair_auc(model_dir, data_dir):
     """How well cosine similarity of mean(image, text) embeddings tells same-topic item pairs."""
     import numpy as np
     import polars as pl
-    from mmctr_assets.lib.clip_encoder import _load_image, item_texts
+    from mmctr_assets.lib.clip_encoder import load_image, item_texts
     from mmctr_assets.lib.metrics import auc
 
     model, processor = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
     items = pl.read_parquet(data_dir / "item_feature.parquet").rename({"item_title": "title", "item_tags": "tags"})
     items = items.join(pl.read_parquet(data_dir / "ground_truth" / "items.parquet"), on="item_id")
-    loaded = [_load_image(str(data_dir / "item_images" / f"{i}.jpg"), 0) for i in items["item_id"]]
+    loaded = [load_image(str(data_dir / "item_images" / f"{i}.jpg"), 0) for i in items["item_id"]]
     keep = [status == "ok" for _, status in loaded]
     items = items.filter(pl.Series(keep)).head(200)
     images = [image for image, status in loaded if status == "ok"][:200]

@@ -192,7 +192,7 @@ class _ItemDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image, status = None, "skipped"
         if self.load_images:
-            image, status = _load_image(self.paths[i], self.draft)
+            image, status = load_image(self.paths[i], self.draft)
         return i, self.texts[i], image, status
 
 
@@ -202,7 +202,8 @@ def _input_side(image_processor) -> int:
     return int(max(sides)) if sides else 0
 
 
-def _load_image(path: str | None, draft: int):
+def load_image(path: str | None, draft: int):
+    """-> (RGB image or None, "ok" | "missing" | "corrupt"); ``draft`` > 0 lets JPEGs decode smaller."""
     from PIL import Image
 
     if not path or not os.path.isfile(path):

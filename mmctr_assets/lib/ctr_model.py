@@ -155,7 +155,8 @@ class DCNDIN(nn.Module):
                                          split_first_layer=config.attention_impl == "packed_split",
                                          output_activation=config.attention_output_activation)
         feature_dim = 2 * item_dim + 2 * config.level_embedding_dim
-        feature_dim += 2 * config.history_match_features
+        if config.history_match_features:  # share and log-count of matching history items
+            feature_dim += 2
         if config.use_item_frequency:
             self.register_buffer("item_log_frequency", _standardised_log_counts(item_frequency, self.n_items))
             feature_dim += 1

@@ -2,9 +2,9 @@
 
 Items clicked by the same users end up close together, which is the collaborative signal CLIP's
 content vectors lack. The corpus is written as a LineSentence text file by polars (columnar, in
-row batches to bound memory, no Python loop over rows) and gensim trains on it in ``corpus_file`` mode (C++ reader, all workers
-busy, no Python iteration); the vocabulary comes from polars counts instead of gensim's Python
-scan of the file.
+row batches to bound memory, no Python loop over rows) and gensim trains on it in ``corpus_file``
+mode (C++ reader, all workers busy, no Python iteration); the vocabulary comes from polars counts
+instead of gensim's Python scan of the file.
 
 Reproducibility: with ``workers=1`` the vectors are bit-identical for the same corpus, arguments
 and seed, in any process (gensim 4 seeds weights from ``seed`` and the vocabulary is built in a

@@ -171,7 +171,7 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from mmctr_assets.lib.clip_encoder import _load_image, item_texts
+    from mmctr_assets.lib.clip_encoder import load_image, item_texts
 
     model_dir, data_dir = Path(model_dir), Path(data_dir)
     feature_path = data_dir / "item_feature.parquet"
@@ -182,7 +182,7 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
         {"item_title": "title", "item_tags": "tags"})
     texts, images = [], []
     for item_id, text in zip(items["item_id"].to_list(), item_texts(items).to_list()):
-        image, status = _load_image(str(data_dir / "item_images" / f"{item_id}.jpg"), 0)
+        image, status = load_image(str(data_dir / "item_images" / f"{item_id}.jpg"), 0)
         if status == "ok":
             texts.append(text)
             images.append(image)
