@@ -31,8 +31,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmctr_assets.lib import clip_encoder as ce  # noqa: E402
-from mmctr_assets.lib.tiny_clip import build_tiny_clip  # noqa: E402
+from mmctr_assets.lib.embeddings import clip as ce  # noqa: E402
+from mmctr_assets.lib.embeddings.tiny_clip import build_tiny_clip  # noqa: E402
 
 WORDS = ("funny cat video sunset beach travel cooking recipe dance challenge music cover cute dog "
          "morning routine workout tips makeup tutorial gaming highlights street food city night").split()

@@ -34,7 +34,7 @@ from gensim.models import Word2Vec  # imported up front: import time is not what
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmctr_assets.lib import item2vec  # noqa: E402
+from mmctr_assets.lib.embeddings import item2vec  # noqa: E402
 
 MB = 1 << 20
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         data_dir = args.data_dir
         if data_dir is None:
-            from mmctr_assets.lib import demo_data
+            from mmctr_assets.lib.data import demo as demo_data
 
             data_dir = tmp / "data"
             t = time.perf_counter()

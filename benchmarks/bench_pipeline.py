@@ -28,6 +28,7 @@ unless ``--keep``; the MLflow sqlite store each mode prints is kept, so the run 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -98,15 +99,24 @@ def materialise(assets: list, res: dict, run_config: dict | None = None, **kwarg
 
 
 def train_config(source: str, overrides: dict) -> dict:
-    return {"ops": {"dcn_din_model": {"config": QUALITY_TRAIN | {"embedding_source": source} | overrides}}}
+    """dcn_din_model run config: the flat settings above sorted into its model/train sections."""
+    from mmctr_assets.lib.ctr.model import ModelConfig
+
+    model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
+    flat = QUALITY_TRAIN | overrides
+    config = {"embedding_source": source,
+              "model": {k: v for k, v in flat.items() if k in model_keys},
+              "train": {k: v for k, v in flat.items() if k not in model_keys}}
+    return {"ops": {"dcn_din_model": {"config": config}}}
 
 
 # ------------------------------------------------------------------------------------ quality
 
 def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool) -> None:
-    from mmctr_assets.defs import task1
+    from mmctr_assets.defs import embeddings as task1
+    from mmctr_assets.defs.common import clip_shards
     from mmctr_assets.defs.raw import raw_assets
-    from mmctr_assets.lib.tiny_clip import build_tiny_clip, fit_on_demo_data
+    from mmctr_assets.lib.embeddings.tiny_clip import build_tiny_clip, fit_on_demo_data
 
     clip_dir = build_tiny_clip(work / "tiny-clip", seed=0)
     fit = {"clip": "tiny random-weight CLIP"}
@@ -116,7 +126,7 @@ def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool) -> None:
         fit = {"clip": "tiny CLIP fitted on the demo covers/titles", "clip_fit_s": round(time.perf_counter() - t0, 1),
                "clip_fit_pairs": info["pairs"], "clip_fit_epochs": info["epochs"]}
     _, raw_s = materialise(raw_assets, res)
-    keys = task1.clip_shards.get_partition_keys()
+    keys = clip_shards.get_partition_keys()
     _, clip_s = materialise(
         [task1.clip_embeddings], res, run_config={"ops": {"clip_embeddings": {"config": {"model": str(clip_dir)}}}},
         tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
@@ -155,7 +165,7 @@ def topic_oracle_auc(data_dir: Path) -> float:
 
 
 def train_once(res: dict, source: str, variant: str, overrides: dict, best: float) -> None:
-    from mmctr_assets.defs import task2
+    from mmctr_assets.defs import ctr as task2
 
     result, seconds = materialise([task2.dcn_din_model], res, run_config=train_config(source, overrides))
     meta = result.asset_materializations_for_node("dcn_din_model")[0].metadata
@@ -171,7 +181,7 @@ def train_once(res: dict, source: str, variant: str, overrides: dict, best: floa
 
 
 def bench_quality(args, work: Path) -> None:
-    from mmctr_assets.lib import demo_data
+    from mmctr_assets.lib.data import demo as demo_data
 
     data_dir = args.medium_dir or work / "medium"
     if not (data_dir / "ground_truth" / "manifest.json").exists():
@@ -196,7 +206,7 @@ def bench_quality(args, work: Path) -> None:
 
 def child_full_step(step: str, data_dir: str, work: str) -> dict:
     """One step of the full-size graph, in this fresh process: raw, train or predict."""
-    from mmctr_assets.defs import task2
+    from mmctr_assets.defs import ctr as task2
     from mmctr_assets.defs.raw import raw_assets
 
     res = resources(Path(data_dir), Path(work))

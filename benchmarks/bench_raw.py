@@ -85,16 +85,16 @@ def child_step(step: str, data_dir: str, out_dir: str) -> dict:
     import polars as pl
 
     from mmctr_assets.defs.raw import _table_metadata
-    from mmctr_assets.lib import dataset
-    from mmctr_assets.lib.atomic import write_parquet_atomic
+    from mmctr_assets.lib.data import checks, microlens
+    from mmctr_assets.lib.io import write_parquet_atomic
 
     baseline = rss_mb()
     t0 = time.perf_counter()
-    frame = dataset.read_table(data_dir, "train")
+    frame = microlens.read_table(data_dir, "train")
     after_read = peak_mb()
     if step == "checks":
-        n_items = pl.scan_parquet(dataset.table_path(data_dir, "item_info")).select(pl.len()).collect().item() - 1
-        dataset.content_checks("train", frame, n_items)
+        n_items = pl.scan_parquet(microlens.table_path(data_dir, "item_info")).select(pl.len()).collect().item() - 1
+        checks.content_checks("train", frame, n_items)
     elif step == "metadata":
         _table_metadata("train", frame, "fingerprint")
     elif step == "write":
@@ -104,7 +104,7 @@ def child_step(step: str, data_dir: str, out_dir: str) -> dict:
 
 
 def child_generate(data_dir: str) -> dict:
-    from mmctr_assets.lib import demo_data
+    from mmctr_assets.lib.data import demo as demo_data
 
     t0 = time.perf_counter()
     manifest = demo_data.generate(data_dir, "full", seed=0, overwrite=True, progress=False)

@@ -37,9 +37,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmctr_assets.lib.ctr_model import DCNDIN, ModelConfig, bce_loss  # noqa: E402
-from mmctr_assets.lib.training import (  # noqa: E402
-    CTRTensors, TrainConfig, item_frequency, predict, to_tensors, train)
+from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss  # noqa: E402
+from mmctr_assets.lib.ctr.inference import predict  # noqa: E402
+from mmctr_assets.lib.ctr.tensors import CTRTensors, item_frequency, to_tensors  # noqa: E402
+from mmctr_assets.lib.ctr.trainer import TrainConfig, train  # noqa: E402
 
 BATCH, MAX_LEN = 4096, 64
 
@@ -51,7 +52,7 @@ def emit(**result) -> None:
 
 
 def demo_medium(cache: Path) -> tuple[dict[str, pl.DataFrame], np.ndarray, str]:
-    from mmctr_assets.lib import demo_data
+    from mmctr_assets.lib.data import demo as demo_data
 
     root = cache / "demo_medium_seed0"
     if not (root / "MicroLens_1M_x1" / "item_info.parquet").exists():
@@ -131,7 +132,7 @@ def main() -> None:
          padding_share=round(1 - float(real.mean()) / MAX_LEN, 3))
 
     model_config = ModelConfig()
-    cfg = TrainConfig(batch_size=BATCH, max_len=MAX_LEN, epochs=1, num_threads=args.threads)
+    cfg = TrainConfig(batch_size=BATCH, epochs=1, num_threads=args.threads)
     train_t, valid_t = tensors["train"], tensors["valid"]
     counts = item_frequency(train_t, n_items)  # what train() computes before its first step
 

@@ -2,13 +2,15 @@
 
 import dagster as dg
 
-from .defs import operations, raw, task1, task2
+from .defs import ctr, embeddings, jobs, raw, schedules, sensors
 from .resources import default_resources
 
 defs = dg.Definitions.merge(
     raw.defs,
-    task1.defs,
-    task2.defs,
-    operations.defs,
+    embeddings.defs,
+    ctr.defs,
+    jobs.defs,
+    schedules.defs,
+    sensors.defs,
     dg.Definitions(resources=default_resources()),
 )

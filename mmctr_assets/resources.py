@@ -1,4 +1,4 @@
-"""Dagster resources: where data lives, which device computes, where runs are tracked.
+"""Dagster resources: where every asset's files live, which device computes, where runs are tracked.
 
 Defaults come from `settings` (environment variables) when the code location loads; every field
 can also be set per run in the launchpad or with `dagster asset materialize --config`.
@@ -7,31 +7,65 @@ can also be set per run in the launchpad or with `dagster asset materialize --co
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 from pydantic import Field
 
 from . import settings
-from .lib import dataset
+from .lib.data.microlens import IMAGES_DIR, table_path
+from .lib.precision import PRECISIONS, check_precision
 
 
 class ProjectStorage(dg.ConfigurableResource):
-    """The input data folder and the output folder every asset writes into."""
+    """The input data folder and the output folder: the one place that knows each asset's files."""
 
     data_dir: str = Field(description="Folder holding MicroLens_1M_x1/, item_feature.parquet, item_images/.")
     output_dir: str = Field(description="Folder for every asset's files (raw snapshots, embeddings, model, zip).")
 
+    # ------------------------------------------------------------------------------ inputs
     def source(self, table: str) -> Path:
-        return dataset.table_path(self.data_dir, table)
+        return table_path(self.data_dir, table)
 
+    def images_dir(self) -> Path:
+        return Path(self.data_dir) / IMAGES_DIR
+
+    # ----------------------------------------------------------------------------- outputs
     def out(self, *parts: str) -> Path:
         return Path(self.output_dir).joinpath(*parts)
 
     def raw(self, table: str) -> Path:
-        """The validated, dtype-normalised snapshot of a source table."""
+        """The validated, dtype-normalised snapshot of a source table (raw_<table>)."""
         return self.out("raw", f"{table}.parquet")
 
+    def image_manifest(self) -> Path:
+        return self.out("raw", "item_images.parquet")
+
+    def clip_shard(self, key: str) -> Path:
+        return self.out("clip_embeddings", f"shard-{key}.parquet")
+
+    def item2vec(self) -> Path:
+        return self.out("item2vec_embeddings", "embeddings.parquet")
+
+    def item_info_updated(self) -> Path:
+        """The Task 1 deliverable (fused_item_embeddings)."""
+        return self.out("item_info_updated.parquet")
+
+    def model_dir(self) -> Path:
+        return self.out("dcn_din_model")
+
+    def model(self) -> Path:
+        return self.model_dir() / "model.pt"
+
+    def predictions(self) -> Path:
+        return self.out("prediction.csv")
+
+    def submission(self) -> Path:
+        return self.out("submission.zip")
+
+    # ----------------------------------------------------------------------------- readers
     def require(self, path: Path, produced_by: str) -> Path:
         """Fail with the command that produces a missing upstream file."""
         if not path.exists():
@@ -42,29 +76,52 @@ class ProjectStorage(dg.ConfigurableResource):
             )
         return path
 
+    def read_raw(self, table: str, columns: list[str] | None = None) -> pl.DataFrame:
+        return pl.read_parquet(self.require(self.raw(table), f"raw_{table}"), columns=columns)
+
+    def n_items(self) -> int:
+        """Real items in item_info (its rows minus the padding row)."""
+        path = self.require(self.raw("item_info"), "raw_item_info")
+        return pl.scan_parquet(path).select(pl.len()).collect().item() - 1
+
+    def read_clip_embeddings(self) -> pl.DataFrame:
+        """Every shard of clip_embeddings, or an error naming the shards still to materialise."""
+        keys = [str(i) for i in range(settings.clip_shards())]
+        missing = [k for k in keys if not self.clip_shard(k).exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"clip_embeddings shards {missing} are not materialised in {self.output_dir}. Run "
+                f"`dagster asset materialize -m mmctr_assets --select clip_embeddings --partition-range "
+                f"{keys[0]}...{keys[-1]}` (or `--partition K` for one shard)."
+            )
+        return pl.concat([pl.read_parquet(self.clip_shard(k)) for k in keys]).sort("item_id")
+
+    def read_item2vec(self) -> pl.DataFrame:
+        return pl.read_parquet(self.require(self.item2vec(), "item2vec_embeddings"))
+
 
 class ComputeResource(dg.ConfigurableResource):
     """The accelerator: device, precision and batch size for CLIP inference and training."""
 
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. auto picks CUDA when present.")
-    precision: str = Field(default="fp32", description="fp32 | bf16 | fp16 (autocast; fp16 needs CUDA).")
+    precision: str = Field(default="fp32", description=f"{' | '.join(PRECISIONS)} (autocast; fp16 needs CUDA).")
     batch_size: int = Field(default=64, description="CLIP inference batch size.")
     num_workers: int = Field(default=2, description="Image decoding workers that run beside the model.")
 
     def torch_device(self):
         import torch
 
-        if self.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        check_precision(self.precision)
         if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        if device.type == "cuda":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            try:
+                device = torch.device(self.device)
+            except RuntimeError:
+                device = None
+            if device is None or device.type not in ("cpu", "cuda"):
+                raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        if device.type == "cuda" and self.device != "auto":
             if not torch.cuda.is_available():
                 raise RuntimeError(
                     f"ComputeResource.device is {self.device!r} but this machine has no usable CUDA "
@@ -76,8 +133,7 @@ class ComputeResource(dg.ConfigurableResource):
                     f"ComputeResource.device is {self.device!r} but only {torch.cuda.device_count()} "
                     "CUDA devices are visible."
                 )
-        if self.precision == "fp16" and device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU.")
+        check_precision(self.precision, device)
         return device
 
 
@@ -95,6 +151,32 @@ class MlflowResource(dg.ConfigurableResource):
         mlflow.set_experiment(self.experiment_name)
         with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
             yield run
+
+    def log_epochs(self, history, already_logged: set[int]) -> None:
+        """Per-epoch metrics at step = epoch, each epoch once (a resumed run replays the epochs it
+        did not see: they were trained by the run that was interrupted)."""
+        import mlflow
+
+        for e in history:
+            if e.epoch in already_logged:
+                continue
+            mlflow.log_metrics({"train_loss": e.train_loss, "valid_auc": e.valid_auc,
+                                "valid_logloss": e.valid_logloss, "lr": e.lr,
+                                "samples_per_s": e.samples_per_s}, step=e.epoch)
+            already_logged.add(e.epoch)
+
+    def log_files(self, paths: list[Path], artifact_path: str) -> None:
+        import mlflow
+
+        for path in paths:
+            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_png(self, png: bytes, name: str) -> None:
+        """Attach a PNG to the active run, under plots/."""
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_bytes(png)
+            self.log_files([path], "plots")
 
     def run_url(self, run) -> str:
         """Where a person finds the run: the server's page, or the experiment/run ids for `mlflow ui`."""

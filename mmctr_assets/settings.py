@@ -1,5 +1,6 @@
-"""Where things live, in one place. Every default can be overridden by an environment variable
-(documented in README.md) and, per run, by Dagster resource config."""
+"""Every environment variable mmctr reads, in one place (documented in README.md, Configuration).
+Where a value is also a resource or asset config field, the variable sets its default and a run
+can override it in the launchpad or with `--config`."""
 
 from __future__ import annotations
 
@@ -50,3 +51,34 @@ def clip_shards() -> int:
 
 def seed() -> int:
     return int(os.environ.get("MMCTR_SEED", "42"))
+
+
+def max_level() -> int:
+    """Largest likes/views level the data may hold (the raw checks' bound; the model's level table
+    has max_level + 1 rows by default)."""
+    return int(os.environ.get("MMCTR_MAX_LEVEL", "10"))
+
+
+DEFAULT_RETRAIN_CRON = "0 3 * * 1"  # Mondays 03:00
+DEFAULT_RETRAIN_TZ = "UTC"
+
+
+def retrain_cron() -> str:
+    return os.environ.get("MMCTR_RETRAIN_CRON") or DEFAULT_RETRAIN_CRON
+
+
+def retrain_timezone() -> str:
+    return os.environ.get("MMCTR_RETRAIN_TZ") or DEFAULT_RETRAIN_TZ
+
+
+EXECUTORS = ("multiprocess", "in_process", "k8s")
+
+
+def executor_name() -> str | None:
+    """MMCTR_EXECUTOR: how a run executes its steps; None keeps Dagster's default."""
+    name = (os.environ.get("MMCTR_EXECUTOR") or "").strip().lower()
+    if not name:
+        return None
+    if name not in EXECUTORS:
+        raise ValueError(f"MMCTR_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (or unset for Dagster's default).")
+    return name

@@ -6,12 +6,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mmctr_assets.defs import task1
+from mmctr_assets.defs import embeddings as task1
+from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.defs.raw import raw_assets
-from mmctr_assets.lib import demo_data, tiny_clip
+from mmctr_assets.lib.data import demo as demo_data
+from mmctr_assets.lib.embeddings import tiny_clip
 from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
 
-SHARDS = task1.clip_shards.get_partition_keys()
+SHARDS = clip_shards.get_partition_keys()
 # run tags that make one run cover every CLIP shard (single-run backfill)
 RANGE = {"dagster/asset_partition_range_start": SHARDS[0], "dagster/asset_partition_range_end": SHARDS[-1]}
 

@@ -41,7 +41,7 @@ def test_cold_start_then_rebuild_zip_from_cli(tiny_data, tiny_clip_dir, tmp_path
 
     cold = run(
         ["asset", "materialize", "-m", "mmctr_assets", "--select", "*", "--partition-range", f"{SHARDS[0]}...{SHARDS[-1]}",
-         "--config-json", '{"ops": {"dcn_din_model": {"config": {"batch_size": 256, "epochs": 2}}}}'],
+         "--config-json", '{"ops": {"dcn_din_model": {"config": {"train": {"batch_size": 256, "epochs": 2}}}}}'],
         env,
     )
     assert cold.returncode == 0, cold.stderr[-4000:]

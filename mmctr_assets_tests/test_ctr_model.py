@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmctr_assets.lib.ctr_model import DCNDIN, ModelConfig, bce_loss
+from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss
 
 N_ITEMS, D, B, L = 50, 16, 8, 10
 SMALL = dict(embedding_dim=D, attention_units=(16, 8), deep_units=(32, 16))

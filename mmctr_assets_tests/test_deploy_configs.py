@@ -20,7 +20,7 @@ from dagster._core.errors import DagsterInvalidConfigError
 from dagster._core.instance.config import dagster_instance_config
 
 from mmctr_assets import settings
-from mmctr_assets.defs import operations
+from mmctr_assets.defs.schedules import build_retrain_schedule
 from mmctr_assets.definitions import defs
 from mmctr_assets.resources import MlflowResource
 
@@ -94,9 +94,9 @@ def test_k8s_environment_sets_only_variables_the_code_reads():
         read |= set(re.findall(r"\"(MMCTR_[A-Z_]+)\"", path.read_text()))
     env = k8s_manifests()["ConfigMap/mmctr-env"]["data"]
     assert {k for k in env if k.startswith("MMCTR_")} <= read
-    assert env["MMCTR_EXECUTOR"] == "k8s" and env["MMCTR_EXECUTOR"] in operations.EXECUTORS
+    assert env["MMCTR_EXECUTOR"] == "k8s" and env["MMCTR_EXECUTOR"] in settings.EXECUTORS
     assert int(env["MMCTR_CLIP_SHARDS"]) >= 1
-    operations.build_retrain_schedule(env["MMCTR_RETRAIN_CRON"], env["MMCTR_RETRAIN_TZ"])  # raises if invalid
+    build_retrain_schedule(env["MMCTR_RETRAIN_CRON"], env["MMCTR_RETRAIN_TZ"])  # raises if invalid
     # the instance file's env references are all provided (the password comes from its Secret)
     referenced = set(re.findall(r"\{env: (\w+)\}", PROD.read_text()))
     assert referenced - set(env) == {"DAGSTER_PG_PASSWORD"}

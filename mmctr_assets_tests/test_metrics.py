@@ -64,7 +64,7 @@ def test_plot_training_curves_returns_png():
 
 
 def test_plot_training_curves_accepts_epoch_logs():
-    from mmctr_assets.lib.training import EpochLog
+    from mmctr_assets.lib.ctr.trainer import EpochLog
 
     logs = [EpochLog(**h, seconds=1.0, samples_per_s=1e4, improved=True) for h in _history()]
     assert plot_training_curves(logs).startswith(PNG_MAGIC)

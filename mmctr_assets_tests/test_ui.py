@@ -23,7 +23,8 @@ import pytest
 from dagster_graphql import DagsterGraphQLClient
 
 from mmctr_assets import settings
-from mmctr_assets.defs import operations
+from mmctr_assets.defs.common import clip_shards
+from mmctr_assets.defs.jobs import all_shards_tags
 from mmctr_assets.definitions import defs
 
 pytestmark = pytest.mark.slow
@@ -39,7 +40,7 @@ CHROMIUM_ARGS = [
 ASSETS = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
 GROUPS = {"raw", "task1_embeddings", "task2_ctr"}
 DOWNSTREAM = {"fused_item_embeddings", "dcn_din_model", "predictions", "submission_zip"}
-SHARDS = operations.clip_shards.get_partition_keys()
+SHARDS = clip_shards.get_partition_keys()
 # tiny data: no image-decoding worker processes, CPU only
 RUN_CONFIG = {"resources": {"compute": {"config": {"device": "cpu", "num_workers": 0, "batch_size": 32}}}}
 RUN_TIMEOUT_S = 900
@@ -204,7 +205,7 @@ def materialization_counts(server: Server) -> dict[str, dict]:
 
 def test_whole_graph_materialises_from_the_ui(server):
     run_id = server.client().submit_job_execution(
-        "full_refresh_job", run_config=RUN_CONFIG, tags=operations.all_shards_tags()
+        "full_refresh_job", run_config=RUN_CONFIG, tags=all_shards_tags()
     )
     status = server.wait_for_run(run_id)
     assert status == "SUCCESS", server.run_failure(run_id)

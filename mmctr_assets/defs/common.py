@@ -1,11 +1,24 @@
-"""Small pieces every stage's assets share: progress logging, images in metadata, run tags."""
+"""Small pieces every stage's assets share: the CLIP shard partitions, the GPU op tags, the refresh
+condition, progress logging, images in metadata, MLflow run tags."""
 
 import base64
-import tempfile
 import time
-from pathlib import Path
 
 import dagster as dg
+
+from .. import settings
+
+# item i belongs to shard i % MMCTR_CLIP_SHARDS (README: clip_embeddings shards)
+clip_shards = dg.StaticPartitionsDefinition([str(i) for i in range(settings.clip_shards())])
+OWNERS = ["team:recsys"]
+# lets the cold start run the whole graph, all CLIP shards included, as one run (README.md)
+SINGLE_RUN = dg.BackfillPolicy.single_run()
+# dagster-k8s gives a step with these op tags a GPU (MMCTR_EXECUTOR=k8s)
+GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
+# asset arguments of a step that uses the GPU: one such step per pool slot, a GPU pod on Kubernetes
+ON_GPU = {"pool": "gpu", "op_tags": GPU_TAGS}
+# refresh once after an upstream update, never on data that failed a blocking check
+REFRESH_AFTER_UPSTREAM = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 
 
 class ProgressLog:
@@ -28,16 +41,6 @@ class ProgressLog:
 def png_metadata(png: bytes, alt: str) -> dg.MetadataValue:
     """A PNG shown inline in the asset's metadata panel."""
     return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(png).decode()})")
-
-
-def log_png_artifact(png: bytes, name: str) -> None:
-    """Attach a PNG to the active MLflow run."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(png)
-        mlflow.log_artifact(str(path), artifact_path="plots")
 
 
 def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:

@@ -5,19 +5,17 @@ invariants as blocking asset checks (so bad data stops the graph before the mode
 snapshot under `<output_dir>/raw/` that downstream assets read instead of the source.
 """
 
-from pathlib import Path
-
 import dagster as dg
 import polars as pl
 
-from ..lib import dataset
-from ..lib.atomic import write_parquet_atomic
+from .. import settings
+from ..lib.data import checks, images, microlens
+from ..lib.io import file_fingerprint, write_parquet_atomic
 from ..resources import ProjectStorage
+from .common import OWNERS, SINGLE_RUN
 
 GROUP = "raw"
 IMAGE_FAILURE_WARN_SHARE = 0.05
-# lets the cold start run the whole graph, all CLIP shards included, as one run (README.md)
-SINGLE_RUN = dg.BackfillPolicy.single_run()
 
 _DESCRIPTIONS = {
     "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, click label.",
@@ -37,11 +35,6 @@ def _preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
         return dg.MetadataValue.md(str(frame.head(rows)))
 
 
-def _n_items(storage: ProjectStorage) -> int:
-    path = storage.require(storage.raw("item_info"), "raw_item_info")
-    return pl.scan_parquet(path).select(pl.len()).collect().item() - 1
-
-
 def _table_metadata(table: str, frame: pl.DataFrame, fingerprint: str) -> dict:
     meta = {
         "dagster/row_count": len(frame),
@@ -52,7 +45,7 @@ def _table_metadata(table: str, frame: pl.DataFrame, fingerprint: str) -> dict:
     if "label" in frame.columns:
         meta["positive_rate"] = float(frame.get_column("label").mean() or 0.0)
     if "item_seq" in frame.columns:
-        meta["history_length"] = dg.MetadataValue.json(dataset.history_length_summary(frame))
+        meta["history_length"] = dg.MetadataValue.json(checks.history_length_summary(frame))
         meta["users"] = frame.get_column("user_id").n_unique()
     return meta
 
@@ -65,14 +58,14 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
         name=key,
         group_name=GROUP,
         kinds={"parquet", "polars"},
-        owners=["team:recsys"],
+        owners=OWNERS,
         backfill_policy=SINGLE_RUN,
         description=_DESCRIPTIONS[table],
         deps=["raw_item_info"] if needs_item_info else [],
-        check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=True) for n in dataset.CHECK_NAMES[table]],
+        check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=True) for n in checks.CHECK_NAMES[table]],
     )
     def _raw(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
-        spec = dataset.TABLES[table]
+        spec = microlens.TABLES[table]
         src = storage.source(table)
         if spec.optional and not src.exists():
             context.log.warning(f"{src} not found: {table} is optional, writing an empty snapshot.")
@@ -81,16 +74,16 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
             return dg.MaterializeResult(
                 metadata={"present": False, "dagster/row_count": 0, "source": str(src)},
                 check_results=[dg.AssetCheckResult(check_name=n, passed=True, description="table absent")
-                               for n in dataset.CHECK_NAMES[table]],
+                               for n in checks.CHECK_NAMES[table]],
                 data_version=dg.DataVersion("absent"),
             )
-        frame = dataset.read_table(storage.data_dir, table)
-        n_items = _n_items(storage) if needs_item_info else None
-        outcomes = dataset.content_checks(table, frame, n_items)
+        frame = microlens.read_table(storage.data_dir, table)
+        n_items = storage.n_items() if needs_item_info else None
+        outcomes = checks.content_checks(table, frame, n_items, settings.max_level())
         for o in outcomes:
             (context.log.info if o.passed else context.log.error)(f"{o.name}: {o.description}")
         write_parquet_atomic(frame, storage.raw(table))
-        fingerprint = dataset.file_fingerprint(src)
+        fingerprint = file_fingerprint(src)
         return dg.MaterializeResult(
             metadata=_table_metadata(table, frame, fingerprint) | {"source": dg.MetadataValue.path(str(src))},
             check_results=[
@@ -107,17 +100,16 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
     name="raw_item_images",
     group_name=GROUP,
     kinds={"parquet", "pillow"},
-    owners=["team:recsys"],
+    owners=OWNERS,
     backfill_policy=SINGLE_RUN,
     description="Manifest of cover images: path, whether the file exists and whether it decodes.",
     deps=["raw_item_info"],
     check_specs=[dg.AssetCheckSpec("images_mostly_usable", asset="raw_item_images", blocking=False)],
 )
 def raw_item_images(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
-    n_items = _n_items(storage)
-    ids = pl.int_range(1, n_items + 1, eager=True, dtype=pl.Int64).to_numpy()
-    manifest = dataset.image_manifest(storage.data_dir, ids)
-    write_parquet_atomic(manifest, storage.out("raw", "item_images.parquet"))
+    ids = pl.int_range(1, storage.n_items() + 1, eager=True, dtype=pl.Int64).to_numpy()
+    manifest = images.image_manifest(storage.data_dir, ids)
+    write_parquet_atomic(manifest, storage.image_manifest())
     missing = manifest.filter(~pl.col("exists")).get_column("item_id")
     corrupt = manifest.filter(pl.col("exists") & ~pl.col("decodable")).get_column("item_id")
     bad_share = (len(missing) + len(corrupt)) / max(len(manifest), 1)
@@ -131,7 +123,7 @@ def raw_item_images(context: dg.AssetExecutionContext, storage: ProjectStorage) 
             "corrupt_images": len(corrupt),
             "missing_ids_sample": missing.head(20).to_list(),
             "corrupt_ids_sample": corrupt.head(20).to_list(),
-            "images_dir": dg.MetadataValue.path(str(Path(storage.data_dir) / dataset.IMAGES_DIR)),
+            "images_dir": dg.MetadataValue.path(str(storage.images_dir())),
         },
         check_results=[
             dg.AssetCheckResult(

@@ -1,4 +1,5 @@
-"""Task 1: CLIP content embeddings (sharded), item2vec, and their fusion into item_info_updated.
+"""Task 1 embeddings: CLIP content embeddings (sharded), item2vec, and their fusion into
+item_info_updated (the Task 1 deliverable).
 
 CLIP is partitioned by item shard (`item_id % shards`) so one shard can be recomputed alone; a
 range of shards runs as one run that loads the model once (single-run backfill policy).
@@ -12,32 +13,11 @@ import polars as pl
 import dagster as dg
 
 from .. import settings
-from ..lib import dataset
-from ..lib.atomic import write_parquet_atomic
+from ..lib.io import write_parquet_atomic
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ProgressLog, log_png_artifact, png_metadata, run_tags
+from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, png_metadata, run_tags
 
 GROUP = "task1_embeddings"
-GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
-
-clip_shards = dg.StaticPartitionsDefinition([str(i) for i in range(settings.clip_shards())])
-
-
-def clip_shard_path(storage: ProjectStorage, key: str):
-    return storage.out("clip_embeddings", f"shard-{key}.parquet")
-
-
-def read_clip_embeddings(storage: ProjectStorage) -> pl.DataFrame:
-    """Every shard of clip_embeddings, or an error naming the shards still to materialise."""
-    keys = clip_shards.get_partition_keys()
-    missing = [k for k in keys if not clip_shard_path(storage, k).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"clip_embeddings shards {missing} are not materialised in {storage.output_dir}. Run "
-            f"`dagster asset materialize -m mmctr_assets --select clip_embeddings --partition-range "
-            f"{keys[0]}...{keys[-1]}` (or `--partition K` for one shard)."
-        )
-    return pl.concat([pl.read_parquet(clip_shard_path(storage, k)) for k in keys]).sort("item_id")
 
 
 class ClipConfig(dg.Config):
@@ -52,11 +32,10 @@ class ClipConfig(dg.Config):
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "parquet"},
-    owners=["team:recsys"],
+    owners=OWNERS,
     partitions_def=clip_shards,
-    backfill_policy=dg.BackfillPolicy.single_run(),
-    pool="gpu",
-    op_tags=GPU_TAGS,
+    backfill_policy=SINGLE_RUN,
+    **ON_GPU,
     deps=["raw_item_info", "raw_item_feature", "raw_item_images"],
     check_specs=[dg.AssetCheckSpec("text_only_share", asset="clip_embeddings")],
 )
@@ -68,12 +47,12 @@ def clip_embeddings(
     Items with a missing or corrupt cover fall back to text only; the padding item is never
     encoded. Each finished shard is written atomically, so a failure leaves other shards intact.
     """
-    from ..lib import clip_encoder
+    from ..lib.embeddings import clip as clip_encoder
 
-    items = dataset.item_content_frame(
-        pl.read_parquet(storage.require(storage.raw("item_info"), "raw_item_info")),
-        pl.read_parquet(storage.require(storage.raw("item_feature"), "raw_item_feature")),
-        pl.read_parquet(storage.require(storage.out("raw", "item_images.parquet"), "raw_item_images")),
+    items = clip_encoder.item_content_frame(
+        storage.read_raw("item_info"),
+        storage.read_raw("item_feature"),
+        pl.read_parquet(storage.require(storage.image_manifest(), "raw_item_images")),
     )
     n_shards = len(clip_shards.get_partition_keys())
     bundle = clip_encoder.load_clip(config.model, compute.torch_device(), compute.precision)
@@ -94,7 +73,7 @@ def clip_embeddings(
             combine=config.combine,
             progress=ProgressLog(context.log, f"clip shard {key}"),
         )
-        write_parquet_atomic(clip_encoder.to_frame(result), clip_shard_path(storage, key))
+        write_parquet_atomic(clip_encoder.to_frame(result), storage.clip_shard(key))
         encoded += len(result.item_ids)
         text_only.extend(result.text_only_ids.tolist())
         seconds += result.seconds
@@ -131,7 +110,7 @@ class Item2VecConfig(dg.Config):
     epochs: int = 5
     negative: int = 5
     workers: int = 2
-    """gensim threads; bit-identical vectors need workers=1 (see lib/item2vec.py)."""
+    """gensim threads; bit-identical vectors need workers=1 (see lib/embeddings/item2vec.py)."""
     seed: int = settings.seed()
     include_clicked_target: bool = True
     """Append the target to its history when clicked: the strongest co-occurrence signal."""
@@ -140,8 +119,8 @@ class Item2VecConfig(dg.Config):
 @dg.asset(
     group_name=GROUP,
     kinds={"gensim", "parquet"},
-    owners=["team:recsys"],
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    owners=OWNERS,
+    backfill_policy=SINGLE_RUN,
     deps=["raw_train"],
 )
 def item2vec_embeddings(
@@ -152,11 +131,11 @@ def item2vec_embeddings(
     Padding 0 is never a token. Items that never occur in a history get no vector; the fusion
     step then uses their content embedding alone.
     """
-    from ..lib import item2vec
+    from ..lib.embeddings import item2vec
 
     train = storage.require(storage.raw("train"), "raw_train")
-    n_items = pl.scan_parquet(storage.raw("item_info")).select(pl.len()).collect().item() - 1
-    out_dir = storage.out("item2vec_embeddings")
+    n_items = storage.n_items()
+    out_dir = storage.item2vec().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
@@ -171,7 +150,7 @@ def item2vec_embeddings(
             workers=config.workers,
             seed=config.seed,
         )
-    write_parquet_atomic(item2vec.to_frame(result), out_dir / "embeddings.parquet")
+    write_parquet_atomic(item2vec.to_frame(result), storage.item2vec())
     without = n_items - len(result.item_ids)
     context.log.info(f"{len(result.item_ids)} items have a vector, {without} do not; trained in {result.seconds_train:.1f}s")
     return dg.MaterializeResult(
@@ -188,12 +167,21 @@ def item2vec_embeddings(
     )
 
 
-def read_item2vec_embeddings(storage: ProjectStorage) -> pl.DataFrame:
-    return pl.read_parquet(storage.require(storage.out("item2vec_embeddings", "embeddings.parquet"), "item2vec_embeddings"))
+def fuse_stored_embeddings(storage: ProjectStorage, alpha: float, seed: int):
+    """PCA(CLIP) mixed with item2vec from the stored shards and vectors (alpha 1: content only,
+    0: item2vec only, an item without an item2vec vector keeping its content vector)."""
+    from ..lib.embeddings import fusion
 
-
-def item_info_updated_path(storage: ProjectStorage):
-    return storage.out("item_info_updated.parquet")
+    clip, i2v = storage.read_clip_embeddings(), storage.read_item2vec()
+    return fusion.fuse_embeddings(
+        storage.n_items(),
+        clip.get_column("item_id").to_numpy(),
+        clip.get_column("clip_emb").to_numpy(),
+        i2v.get_column("item_id").to_numpy(),
+        i2v.get_column("i2v_emb").to_numpy(),
+        alpha=alpha,
+        seed=seed,
+    )
 
 
 class FusionConfig(dg.Config):
@@ -205,10 +193,10 @@ class FusionConfig(dg.Config):
 @dg.asset(
     group_name=GROUP,
     kinds={"scikitlearn", "parquet"},
-    owners=["team:recsys"],
-    backfill_policy=dg.BackfillPolicy.single_run(),
+    owners=OWNERS,
+    backfill_policy=SINGLE_RUN,
     deps=[clip_embeddings, item2vec_embeddings, "raw_item_info"],
-    automation_condition=dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed(),
+    automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("item_info_updated_valid", asset="fused_item_embeddings", blocking=True)],
 )
 def fused_item_embeddings(
@@ -218,24 +206,14 @@ def fused_item_embeddings(
     item, written back into item_info's schema as item_info_updated.parquet."""
     import mlflow as mlflow_api
 
-    from ..lib import fusion
-    from ..lib.embedding_plot import plot_embedding_projection
+    from ..lib.embeddings import fusion
+    from ..lib.plots import plot_embedding_projection
 
     info_path = storage.require(storage.raw("item_info"), "raw_item_info")
     info = pl.read_parquet(info_path, columns=["item_id", "item_tags"])
     n_items = info.height - 1
-    clip = read_clip_embeddings(storage)
-    i2v = read_item2vec_embeddings(storage)
-    result = fusion.fuse_embeddings(
-        n_items,
-        clip.get_column("item_id").to_numpy(),
-        clip.get_column("clip_emb").to_numpy(),
-        i2v.get_column("item_id").to_numpy(),
-        i2v.get_column("i2v_emb").to_numpy(),
-        alpha=config.alpha,
-        seed=config.seed,
-    )
-    out = fusion.write_item_info_updated(info_path, result.embeddings, item_info_updated_path(storage))
+    result = fuse_stored_embeddings(storage, config.alpha, config.seed)
+    out = fusion.write_item_info_updated(info_path, result.embeddings, storage.item_info_updated())
     problems = fusion.validate_item_embeddings(pl.read_parquet(out), n_items=n_items, column="item_emb_d128")
 
     tag = info.get_column("item_tags").list.last().fill_null(0).to_numpy()
@@ -244,7 +222,7 @@ def fused_item_embeddings(
         mlflow_api.log_params({"alpha": config.alpha, "seed": config.seed, "pca_components": result.pca_components})
         mlflow_api.log_metrics({"pca_explained_variance": result.explained_variance_total}
                                | {f"items_{k}": v for k, v in result.counts.items()})
-        log_png_artifact(png, "embedding_projection.png")
+        mlflow.log_png(png, "embedding_projection.png")
     return dg.MaterializeResult(
         metadata={
             "item_info_updated": dg.MetadataValue.path(str(out)),

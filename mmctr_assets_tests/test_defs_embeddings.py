@@ -8,8 +8,9 @@ import polars as pl
 import pytest
 
 import dagster as dg
-from mmctr_assets.defs import task1
-from mmctr_assets.lib import clip_encoder, dataset
+from mmctr_assets.defs import embeddings as task1
+from mmctr_assets.lib.data import microlens
+from mmctr_assets.lib.embeddings import clip as clip_encoder
 
 from conftest import RANGE, SHARDS, clip_config
 
@@ -33,7 +34,7 @@ def test_range_of_shards_is_one_run_with_one_model_load(built, tiny_data):
     out, result, _ = built
     frames = [pl.read_parquet(out / "clip_embeddings" / f"shard-{k}.parquet") for k in SHARDS]
     ids = pl.concat(frames).get_column("item_id").sort()
-    n_items = pl.read_parquet(dataset.table_path(tiny_data, "item_info")).height - 1
+    n_items = pl.read_parquet(microlens.table_path(tiny_data, "item_info")).height - 1
     assert ids.to_list() == list(range(1, n_items + 1))  # every real item once, never padding 0
     for k, frame in zip(SHARDS, frames):
         assert (frame.get_column("item_id") % len(SHARDS) == int(k)).all()
@@ -133,7 +134,7 @@ def test_item2vec_covers_history_items_and_never_padding(built):
 
 def test_item_info_updated_keeps_schema_and_passes_checks(built, tiny_data):
     out, result, _ = built
-    source = pl.read_parquet(dataset.table_path(tiny_data, "item_info"))
+    source = pl.read_parquet(microlens.table_path(tiny_data, "item_info"))
     updated = pl.read_parquet(out / "item_info_updated.parquet")
     assert updated.schema == source.schema
     assert updated.get_column("item_id").equals(source.get_column("item_id"))

@@ -16,7 +16,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmctr_assets.lib.atomic import atomic_path
+from mmctr_assets.lib.io import atomic_path
 
 EMB_COLUMN = "item_emb_d128"
 _EPS = 1e-12

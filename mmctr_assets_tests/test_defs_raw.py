@@ -5,7 +5,8 @@ import pytest
 
 import dagster as dg
 from mmctr_assets.defs.raw import raw_assets
-from mmctr_assets.lib import dataset
+from mmctr_assets.lib.data import checks, microlens
+from mmctr_assets.lib.io import file_fingerprint
 
 
 def materialize_raw(resources, instance, **kwargs):
@@ -27,7 +28,7 @@ def test_raw_assets_snapshot_every_table_with_metadata(resources, instance, tiny
     out = resources["storage"]
     for table in ("train", "valid", "test", "item_info", "item_feature"):
         snap = pl.read_parquet(out.raw(table))
-        assert snap.height == pl.read_parquet(dataset.table_path(tiny_data, table)).height
+        assert snap.height == pl.read_parquet(microlens.table_path(tiny_data, table)).height
     assert pl.read_parquet(out.raw("train")).schema["label"] == pl.Float32
     checks = check_results(result)
     assert checks and all(checks.values()), checks
@@ -42,18 +43,18 @@ def test_raw_assets_snapshot_every_table_with_metadata(resources, instance, tiny
 
 
 def test_bad_labels_fail_a_blocking_check_and_say_where(data_copy, tmp_path, instance, make_resources):
-    path = dataset.table_path(data_copy, "train")
+    path = microlens.table_path(data_copy, "train")
     pl.read_parquet(path).with_columns(pl.when(pl.int_range(pl.len()) == 7).then(2.0).otherwise(pl.col("label")).alias("label")).write_parquet(path)
     result = materialize_raw(make_resources(data_copy, tmp_path / "out"), instance)
     checks = check_results(result)
     assert checks["raw_train:labels_binary"] is False
     assert checks["raw_valid:labels_binary"] is True
     failed = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed]
-    assert "rows [7]" in failed[0].asset_check_evaluation_data.description
+    assert "(row 7: 2.0)" in failed[0].asset_check_evaluation_data.description
 
 
 def test_missing_source_file_fails_with_the_path(data_copy, tmp_path, instance, make_resources):
-    dataset.table_path(data_copy, "valid").unlink()
+    microlens.table_path(data_copy, "valid").unlink()
     result = materialize_raw(make_resources(data_copy, tmp_path / "out"), instance)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "raw_valid")
@@ -64,7 +65,7 @@ def test_missing_source_file_fails_with_the_path(data_copy, tmp_path, instance, 
 
 
 def test_optional_item_feature_absent_gives_empty_snapshot(data_copy, tmp_path, instance, make_resources):
-    dataset.table_path(data_copy, "item_feature").unlink()
+    microlens.table_path(data_copy, "item_feature").unlink()
     resources = make_resources(data_copy, tmp_path / "out")
     result = materialize_raw(resources, instance)
     assert result.success
@@ -76,6 +77,6 @@ def test_optional_item_feature_absent_gives_empty_snapshot(data_copy, tmp_path, 
 def test_fingerprint_is_the_data_version(resources, instance, tiny_data, table):
     result = materialize_raw(resources, instance, selection=["raw_item_info", f"raw_{table}"])
     mat = result.asset_materializations_for_node(f"raw_{table}")[0]
-    fingerprint = dataset.file_fingerprint(dataset.table_path(tiny_data, table))
+    fingerprint = file_fingerprint(microlens.table_path(tiny_data, table))
     assert mat.metadata["data_fingerprint"].value == fingerprint
     assert mat.tags["dagster/data_version"] == fingerprint

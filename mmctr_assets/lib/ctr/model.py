@@ -3,12 +3,11 @@
 Items are represented by a frozen pretrained embedding matrix (the Task 1 deliverable), optionally
 concatenated with a trainable item-id embedding and a mean-pooled tag embedding.
 
-Beside DIN's pooled vector, sigmoid-bounded attention weights and two kinds of scalar input, all
-measured on the medium demo data (fused valid AUC 0.842 -> 0.852 together; bench_pipeline.py
---variants): the history-match features (the weights' mean and log-sum: which share, and how many,
-of the user's items match the target; a pooled vector only implies them) and the target's log
-frequency in the training data (popularity). With a noisy item table the DIN paper's linear
-weights without these inputs do better (README, "dcn_din_model").
+Beside DIN's pooled vector: sigmoid-bounded attention weights and two kinds of scalar input, the
+history-match features (the weights' mean and log-sum: which share, and how many, of the user's
+items match the target; a pooled vector only implies them) and the target's log frequency in the
+training data (popularity). They pay off when the item table separates topics; with a noisy table
+the DIN paper's linear weights without them do better (figures: benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.layers import MLP, CrossNet, TargetAttention, pack_history
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, TargetAttention, pack_history
+from mmctr_assets.lib.data.microlens import MAX_LEVEL
 
 ATTENTION_IMPLS = ("packed_split", "packed", "padded")
 
@@ -32,12 +32,13 @@ class ModelConfig:
     """Architecture hyper-parameters. Everything here (plus table shapes) rebuilds the model."""
 
     embedding_dim: int = 128  # width of the pretrained item-embedding matrix
+    max_len: int = 64  # history positions the model reads: the most recent max_len items
     finetune_item_embeddings: bool = False
     use_id_embedding: bool = False
     id_embedding_dim: int = 32
     use_tag_embedding: bool = False
     tag_embedding_dim: int = 32
-    level_vocab_size: int = 11  # likes_level / views_level take values 0..level_vocab_size-1
+    level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
     level_embedding_dim: int = 16
     attention_units: tuple[int, ...] = (64, 32)
     attention_dropout: float = 0.0
@@ -66,7 +67,7 @@ class ModelConfig:
                             "(weights in (0, 1) are soft matches that can be counted)")
         if self.cross_version not in ("v1", "v2"):
             problems.append(f"cross_version must be 'v1' or 'v2', got {self.cross_version!r}")
-        for name in ("embedding_dim", "id_embedding_dim", "tag_embedding_dim",
+        for name in ("embedding_dim", "max_len", "id_embedding_dim", "tag_embedding_dim",
                      "level_vocab_size", "level_embedding_dim"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -105,7 +106,7 @@ class DCNDIN(nn.Module):
     ``[n_items + 1, n_tag_slots]`` tag-id matrix (0 = no tag), needed with ``use_tag_embedding``;
     ``n_tags`` (tag vocabulary size) defaults to ``item_tags.max() + 1``. ``item_frequency``
     ``[n_items + 1]`` counts each item's occurrences in the training data (needed with
-    ``use_item_frequency``; :func:`mmctr_assets.lib.training.item_frequency` computes it); the
+    ``use_item_frequency``; :func:`mmctr_assets.lib.ctr.tensors.item_frequency` computes it); the
     model keeps it as a buffer, so a saved model predicts with its training data's counts.
     """
 
@@ -222,7 +223,7 @@ def _standardised_log_counts(counts: np.ndarray | torch.Tensor | None, n_items: 
     """``log1p(count)`` standardised over the real items; the padding row stays 0."""
     if counts is None:
         raise ValueError("use_item_frequency=True needs item_frequency (each item's count in the "
-                         "training data, training.item_frequency(train_tensors) computes it); pass it "
+                         "training data, ctr.tensors.item_frequency(train_tensors) computes it); pass it "
                          "or set use_item_frequency=False")
     counts = np.asarray(counts, dtype=np.float64)
     if counts.shape != (n_items + 1,) or (counts < 0).any() or not np.isfinite(counts).all():

@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from mmctr_assets.lib.atomic import atomic_path
+from mmctr_assets.lib.io import atomic_path
 
 TRAIN_COLUMNS = ("item_seq", "item_id", "label")
 

@@ -33,13 +33,11 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
-from mmctr_assets.lib.atomic import atomic_path
+from mmctr_assets.lib.data.microlens import DATASET_DIR, GROUND_TRUTH_DIR, IMAGES_DIR, TABLES
+from mmctr_assets.lib.io import atomic_path
 
 log = logging.getLogger(__name__)
 
-DATASET_DIR = "MicroLens_1M_x1"
-IMAGE_DIR = "item_images"
-GROUND_TRUTH_DIR = "ground_truth"
 EMB_DIM = 128
 N_INFO_TAGS = 5
 MAX_ITEM_TAGS = 8
@@ -561,7 +559,7 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
                                           ("valid", va, te, ROWS_SCHEMA, None),
                                           ("test", te, te + n_te, TEST_SCHEMA, test_ids)]:
             log.info("writing %s.parquet (%d rows)", name, hi - lo)
-            _write_rows(data / f"{name}.parquet", rows, items, lo, hi, size.seq_len, schema, progress, ids)
+            _write_rows(tmp / TABLES[name].relpath, rows, items, lo, hi, size.seq_len, schema, progress, ids)
 
         tags, n_tags = _item_tags(size, items, seed)
         tag_off = _offsets(n_tags)
@@ -576,16 +574,16 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
             "item_id": item_ids,
             "item_tags": _list_array(info_tags.ravel(), np.full(size.n_items + 1, N_INFO_TAGS)),
             "item_emb_d128": _list_array(emb.ravel(), np.full(size.n_items + 1, EMB_DIM)),
-        }, schema=ITEM_INFO_SCHEMA), data / "item_info.parquet", **_PARQUET_OPTS)
+        }, schema=ITEM_INFO_SCHEMA), tmp / TABLES["item_info"].relpath, **_PARQUET_OPTS)
         pq.write_table(pa.table({
             "item_id": item_ids[1:], "item_title": _titles(size, items, seed),
             "item_tags": _list_array(tags, n_tags),
             "likes_level": items.likes[1:], "views_level": items.views[1:],
-        }, schema=ITEM_FEATURE_SCHEMA), tmp / "item_feature.parquet", **_PARQUET_OPTS)
+        }, schema=ITEM_FEATURE_SCHEMA), tmp / TABLES["item_feature"].relpath, **_PARQUET_OPTS)
 
         log.info("writing %d cover images", size.n_items - len(missing))
-        _write_images(tmp / IMAGE_DIR, size, items, seed, missing, progress)
-        _break_images(tmp / IMAGE_DIR, corrupt, seed)
+        _write_images(tmp / IMAGES_DIR, size, items, seed, missing, progress)
+        _break_images(tmp / IMAGES_DIR, corrupt, seed)
 
         pq.write_table(pa.table({"row": np.arange(n_va, dtype=np.int64), "click_prob": rows.click_prob[va:te]}),
                        truth / "valid.parquet")

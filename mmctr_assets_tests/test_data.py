@@ -7,8 +7,9 @@ import polars as pl
 import pytest
 from PIL import Image
 
-from mmctr_assets.lib import dataset
-from mmctr_assets.lib.dataset import DataValidationError
+from mmctr_assets.lib.data import checks, images, microlens
+from mmctr_assets.lib.data.microlens import DataValidationError
+from mmctr_assets.lib.io import file_fingerprint
 
 N_ITEMS = 6
 
@@ -47,28 +48,28 @@ def write_dataset(root: Path, **tables: pl.DataFrame) -> Path:
         "item_info": item_info(),
     } | tables
     for name, frame in frames.items():
-        path = dataset.table_path(root, name)
+        path = microlens.table_path(root, name)
         path.parent.mkdir(parents=True, exist_ok=True)
         frame.write_parquet(path)
     return root
 
 
-def outcomes(root: Path, table: str) -> dict[str, dataset.CheckOutcome]:
-    frame = dataset.read_table(root, table)
-    return {o.name: o for o in dataset.content_checks(table, frame, N_ITEMS)}
+def outcomes(root: Path, table: str) -> dict[str, checks.CheckOutcome]:
+    frame = microlens.read_table(root, table)
+    return {o.name: o for o in checks.content_checks(table, frame, N_ITEMS)}
 
 
 def test_valid_dataset_passes_every_check(tmp_path):
     root = write_dataset(tmp_path)
     for table in ("train", "valid", "test", "item_info"):
         results = outcomes(root, table)
-        assert set(results) == set(dataset.CHECK_NAMES[table])
+        assert set(results) == set(checks.CHECK_NAMES[table])
         assert all(o.passed for o in results.values()), [o.description for o in results.values()]
 
 
 def test_missing_file_names_path_layout_and_remedy(tmp_path):
     with pytest.raises(DataValidationError) as err:
-        dataset.read_table(tmp_path, "train")
+        microlens.read_table(tmp_path, "train")
     msg = str(err.value)
     assert str(tmp_path / "MicroLens_1M_x1" / "train.parquet") in msg
     assert "MicroLens_1M_x1/{train,valid,test,item_info}.parquet" in msg
@@ -79,7 +80,7 @@ def test_missing_and_mistyped_columns_are_all_listed(tmp_path):
     bad = interactions().drop("views_level").with_columns(pl.col("likes_level").cast(pl.String))
     root = write_dataset(tmp_path, train=bad)
     with pytest.raises(DataValidationError) as err:
-        dataset.read_table(root, "train")
+        microlens.read_table(root, "train")
     msg = str(err.value)
     assert "missing column 'views_level'" in msg
     assert "'likes_level' has dtype large_string" in msg and "expected integer" in msg
@@ -87,15 +88,15 @@ def test_missing_and_mistyped_columns_are_all_listed(tmp_path):
 
 def test_unreadable_parquet_is_a_clear_error(tmp_path):
     root = write_dataset(tmp_path)
-    dataset.table_path(root, "valid").write_bytes(b"not parquet at all")
+    microlens.table_path(root, "valid").write_bytes(b"not parquet at all")
     with pytest.raises(DataValidationError, match="not a readable parquet file"):
-        dataset.read_table(root, "valid")
+        microlens.read_table(root, "valid")
 
 
 def test_dtypes_are_normalised(tmp_path):
     narrow = interactions().with_columns(pl.col("likes_level").cast(pl.Int32), pl.col("label").cast(pl.Int8))
     root = write_dataset(tmp_path, train=narrow)
-    frame = dataset.read_table(root, "train")
+    frame = microlens.read_table(root, "train")
     assert frame.schema["likes_level"] == pl.Int64 and frame.schema["label"] == pl.Float32
 
 
@@ -152,17 +153,17 @@ def test_item_info_padding_row_must_be_zero(tmp_path):
 
 
 def test_history_length_summary_counts_only_real_items():
-    summary = dataset.history_length_summary(interactions())
+    summary = checks.history_length_summary(interactions())
     assert summary["min"] == 2 and summary["max"] == 4 and summary["median"] == 3
     assert summary["padding_share"] == pytest.approx(3 / 12)
 
 
 def test_image_manifest_flags_missing_and_corrupt(tmp_path):
-    images = tmp_path / dataset.IMAGES_DIR
-    images.mkdir()
-    Image.new("RGB", (8, 8), "red").save(images / "1.jpg")
-    (images / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    manifest = dataset.image_manifest(tmp_path, np.array([1, 2, 3]))
+    folder = tmp_path / microlens.IMAGES_DIR
+    folder.mkdir()
+    Image.new("RGB", (8, 8), "red").save(folder / "1.jpg")
+    (folder / "2.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    manifest = images.image_manifest(tmp_path, np.array([1, 2, 3]))
     assert manifest.get_column("exists").to_list() == [True, True, False]
     assert manifest.get_column("decodable").to_list() == [True, False, False]
 
@@ -170,7 +171,7 @@ def test_image_manifest_flags_missing_and_corrupt(tmp_path):
 def test_fingerprint_changes_with_content(tmp_path):
     p = tmp_path / "f.bin"
     p.write_bytes(b"abc")
-    first = dataset.file_fingerprint(p)
-    assert first == dataset.file_fingerprint(p)
+    first = file_fingerprint(p)
+    assert first == file_fingerprint(p)
     p.write_bytes(b"abd")
-    assert dataset.file_fingerprint(p) != first
+    assert file_fingerprint(p) != first

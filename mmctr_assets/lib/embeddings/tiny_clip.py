@@ -10,7 +10,7 @@ cover/title pairs (seconds on a CPU), so demos and quality benchmarks get conten
 like real CLIP's on real covers, carry the items' topics. Such a model is marked
 :data:`DEMO_FITTED_MARKER`: it means something on that demo data only.
 
-CLI: ``python -m mmctr_assets.lib.tiny_clip OUT_DIR [--full-size] [--seed N] [--fit-on DATA_DIR]``
+CLI: ``python -m mmctr_assets.lib.embeddings.tiny_clip OUT_DIR [--full-size] [--seed N] [--fit-on DATA_DIR]``
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import math
 import os
 from pathlib import Path
 
-from mmctr_assets.lib.atomic import atomic_path
+from mmctr_assets.lib.data.microlens import IMAGES_DIR, table_path
+from mmctr_assets.lib.embeddings.clip import DEMO_FITTED_MARKER, RANDOM_WEIGHTS_MARKER
+from mmctr_assets.lib.io import atomic_path
 
-RANDOM_WEIGHTS_MARKER = "MMCTR_RANDOM_WEIGHTS"
-DEMO_FITTED_MARKER = "MMCTR_DEMO_FITTED"
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 # Training text for the BPE merges: everyday English and hashtag-style titles, so common words
@@ -145,14 +145,10 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0, full_size: boo
         processor.save_pretrained(tmp)
         (tmp / RANDOM_WEIGHTS_MARKER).write_text(
             json.dumps({"random_weights": True, "seed": seed, "full_size": full_size}) + "\n"
-            + "Randomly initialised CLIP built by mmctr_assets.lib.tiny_clip: its embeddings carry"
+            + "Randomly initialised CLIP built by mmctr_assets.lib.embeddings.tiny_clip: its embeddings carry"
             " no semantic meaning. Use real weights (MMCTR_CLIP_MODEL) for real results.\n"
         )
     return out_dir
-
-
-def is_random_weights(model_dir: str | os.PathLike) -> bool:
-    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 FIT_MIN_STEPS = 300  # default epochs: at least 3 and enough for this many optimizer steps
@@ -171,10 +167,10 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from mmctr_assets.lib.clip_encoder import load_image, item_texts
+    from mmctr_assets.lib.embeddings.clip import item_texts, load_image
 
     model_dir, data_dir = Path(model_dir), Path(data_dir)
-    feature_path = data_dir / "item_feature.parquet"
+    feature_path = table_path(data_dir, "item_feature")
     if not feature_path.is_file():
         raise FileNotFoundError(f"fitting CLIP needs {feature_path} (titles and tags); "
                                 "generate demo data with `mmctr-demo-data --out DIR`")
@@ -182,12 +178,12 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
         {"item_title": "title", "item_tags": "tags"})
     texts, images = [], []
     for item_id, text in zip(items["item_id"].to_list(), item_texts(items).to_list()):
-        image, status = load_image(str(data_dir / "item_images" / f"{item_id}.jpg"), 0)
+        image, status = load_image(str(data_dir / IMAGES_DIR / f"{item_id}.jpg"), 0)
         if status == "ok":
             texts.append(text)
             images.append(image)
     if len(images) < 2:
-        raise ValueError(f"{data_dir / 'item_images'} has {len(images)} decodable covers for the items "
+        raise ValueError(f"{data_dir / IMAGES_DIR} has {len(images)} decodable covers for the items "
                          "in item_feature.parquet; fitting needs at least 2 cover/title pairs")
     model = CLIPModel.from_pretrained(model_dir)
     processor = CLIPProcessor.from_pretrained(model_dir)
@@ -228,7 +224,7 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m mmctr_assets.lib.tiny_clip",
+        prog="python -m mmctr_assets.lib.embeddings.tiny_clip",
         description="Build a randomly initialised CLIP (offline stand-in for openai/clip-vit-base-patch32).",
     )
     parser.add_argument("out_dir", type=Path, help="directory to write (replaced if it exists)")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import CLIPConfig, CLIPModel, CLIPProcessor
 
-from mmctr_assets.lib import tiny_clip
+from mmctr_assets.lib.embeddings import clip, tiny_clip
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +26,8 @@ def test_round_trips_through_from_pretrained(clip_dir):
 
 
 def test_marker_says_random_weights(clip_dir):
-    assert tiny_clip.is_random_weights(clip_dir)
-    info = json.loads((clip_dir / tiny_clip.RANDOM_WEIGHTS_MARKER).read_text().splitlines()[0])
+    assert clip.is_random_weights(clip_dir)
+    info = json.loads((clip_dir / clip.RANDOM_WEIGHTS_MARKER).read_text().splitlines()[0])
     assert info == {"random_weights": True, "seed": 3, "full_size": False}
 
 
@@ -79,7 +79,7 @@ def test_cli_replaces_directory_atomically(tmp_path, capsys):
     (out / "stale.txt").write_text("old")
     assert tiny_clip.main([str(out), "--seed", "1"]) == 0
     assert not (out / "stale.txt").exists()
-    assert (out / "config.json").is_file() and (out / tiny_clip.RANDOM_WEIGHTS_MARKER).is_file()
+    assert (out / "config.json").is_file() and (out / clip.RANDOM_WEIGHTS_MARKER).is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["enc"]  # no temp dirs left behind
     assert "MMCTR_CLIP_MODEL=" in capsys.readouterr().out
 
@@ -88,7 +88,7 @@ def _topic_pair_auc(model_dir, data_dir):
     """How well cosine similarity of mean(image, text) embeddings tells same-topic item pairs."""
     import numpy as np
     import polars as pl
-    from mmctr_assets.lib.clip_encoder import load_image, item_texts
+    from mmctr_assets.lib.embeddings.clip import load_image, item_texts
     from mmctr_assets.lib.metrics import auc
 
     model, processor = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
@@ -114,8 +114,8 @@ def test_fit_on_demo_data_makes_content_embeddings_carry_topics(tiny_data, tmp_p
     out = tmp_path / "fitted"
     assert tiny_clip.main([str(out), "--seed", "0", "--fit-on", str(tiny_data), "--fit-epochs", "8"]) == 0
     assert "fitted on" in capsys.readouterr().out
-    assert not tiny_clip.is_random_weights(out) and (out / tiny_clip.DEMO_FITTED_MARKER).is_file()
-    info = json.loads((out / tiny_clip.DEMO_FITTED_MARKER).read_text().splitlines()[0])
+    assert not clip.is_random_weights(out) and (out / clip.DEMO_FITTED_MARKER).is_file()
+    info = json.loads((out / clip.DEMO_FITTED_MARKER).read_text().splitlines()[0])
     assert info["demo_fitted"] and info["pairs"] > 250 and info["epochs"] == 8
     random_dir = tiny_clip.build_tiny_clip(tmp_path / "random", seed=0)
     before, after = _topic_pair_auc(random_dir, tiny_data), _topic_pair_auc(out, tiny_data)
@@ -128,4 +128,4 @@ def test_fit_on_demo_data_errors(clip_dir, tmp_path):
         tiny_clip.fit_on_demo_data(clip_dir, tmp_path)
     with pytest.raises(SystemExit):
         tiny_clip.main([str(tmp_path / "x"), "--full-size", "--fit-on", str(tmp_path)])
-    assert tiny_clip.is_random_weights(clip_dir)  # a failed fit leaves the model as it was
+    assert clip.is_random_weights(clip_dir)  # a failed fit leaves the model as it was

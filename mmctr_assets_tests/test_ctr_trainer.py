@@ -5,17 +5,19 @@ import polars as pl
 import pytest
 import torch
 
-from mmctr_assets.lib.ctr_model import ModelConfig
+from mmctr_assets.lib.ctr.model import ModelConfig
 from mmctr_assets.lib.metrics import auc
-from mmctr_assets.lib.training import (CTRTensors, EpochLog, TrainConfig, load_model, predict,
-                                       save_model, to_tensors, train)
+from mmctr_assets.lib.ctr.artifacts import load_model, save_model
+from mmctr_assets.lib.ctr.inference import predict
+from mmctr_assets.lib.ctr.tensors import CTRTensors, to_tensors
+from mmctr_assets.lib.ctr.trainer import EpochLog, TrainConfig, train
 
 N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
 # This world has no popularity signal (uniform targets): the item-frequency input is noise here.
-MODEL = ModelConfig(embedding_dim=DIM, attention_units=(16, 8), deep_units=(32, 16),
+MODEL = ModelConfig(embedding_dim=DIM, max_len=MAX_LEN, attention_units=(16, 8), deep_units=(32, 16),
                     use_item_frequency=False)
 # One thread: on a shared 2-core box two OpenMP threads can run 10x slower under contention.
-FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, max_len=MAX_LEN, eval_batch_size=1024,
+FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, eval_batch_size=1024,
                    num_threads=1)
 
 
@@ -112,9 +114,9 @@ def test_to_tensors_rejects_ids_outside_the_tables(column, value, message):
 
 
 @pytest.mark.parametrize("labels, message", [
-    ([0.0, float("nan"), 1.0], r"'label' has 1 NaN/inf values \(e.g. row 1\)"),
-    ([0.0, float("inf"), 1.0], r"'label' has 1 NaN/inf"),
-    ([0.0, 0.5, 2.0], r"'label' must be 0 or 1, but 2 rows are not \(e.g. 0.5 at row 1\)"),
+    ([0.0, float("nan"), 1.0], r"label: 1 values are not 0 or 1 \(row 1: nan\)"),
+    ([0.0, float("inf"), 1.0], r"label: 1 values are not 0 or 1 \(row 1: inf\)"),
+    ([0.0, 0.5, 2.0], r"label: 2 values are not 0 or 1 \(row 1: 0.5, row 2: 2.0\)"),
     ([0.0, None, 1.0], r"'label' has 1 nulls"),
 ])
 def test_to_tensors_rejects_bad_labels(labels, message):
@@ -128,7 +130,7 @@ def test_to_tensors_rejects_malformed_frames():
     good = {"item_seq": [[0, 1], [0, 2]], "item_id": [1, 2], "likes_level": [1, 1], "views_level": [1, 1]}
     with pytest.raises(ValueError, match=r"lacks columns \['views_level'\]"):
         to_tensors(pl.DataFrame({k: v for k, v in good.items() if k != "views_level"}), 4)
-    with pytest.raises(ValueError, match="must be LEFT-padded.*1 rows end in padding \\(e.g. row 1\\)"):
+    with pytest.raises(ValueError, match=r"must be LEFT-padded.*1 rows are not \(e.g. row 1\)"):
         to_tensors(pl.DataFrame({**good, "item_seq": [[0, 1], [2, 0]]}), 4)
     with pytest.raises(ValueError, match="'item_seq' has 1 null entries"):
         to_tensors(pl.DataFrame({**good, "item_seq": [[0, 1], [None, 2]]}), 4)
@@ -196,8 +198,14 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
     (tmp_path / "killed" / "best.pt").unlink()
     again = _train(data, tmp_path, "killed")
     assert again.resumed_from_epoch == 2 and len(again.history) == 2
-    np.testing.assert_array_equal(predict(load_model(again.best_model_path), data["valid"]),
-                                  whole.valid_predictions)
+    # like with like: the loop's evaluation batches and thread count (rounding depends on both)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(FAST.num_threads)
+    try:
+        reloaded = predict(load_model(again.best_model_path), data["valid"], batch_size=FAST.eval_batch_size)
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(reloaded, whole.valid_predictions)
     longer = _train(data, tmp_path, "killed", cfg=dataclasses.replace(FAST, epochs=3))
     assert longer.resumed_from_epoch == 2 and [e.epoch for e in longer.history] == [1, 2, 3]
 
@@ -237,7 +245,7 @@ def test_lr_is_cut_after_a_bad_epoch_and_training_stops_after_two(tmp_path):
 
 
 def test_precision_options(data, tmp_path):
-    with pytest.raises(ValueError, match="precision='fp16' needs a CUDA device.*Use 'bf16' or 'fp32'"):
+    with pytest.raises(ValueError, match="precision 'fp16' needs a CUDA device.*Use 'bf16' or 'fp32'"):
         _train(data, tmp_path, cfg=dataclasses.replace(FAST, precision="fp16"))
     with pytest.raises(ValueError, match="precision must be one of"):
         TrainConfig(precision="fp8")
@@ -253,7 +261,7 @@ def test_train_rejects_unusable_inputs(data, tmp_path):
     with pytest.raises(ValueError, match="valid_tensors labels are all 1"):
         train(MODEL, FAST, data["train"], one_class, data["emb"], checkpoint_dir=tmp_path)
     soft = dataclasses.replace(data["train"], label=torch.full((len(data["train"]),), 0.3))
-    with pytest.raises(ValueError, match="train_tensors: column 'label' must be 0 or 1"):
+    with pytest.raises(ValueError, match=r"train_tensors.label: 6,000 values are not 0 or 1 \(row 0: 0.3"):
         train(MODEL, FAST, soft, data["valid"], data["emb"], checkpoint_dir=tmp_path)
     with pytest.raises(ValueError, match=r"item_id: .*target ids 1\.\.99"):
         train(MODEL, FAST, data["train"], data["valid"], data["emb"][:100], checkpoint_dir=tmp_path)

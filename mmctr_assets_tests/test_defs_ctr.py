@@ -15,15 +15,16 @@ import polars as pl
 import pytest
 
 import dagster as dg
-from mmctr_assets.defs import task2
-from mmctr_assets.lib import dataset
+from mmctr_assets.defs import ctr as task2
+from mmctr_assets.lib.data import microlens
 
 # small batches: the tiny training table has 2,000 rows
 TRAIN = {"batch_size": 128, "epochs": 4, "lr": 2e-3, "seed": 7}
 
 
-def train_config(**overrides) -> dict:
-    return {"ops": {"dcn_din_model": {"config": TRAIN | overrides}}}
+def train_config(embedding_source: str = "fused", model: dict | None = None, **train) -> dict:
+    config = {"embedding_source": embedding_source, "model": model or {}, "train": TRAIN | train}
+    return {"ops": {"dcn_din_model": {"config": config}}}
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,7 @@ def test_same_config_same_auc(outputs, tiny_data, make_resources, instance):
 def test_predictions_are_keyed_by_test_ids(task2_outputs, tiny_data):
     out, result = task2_outputs
     pred = pl.read_csv(out / "prediction.csv")
-    test_ids = pl.read_parquet(dataset.table_path(tiny_data, "test")).get_column("ID")
+    test_ids = pl.read_parquet(microlens.table_path(tiny_data, "test")).get_column("ID")
     assert pred.columns == ["ID", "probability"]
     assert pred.get_column("ID").to_list() == test_ids.to_list()
     p = pred.get_column("probability")
@@ -192,3 +193,14 @@ def test_killed_training_resumes_to_the_same_result(outputs, tiny_data, tmp_path
     meta = event.asset_materialization.metadata
     assert meta["best_valid_auc"].value == expected
     assert meta["epochs_run"].value == model_metadata(uninterrupted)["epochs_run"].value
+
+
+def test_flat_config_keys_of_earlier_versions_are_refused_with_the_new_shape(outputs, tiny_data, make_resources, instance):
+    result = dg.materialize(
+        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
+        run_config={"ops": {"dcn_din_model": {"config": {"epochs": 2, "max_len": 32}}}}, raise_on_error=False,
+    )
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "unknown keys ['epochs', 'max_len']" in message
+    assert '{"model": {"max_len": "..."}, "train": {"epochs": "..."}}' in message

@@ -17,18 +17,20 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmctr_assets.lib.tiny_clip import is_random_weights
+from mmctr_assets.lib.precision import autocast, check_precision
 
 DEFAULT_MODEL = "openai/clip-vit-base-patch32"
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMBINES = ("mean", "image", "text")
 REQUIRED_COLUMNS = ("item_id", "title", "tags", "image_path")
+# Files a model folder may carry to say its weights are not real CLIP (written by tiny_clip).
+RANDOM_WEIGHTS_MARKER = "MMCTR_RANDOM_WEIGHTS"
+DEMO_FITTED_MARKER = "MMCTR_DEMO_FITTED"
 
 _FIX_HINT = (
     "To fix: point MMCTR_CLIP_MODEL at a local copy of the weights (made on a machine with "
     "internet by `hf download openai/clip-vit-base-patch32 --local-dir DIR`; older huggingface_hub: "
     "`huggingface-cli download ...`), or "
-    "build the random-weight demo encoder with `python -m mmctr_assets.lib.tiny_clip DIR` and set "
+    "build the random-weight demo encoder with `mmctr-tiny-clip DIR` and set "
     "MMCTR_CLIP_MODEL=DIR (its embeddings carry no meaning; fine for demos and tests)."
 )
 
@@ -65,22 +67,6 @@ class ClipResult:
     corrupt_image_ids: np.ndarray | None = None  # int64: the file exists but does not decode
 
 
-def check_precision(device: torch.device, precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}.")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("precision 'fp16' is not supported on the CPU; use 'fp32' or 'bf16' there.")
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision by autocast (weights stay fp32); a no-op for fp32."""
-    check_precision(device, precision)
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _first_line(exc: Exception) -> str:
     lines = str(exc).strip().splitlines()
     return (lines[0] if lines else "").rstrip(".")[:300]
@@ -103,7 +89,7 @@ def load_clip(
     from transformers import CLIPModel, CLIPProcessor
 
     device = torch.device(device)
-    check_precision(device, precision)
+    check_precision(precision, device)
     local = Path(model_ref).expanduser()
     looks_local = local.is_absolute() or model_ref.startswith((".", "~")) or local.exists()
     tried: list[str] = []
@@ -150,6 +136,10 @@ def load_clip(
     model = model.to(device).eval()
     random_weights = looks_local and is_random_weights(local)
     return ClipBundle(model, processor, device, precision, random_weights, model_ref)
+
+
+def is_random_weights(model_dir: str | os.PathLike) -> bool:
+    return (Path(model_dir) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 def item_texts(items: pl.DataFrame) -> pl.Series:
@@ -345,4 +335,25 @@ def from_frame(frame: pl.DataFrame) -> ClipResult:
         embeddings=emb.to_numpy().astype(np.float32, copy=False),
         text_only_ids=ids[frame["text_only"].to_numpy()],
         seconds=float("nan"),
+    )
+def item_content_frame(item_info: pl.DataFrame, item_feature: pl.DataFrame, images: pl.DataFrame) -> pl.DataFrame:
+    """What the content encoder sees per real item: title, tags and cover path.
+
+    Tags come from item_feature's full list when the item has one, else from item_info's five;
+    items absent from item_feature get a null title (their text is their tags).
+    """
+    feature = item_feature.select(
+        "item_id", pl.col("item_title").alias("title"), pl.col("item_tags").alias("feature_tags")
+    )
+    return (
+        item_info.filter(pl.col("item_id") > 0)
+        .select("item_id", "item_tags")
+        .join(feature, on="item_id", how="left")
+        .join(images.select("item_id", "image_path"), on="item_id", how="left")
+        .select(
+            "item_id",
+            "title",
+            pl.coalesce("feature_tags", "item_tags").alias("tags"),
+            "image_path",
+        )
     )

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from mmctr_assets.lib import demo_data
-from mmctr_assets.lib.demo_data import SIZES, DemoSize, generate, main
+from mmctr_assets.lib.data import demo as demo_data
+from mmctr_assets.lib.data.demo import SIZES, DemoSize, generate, main
 
 TINY = SIZES["tiny"]
 ROW_SCHEMA = {"user_id": pl.Int64, "item_seq": pl.List(pl.Int64), "item_id": pl.Int64,

@@ -9,12 +9,15 @@ import polars as pl
 import pytest
 
 import dagster as dg
-from mmctr_assets.defs import operations
+from mmctr_assets import settings
+from mmctr_assets.defs import jobs, schedules, sensors
+from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.definitions import defs
-from mmctr_assets.lib import dataset
+from mmctr_assets.lib.data import images, microlens
+from mmctr_assets.lib.io import file_fingerprint
 from mmctr_assets.resources import ProjectStorage
 
-SHARDS = operations.clip_shards.get_partition_keys()
+SHARDS = clip_shards.get_partition_keys()
 DOWNSTREAM = {"fused_item_embeddings", "dcn_din_model", "predictions", "submission_zip"}
 
 
@@ -36,21 +39,21 @@ def test_retrain_job_runs_raw_through_submission_without_clip():
 
 def test_weekly_schedule_requests_one_valid_retrain_run():
     schedule = defs.get_repository_def().get_schedule_def("weekly_retrain")
-    assert schedule.cron_schedule == operations.DEFAULT_RETRAIN_CRON == "0 3 * * 1"
+    assert schedule.cron_schedule == settings.DEFAULT_RETRAIN_CRON == "0 3 * * 1"
     assert schedule.execution_timezone == "UTC"
     assert schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     assert schedule.job_name == "retrain_job"
     when = datetime.datetime(2026, 3, 2, 3, 0, tzinfo=datetime.timezone.utc)  # a Monday
     requests = schedule.evaluate_tick(dg.build_schedule_context(scheduled_execution_time=when)).run_requests
     assert len(requests) == 1
-    assert requests[0].tags[operations.TRIGGER_TAG] == "schedule"
+    assert requests[0].tags[jobs.TRIGGER_TAG] == "schedule"
     assert dg.validate_run_config(defs.resolve_job_def("retrain_job"), requests[0].run_config) is not None
 
 
 def test_schedule_cron_and_timezone_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("MMCTR_RETRAIN_CRON", "30 1 * * *")
     monkeypatch.setenv("MMCTR_RETRAIN_TZ", "Asia/Shanghai")
-    schedule = operations.build_retrain_schedule(operations.retrain_cron(), operations.retrain_timezone())
+    schedule = schedules.build_retrain_schedule(settings.retrain_cron(), settings.retrain_timezone())
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("30 1 * * *", "Asia/Shanghai")
 
 
@@ -60,7 +63,7 @@ def test_schedule_cron_and_timezone_come_from_the_environment(monkeypatch):
 )
 def test_bad_schedule_settings_name_the_variable_to_fix(cron, tz, variable):
     with pytest.raises(ValueError, match=variable) as err:
-        operations.build_retrain_schedule(cron, tz)
+        schedules.build_retrain_schedule(cron, tz)
     assert (cron if variable.endswith("CRON") else tz) in str(err.value)
 
 
@@ -77,7 +80,7 @@ def sense(data_copy):
         context = dg.build_sensor_context(
             cursor=state["cursor"], resources={"storage": ProjectStorage(data_dir=str(data_copy), output_dir="unused")}
         )
-        result = operations.raw_data_sensor(context)
+        result = sensors.raw_data_sensor(context)
         state["cursor"] = context.cursor
         return result
 
@@ -100,29 +103,29 @@ def test_first_look_records_fingerprints_and_no_change_starts_nothing(sense, dat
     assert isinstance(first, dg.SkipReason) and "First look" in first.skip_message
     assert requests_of(sense()) == []
     # a touch (new mtime, same bytes) re-hashes to the same content: still nothing
-    train = dataset.table_path(data_copy, "train")
+    train = microlens.table_path(data_copy, "train")
     os.utime(train, ns=(train.stat().st_atime_ns, train.stat().st_mtime_ns + 10**9))
     assert requests_of(sense()) == []
 
 
 def test_cursor_holds_content_fingerprints(data_copy):
     context = dg.build_sensor_context(resources={"storage": ProjectStorage(data_dir=str(data_copy), output_dir="unused")})
-    operations.raw_data_sensor(context)
+    sensors.raw_data_sensor(context)
     cursor = json.loads(context.cursor)
-    assert set(cursor) == set(dataset.TABLES) | {"item_images"}
-    assert cursor["train"]["content"] == dataset.file_fingerprint(dataset.table_path(data_copy, "train"))
+    assert set(cursor) == set(microlens.TABLES) | {"item_images"}
+    assert cursor["train"]["content"] == file_fingerprint(microlens.table_path(data_copy, "train"))
 
 
 def test_changed_interactions_start_exactly_one_retrain_run(sense, data_copy):
     sense()
-    train = dataset.table_path(data_copy, "train")
+    train = microlens.table_path(data_copy, "train")
     pl.read_parquet(train).head(-1).write_parquet(train)
     requests = requests_of(sense())
     assert len(requests) == 1
     request = requests[0]
     assert request.job_name == "retrain_job"
     assert request.tags["mmctr/changed_sources"] == "train"
-    assert operations.RANGE_START_TAG not in request.tags  # CLIP shards are reused
+    assert jobs.RANGE_START_TAG not in request.tags  # CLIP shards are reused
     assert_valid(request)
     assert requests_of(sense()) == []  # once per change
 
@@ -131,24 +134,24 @@ def test_changed_interactions_start_exactly_one_retrain_run(sense, data_copy):
 def test_changed_item_content_refreshes_every_clip_shard_in_one_run(sense, data_copy, change):
     sense()
     if change == "item_info":
-        path = dataset.table_path(data_copy, "item_info")
+        path = microlens.table_path(data_copy, "item_info")
         frame = pl.read_parquet(path)
         frame.with_columns(pl.col("item_tags").list.reverse()).write_parquet(path)
         expected = "item_info"
     elif change == "new_cover":
-        images = data_copy / dataset.IMAGES_DIR
+        images = data_copy / microlens.IMAGES_DIR
         missing = next(i for i in range(1, 10_000) if not (images / f"{i}.jpg").exists())
         (images / f"{missing}.jpg").write_bytes((images / next(images.iterdir()).name).read_bytes())
         expected = "item_images"
     else:
-        dataset.table_path(data_copy, "item_feature").unlink()
+        microlens.table_path(data_copy, "item_feature").unlink()
         expected = "item_feature"
     requests = requests_of(sense())
     assert len(requests) == 1
     request = requests[0]
     assert request.job_name == "full_refresh_job"
     assert request.tags["mmctr/changed_sources"] == expected
-    assert (request.tags[operations.RANGE_START_TAG], request.tags[operations.RANGE_END_TAG]) == (SHARDS[0], SHARDS[-1])
+    assert (request.tags[jobs.RANGE_START_TAG], request.tags[jobs.RANGE_END_TAG]) == (SHARDS[0], SHARDS[-1])
     assert_valid(request)
     assert requests_of(sense()) == []
 
@@ -182,7 +185,7 @@ def requested(result) -> dict[str, set]:
 
 def test_nothing_starts_by_itself_on_a_fresh_instance(instance):
     graph = defs.resolve_asset_graph()
-    manual = {"clip_embeddings", "item2vec_embeddings"} | {k.to_user_string() for k in operations.RAW.resolve(graph)}
+    manual = {"clip_embeddings", "item2vec_embeddings"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
     assert {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition is None} == manual
     assert dg.evaluate_automation_conditions(defs=defs, instance=instance).total_requested == 0
 
@@ -227,20 +230,20 @@ def test_downstream_waits_for_passing_blocking_checks(instance):
 @pytest.mark.parametrize(("name", "expected"), [("in_process", dg.in_process_executor), ("multiprocess", dg.multiprocess_executor)])
 def test_executor_from_env(monkeypatch, name, expected):
     monkeypatch.setenv("MMCTR_EXECUTOR", name)
-    assert operations.executor_from_env() is expected
+    assert jobs.executor_from_env() is expected
     monkeypatch.delenv("MMCTR_EXECUTOR")
-    assert operations.executor_from_env() is None
+    assert jobs.executor_from_env() is None
 
 
 def test_unknown_or_unavailable_executor_says_what_to_do(monkeypatch):
     monkeypatch.setenv("MMCTR_EXECUTOR", "gpu-cluster")
     with pytest.raises(ValueError, match="MMCTR_EXECUTOR='gpu-cluster' is not one of multiprocess, in_process, k8s"):
-        operations.executor_from_env()
+        jobs.executor_from_env()
     monkeypatch.setenv("MMCTR_EXECUTOR", "k8s")
     try:
         import dagster_k8s
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install dagster-k8s==0\.29\.\*"):
-            operations.executor_from_env()
+            jobs.executor_from_env()
     else:
-        assert operations.executor_from_env() is dagster_k8s.k8s_job_executor
+        assert jobs.executor_from_env() is dagster_k8s.k8s_job_executor

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from mmctr_assets.lib import item2vec as i2v
+from mmctr_assets.lib.embeddings import item2vec as i2v
 
 SMALL = pl.DataFrame(
     {
@@ -98,7 +98,7 @@ def test_single_worker_is_bit_reproducible_across_processes(cluster_corpus):
     np.testing.assert_array_equal(a.vectors, b.vectors)
     assert not np.array_equal(a.vectors, c.vectors)
     code = (
-        "import sys, numpy as np; from mmctr_assets.lib.item2vec import train_item2vec;"
+        "import sys, numpy as np; from mmctr_assets.lib.embeddings.item2vec import train_item2vec;"
         "r = train_item2vec(sys.argv[1], epochs=2, workers=1, seed=7); sys.stdout.buffer.write(r.vectors.tobytes())"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from mmctr_assets.lib.layers import MLP, CrossNet, Dice, TargetAttention, pack_history
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, Dice, TargetAttention, pack_history
 
 D = 8
 
