@@ -228,7 +228,7 @@ def history_length_summary(frame: pl.DataFrame) -> dict[str, float]:
     seq = frame.get_column("item_seq")
     if len(seq) == 0:
         return {}
-    # row blocks: count_matches over the whole column materialises a copy of it (2.8 GB at full size)
+    # row blocks: count_matches over the whole column materialises a copy of it
     zeros = pl.concat([seq.slice(s, 1 << 18).list.count_matches(0) for s in range(0, len(seq), 1 << 18)])
     lengths = seq.list.len() - zeros
     q = lengths.cast(pl.Float64)
