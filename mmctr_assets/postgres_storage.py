@@ -40,12 +40,6 @@ class PostgresStorageUnavailable(click.ClickException):
     command (`dagster dev`, `dagster asset materialize`, dagster-webserver, dagster-daemon, run
     workers) prints the message and exits 1 instead of printing a traceback."""
 
-    def __init__(self, message: str):
-        super().__init__(message)
-
-    def __str__(self) -> str:
-        return self.message
-
 
 def _connect_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     if config.get("postgres_url"):
