@@ -17,14 +17,14 @@ export MMCTR_DATA_DIR  ?= $(STATE)/demo_data
 export MMCTR_CLIP_MODEL ?= $(STATE)/models/tiny-clip
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
-.PHONY: install demo-inputs demo dev browser test mlflow-ui clean-outputs
+.PHONY: install demo-inputs demo dev browser postgres test mlflow-ui clean-outputs
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,prod]"
 	touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: mmctr_assets/deploy/dagster.yaml
@@ -58,7 +58,13 @@ mlflow-ui: install
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-test: install browser
+## The production-instance test (mmctr_assets_tests/test_prod_instance.py) starts Debian's PostgreSQL
+## server in a temp dir; installing it needs root, as in CI. Its binaries live off PATH in
+## /usr/lib/postgresql/<major>/bin (the test finds them there).
+postgres:
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq postgresql)
+
+test: install browser postgres
 	$(BIN)/pytest -q
 
 clean-outputs:

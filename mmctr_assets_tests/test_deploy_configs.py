@@ -1,6 +1,8 @@
 """Production deployment files load and agree with each other and with the code: the instance
-configs against Dagster's own schema, the Kubernetes manifests against the settings the code
-reads, the GPU tags against the format dagster-k8s reads, and the MLflow server command for real."""
+configs against Dagster's own schema, the K8sRunLauncher and k8s_job_executor built by dagster-k8s
+from the shipped config with the Jobs they would submit rendered (no cluster needed), the Kubernetes
+manifests against the settings the code reads, and the MLflow server command for real.
+test_prod_instance.py runs the production instance's Postgres storage against a real server."""
 
 import json
 import os
@@ -16,12 +18,24 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from dagster._config import process_config
+from dagster._core.definitions.job_base import InMemoryJob
 from dagster._core.errors import DagsterInvalidConfigError
+from dagster._core.executor.init import InitExecutorContext
 from dagster._core.instance.config import dagster_instance_config
+from dagster._serdes import ConfigurableClassData
+from dagster_k8s import K8sRunLauncher, k8s_job_executor
+from dagster_k8s.container_context import K8sContainerContext
+from dagster_k8s.executor import K8sStepHandler
+from dagster_k8s.job import construct_dagster_k8s_job, get_user_defined_k8s_config
+from kubernetes.client import ApiClient
 
+import dagster as dg
 from mmctr_assets import settings
+from mmctr_assets.defs import jobs
 from mmctr_assets.defs.schedules import build_retrain_schedule
 from mmctr_assets.definitions import defs
+from mmctr_assets.postgres_storage import PG_ENV
 from mmctr_assets.resources import MlflowResource
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
@@ -47,31 +61,115 @@ def test_instance_configs_validate_against_dagster_schema(name):
 
 def test_prod_instance_uses_postgres_and_the_k8s_run_launcher():
     config, _ = dagster_instance_config(str(DEPLOY), PROD.name)
-    db = config["storage"]["postgres"]["postgres_db"]
-    assert {k: db[k] for k in ("hostname", "db_name", "username", "password")} == {
-        "hostname": {"env": "DAGSTER_PG_HOST"}, "db_name": {"env": "DAGSTER_PG_DB"},
-        "username": {"env": "DAGSTER_PG_USERNAME"}, "password": {"env": "DAGSTER_PG_PASSWORD"},
-    }
+    storage = config["storage"]["custom"]
+    assert (storage["module"], storage["class"]) == ("mmctr_assets.postgres_storage", "PostgresStorage")
+    db = storage["config"]["postgres_db"]
+    # the variables the storage's connection check names are the ones this file reads
+    assert {k: db[k] for k in PG_ENV} == {k: {"env": v} for k, v in PG_ENV.items()}
     launcher = config["run_launcher"]
     assert (launcher["module"], launcher["class"]) == ("dagster_k8s.launcher", "K8sRunLauncher")
 
 
-def test_schema_validation_catches_a_typo(tmp_path):
-    config = yaml.safe_load(PROD.read_text())
-    config["storage"]["postgres"]["postgres_db"]["hostnme"] = config["storage"]["postgres"]["postgres_db"].pop("hostname")
-    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(config))
+def test_storage_config_typo_fails_when_the_instance_loads_it():
+    """The storage config is checked against dagster-postgres's schema when Dagster loads the class
+    (before any connection), as for `storage: postgres:`."""
+    storage = yaml.safe_load(PROD.read_text())["storage"]["custom"]
+    storage["config"]["postgres_db"]["hostnme"] = storage["config"]["postgres_db"].pop("hostname")
+    data = ConfigurableClassData(storage["module"], storage["class"], yaml.safe_dump(storage["config"]))
     with pytest.raises(DagsterInvalidConfigError, match="hostnme"):
-        dagster_instance_config(str(tmp_path))
+        data.rehydrate()
 
 
-def test_k8s_run_launcher_config_matches_dagster_k8s():
-    k8s = pytest.importorskip(
-        "dagster_k8s", reason="dagster-k8s not installed: 0.29.27 pins dagster==1.13.27 (we run 1.13.28)"
+# A kubeconfig for a cluster that is never contacted: dagster-k8s loads credentials when the launcher
+# and the step handler are built, and the in-cluster service account does not exist here.
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: none, cluster: {server: "https://127.0.0.1:9"}}]
+users: [{name: none, user: {token: never-used}}]
+contexts: [{name: none, context: {cluster: none, user: none}}]
+current-context: none
+"""
+IMAGE = "registry.example.com/mmctr:1.0"
+
+
+@pytest.fixture
+def k8s_instance(tmp_path):
+    """An instance whose run launcher Dagster and dagster-k8s build from the shipped
+    dagster.prod.yaml, as the daemon does. Two changes, both for want of a cluster: credentials from
+    KUBECONFIG instead of the in-cluster service account, and sqlite storage instead of Postgres."""
+    config = yaml.safe_load(PROD.read_text())
+    del config["storage"]
+    (tmp_path / "kubeconfig").write_text(KUBECONFIG)
+    config["run_launcher"]["config"] |= {"load_incluster_config": False, "kubeconfig_file": str(tmp_path / "kubeconfig")}
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump(config))
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        yield instance
+
+
+def render_job(context: K8sContainerContext, launcher: K8sRunLauncher, name: str, component: str) -> dict:
+    """The Job dagster-k8s submits for `context` (as launch_run / K8sStepHandler.launch_step build
+    it), as the JSON sent to the API server."""
+    job = construct_dagster_k8s_job(
+        job_config=context.get_k8s_job_config(job_image=IMAGE, run_launcher=launcher),
+        args=["dagster", "api", "execute_step"], job_name=name, pod_name=name, component=component,
+        user_defined_k8s_config=context.run_k8s_config,
     )
-    from dagster._config import validate_config
+    return ApiClient().sanitize_for_serialization(job)
 
-    result = validate_config(k8s.K8sRunLauncher.config_type(), yaml.safe_load(PROD.read_text())["run_launcher"]["config"])
-    assert result.success, result.errors
+
+def test_k8s_launcher_and_executor_build_from_the_shipped_config_and_gpu_steps_get_a_gpu(k8s_instance, monkeypatch):
+    shipped = yaml.safe_load(PROD.read_text())["run_launcher"]["config"]
+    launcher = k8s_instance.run_launcher
+    assert isinstance(launcher, K8sRunLauncher)
+    assert (launcher.job_namespace, launcher.instance_config_map, launcher.service_account_name) == (
+        shipped["job_namespace"], shipped["instance_config_map"], shipped["service_account_name"])
+
+    # the executor the code location picks with MMCTR_EXECUTOR=k8s (deploy/k8s/mmctr.yaml), built as
+    # a run builds it: default executor config, this instance's K8sRunLauncher
+    monkeypatch.setenv("MMCTR_EXECUTOR", "k8s")
+    executor_def = jobs.executor_from_env()
+    assert executor_def is k8s_job_executor
+    executor_config = process_config(executor_def.config_schema.config_type, {})
+    assert executor_config.success, executor_config.errors
+    job = InMemoryJob(defs.resolve_job_def(jobs.full_refresh_job.name))
+    executor = executor_def.executor_creation_fn(
+        InitExecutorContext(job=job, executor_def=executor_def, executor_config=executor_config.value, instance=k8s_instance)
+    )
+    step_handler = executor._step_handler  # noqa: SLF001 (what launches each step's Job)
+    assert isinstance(step_handler, K8sStepHandler)
+
+    run = k8s_instance.create_run_for_job(job_def=job.get_definition())
+    run_context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=True)
+    assert run_context.namespace == shipped["job_namespace"]
+    run_pod = render_job(run_context, launcher, "dagster-run-x", "run_worker")["spec"]["template"]["spec"]
+
+    assets = {a.key.to_user_string(): a for a in defs.resolve_asset_graph().assets_defs}
+    for name, asset in assets.items():
+        # K8sStepHandler._get_container_context: the run's context, the executor's, the op's tags
+        context = (
+            K8sContainerContext.create_for_run(run, launcher, include_run_tags=False)
+            .merge(step_handler._executor_container_context)  # noqa: SLF001
+            .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(asset.op.tags)))
+        )
+        pod = render_job(context, launcher, f"dagster-step-{name.replace('_', '-')}", "step_worker")["spec"]["template"]["spec"]
+        for spec in (pod, run_pod):  # every pod: the shared volume, the environment, the account
+            (container,) = spec["containers"]
+            assert container["image"] == IMAGE
+            assert {"configMapRef": {"name": "mmctr-env"}} in container["envFrom"]
+            assert [m["mountPath"] for m in container["volumeMounts"] if m["name"] == "mmctr-data"] == ["/mnt/mmctr"]
+            assert {"name": "mmctr-data", "persistentVolumeClaim": {"claimName": "mmctr-data"}} in spec["volumes"]
+            assert spec["serviceAccountName"] == shipped["service_account_name"]
+            assert {"name": "DAGSTER_PG_PASSWORD", "valueFrom": {"secretKeyRef": {
+                "key": "postgresql-password", "name": shipped["postgres_password_secret"]}}} in container["env"]
+        limits = ((pod["containers"][0].get("resources") or {}).get("limits")) or {}
+        if name in GPU_ASSETS:
+            assert limits == {"nvidia.com/gpu": "1"}, name
+        else:
+            assert "nvidia.com/gpu" not in limits, f"{name} would hold a GPU it does not use"
+    assert "nvidia.com/gpu" not in ((run_pod["containers"][0].get("resources") or {}).get("limits") or {})
 
 
 def test_every_pod_mounts_the_volume_that_holds_data_outputs_and_weights():
@@ -111,10 +209,6 @@ def test_gpu_assets_request_one_gpu_in_the_format_dagster_k8s_reads():
         assert config["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1", name
     for name in set(assets) - set(GPU_ASSETS):
         assert "dagster-k8s/config" not in assets[name].op.tags, f"{name} would hold a GPU it does not use"
-    try:
-        from dagster_k8s.job import get_user_defined_k8s_config
-    except ImportError:
-        return
     for name in GPU_ASSETS:
         parsed = get_user_defined_k8s_config(assets[name].op.tags)
         assert parsed.container_config["resources"]["limits"] == {"nvidia.com/gpu": "1"}
