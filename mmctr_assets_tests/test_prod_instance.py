@@ -126,7 +126,7 @@ def test_whole_graph_on_postgres_storage_with_mlflow_on_the_same_server(pg, tiny
         run = subprocess.run(
             [DAGSTER, "asset", "materialize", "-m", "mmctr_assets", "--select", "*",
              "--partition-range", f"{SHARDS[0]}...{SHARDS[-1]}",
-             "--config-json", '{"ops": {"dcn_din_model": {"config": {"batch_size": 256, "epochs": 2}}}}'],
+             "--config-json", '{"ops": {"dcn_din_model": {"config": {"train": {"batch_size": 256, "epochs": 2}}}}}'],
             env=env, capture_output=True, text=True, timeout=900,
         )
         assert run.returncode == 0, run.stderr[-4000:]
