@@ -129,12 +129,11 @@ def free_port() -> int:
 def test_mlflow_server_command_tracks_runs_in_a_database(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri also sets it
     port = free_port()
-    env = os.environ | {
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_HOST", "MLFLOW_AUTH")} | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-        "MLFLOW_HOST": "127.0.0.1",
-        "MLFLOW_PORT": str(port),
+        "MLFLOW_PORT": str(port),  # MLFLOW_HOST unset: the loopback default
         "MLFLOW_WORKERS": "1",
     }
     log = tmp_path / "mlflow-server.log"
@@ -178,3 +177,34 @@ def test_mlflow_server_command_says_what_is_missing(tmp_path):
     result = subprocess.run([str(DEPLOY / "mlflow-server.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in result.stderr and "postgresql://" in result.stderr
+
+
+def mlflow_server_args(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    """Run the script with a stand-in `mlflow` that prints the arguments it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mlflow").write_text('#!/bin/sh\necho "$@"\n')
+    (bin_dir / "mlflow").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_BACKEND_STORE_URI": "sqlite:///db", "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path),
+    } | settings
+    return subprocess.run([str(DEPLOY / "mlflow-server.sh")], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_mlflow_server_listens_on_loopback_unless_someone_authenticates(tmp_path):
+    default = mlflow_server_args(tmp_path)
+    assert default.returncode == 0 and "--host 127.0.0.1 " in default.stdout and "--app-name" not in default.stdout
+    # beyond loopback without authentication: refused, saying what to set
+    exposed = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0")
+    assert exposed.returncode == 2 and exposed.stdout == ""
+    assert "without authentication" in exposed.stderr and "MLFLOW_AUTH=basic-auth" in exposed.stderr
+    # MLflow's own login: `--app-name basic-auth`, which needs the Flask secret key
+    no_key = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth")
+    assert no_key.returncode != 0 and "MLFLOW_FLASK_SERVER_SECRET_KEY" in no_key.stderr
+    basic = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth", MLFLOW_FLASK_SERVER_SECRET_KEY="s")
+    assert basic.returncode == 0 and "--host 0.0.0.0 " in basic.stdout and "--app-name basic-auth" in basic.stdout
+    # an authenticating reverse proxy in front
+    proxied = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="proxy")
+    assert proxied.returncode == 0 and "--app-name" not in proxied.stdout
+    assert mlflow_server_args(tmp_path, MLFLOW_AUTH="ldap").returncode == 2
