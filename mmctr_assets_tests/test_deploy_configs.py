@@ -43,6 +43,8 @@ def test_instance_configs_validate_against_dagster_schema(name):
     config, _ = dagster_instance_config(str(DEPLOY), name)
     assert config["concurrency"]["pools"]["default_limit"] == 1  # the GPU pool
     assert config["telemetry"]["enabled"] is False
+    # a run that dies gives its pool slots back (README "One GPU, one step")
+    assert config["run_monitoring"]["enabled"] is True and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_prod_instance_uses_postgres_and_the_k8s_run_launcher():
