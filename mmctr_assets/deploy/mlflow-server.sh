@@ -13,7 +13,7 @@
 #     basic-auth  MLflow's own login (users, passwords, per-experiment permissions), served as
 #                 `mlflow server --app-name basic-auth`. Needs `pip install "mlflow[auth]==3.17.*"`,
 #                 MLFLOW_FLASK_SERVER_SECRET_KEY (the same on every replica) and, on the first
-#                 start, MLFLOW_AUTH_ADMIN_PASSWORD (MLflow 3.17 ships no default admin password).
+#                 start, MLFLOW_AUTH_ADMIN_PASSWORD (12+ characters; MLflow 3.17 ships no default).
 #                 Users live in MLFLOW_AUTH_CONFIG_PATH's `database_uri` (an .ini like mlflow's
 #                 server/auth/basic_auth.ini; point it at Postgres, not a relative sqlite file).
 #                 Clients set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
