@@ -8,6 +8,10 @@ module and their heavy imports.
 
 import dagster as dg
 
+from . import warning_filters
+
+warning_filters.install()  # before anything defines assets: see warning_filters.py
+
 
 @dg.definitions
 def code_location() -> dg.Definitions:  # not named `defs`: that is the mmctr_assets.defs package

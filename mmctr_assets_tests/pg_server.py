@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SUPERUSER = "mmctr"
 PASSWORD = "mmctr-test-password"
 
@@ -30,10 +32,12 @@ def find_bindir() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(on_path).parent
-    raise RuntimeError(
-        "PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql/*/bin or on PATH: "
-        "run `make postgres` (apt-get install postgresql, as root) or `make test`, which does."
-    )
+    message = ("PostgreSQL server binaries (initdb, pg_ctl) not found in /usr/lib/postgresql/*/bin or on "
+               "PATH: the production-instance tests need them; install them with `sudo apt-get update && "
+               "sudo apt-get install -y postgresql` (`make test` does this itself when run as root).")
+    if os.environ.get("MMCTR_REQUIRE_POSTGRES") == "1":
+        pytest.fail(f"{message} MMCTR_REQUIRE_POSTGRES=1 (CI) makes a missing server an error.")
+    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -57,6 +57,8 @@ def test_instance_configs_validate_against_dagster_schema(name):
     config, _ = dagster_instance_config(str(DEPLOY), name)
     assert config["concurrency"]["pools"]["default_limit"] == 1  # the GPU pool
     assert config["telemetry"]["enabled"] is False
+    # a run that dies gives its pool slots back (README "One GPU, one step")
+    assert config["run_monitoring"]["enabled"] is True and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_prod_instance_uses_postgres_and_the_k8s_run_launcher():
@@ -223,12 +225,11 @@ def free_port() -> int:
 def test_mlflow_server_command_tracks_runs_in_a_database(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri also sets it
     port = free_port()
-    env = os.environ | {
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_HOST", "MLFLOW_AUTH")} | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path / "artifacts"),
-        "MLFLOW_HOST": "127.0.0.1",
-        "MLFLOW_PORT": str(port),
+        "MLFLOW_PORT": str(port),  # MLFLOW_HOST unset: the loopback default
         "MLFLOW_WORKERS": "1",
     }
     log = tmp_path / "mlflow-server.log"
@@ -272,3 +273,34 @@ def test_mlflow_server_command_says_what_is_missing(tmp_path):
     result = subprocess.run([str(DEPLOY / "mlflow-server.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in result.stderr and "postgresql://" in result.stderr
+
+
+def mlflow_server_args(tmp_path: Path, **settings: str) -> subprocess.CompletedProcess:
+    """Run the script with a stand-in `mlflow` that prints the arguments it was given."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mlflow").write_text('#!/bin/sh\necho "$@"\n')
+    (bin_dir / "mlflow").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_BACKEND_STORE_URI": "sqlite:///db", "MLFLOW_ARTIFACTS_DESTINATION": str(tmp_path),
+    } | settings
+    return subprocess.run([str(DEPLOY / "mlflow-server.sh")], env=env, capture_output=True, text=True, timeout=30)
+
+
+def test_mlflow_server_listens_on_loopback_unless_someone_authenticates(tmp_path):
+    default = mlflow_server_args(tmp_path)
+    assert default.returncode == 0 and "--host 127.0.0.1 " in default.stdout and "--app-name" not in default.stdout
+    # beyond loopback without authentication: refused, saying what to set
+    exposed = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0")
+    assert exposed.returncode == 2 and exposed.stdout == ""
+    assert "without authentication" in exposed.stderr and "MLFLOW_AUTH=basic-auth" in exposed.stderr
+    # MLflow's own login: `--app-name basic-auth`, which needs the Flask secret key
+    no_key = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth")
+    assert no_key.returncode != 0 and "MLFLOW_FLASK_SERVER_SECRET_KEY" in no_key.stderr
+    basic = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth", MLFLOW_FLASK_SERVER_SECRET_KEY="s")
+    assert basic.returncode == 0 and "--host 0.0.0.0 " in basic.stdout and "--app-name basic-auth" in basic.stdout
+    # an authenticating reverse proxy in front
+    proxied = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="proxy")
+    assert proxied.returncode == 0 and "--app-name" not in proxied.stdout
+    assert mlflow_server_args(tmp_path, MLFLOW_AUTH="ldap").returncode == 2

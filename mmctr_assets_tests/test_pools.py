@@ -3,11 +3,16 @@ config we ship (deploy/dagster.yaml) lets one such step run at a time across all
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
+import psutil
+import pytest
 import yaml
 
 import dagster as dg
@@ -96,3 +101,132 @@ def test_two_runs_never_hold_the_gpu_at_once(tmp_path):
     # control: with room for two, the same runs do overlap, so the check above can fail
     steps = run_two_gpu_runs(tmp_path, pool_limit=2)
     assert overlap(steps["train_a"], steps["train_b"]) > 0, json.dumps(steps)
+
+
+# A GPU step that holds the slot for HOLD_S seconds and records its pid in MARK.
+HOLD_GPU = textwrap.dedent(
+    """
+    import os, time
+    from pathlib import Path
+    import dagster as dg
+
+    @dg.asset(pool="gpu")
+    def train():
+        Path(os.environ["MARK"]).write_text(str(os.getpid()))
+        time.sleep(float(os.environ["HOLD_S"]))
+
+    defs = dg.Definitions(assets=[train])
+    """
+)
+WAIT_S = 240  # generous bound for every wait below; nothing depends on how fast a step is
+
+
+class Launched:
+    """A `dagster asset materialize` of the GPU step in its own session, output in a file."""
+
+    def __init__(self, tmp_path: Path, env: dict, name: str, hold_s: float):
+        self.mark, self.log = tmp_path / f"{name}.pid", tmp_path / f"{name}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [str(DAGSTER), "asset", "materialize", "-f", str(tmp_path / "hold_gpu.py"), "--select", "train"],
+                env=env | {"MARK": str(self.mark), "HOLD_S": str(hold_s)}, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def wait_for(self, what, done) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not done():
+            assert self.proc.poll() is None or done(), f"exited ({self.proc.returncode}) before {what}:\n{self.output()}"
+            assert time.monotonic() < deadline, f"no {what} after {WAIT_S}s:\n{self.output()}"
+            time.sleep(0.5)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def finish(self) -> int:
+        try:
+            return self.proc.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"not finished after {WAIT_S}s:\n{self.output()}")
+
+    def kill_all(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def gpu_slots(home: Path) -> tuple[int, int]:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        info = instance.event_log_storage.get_concurrency_info("gpu")
+        return len(info.claimed_slots), info.pending_step_count
+
+
+def kill_run_worker(run: Launched) -> int:
+    """kill -9 of the run's own process only: its step subprocess lives on (and is still training)."""
+    run.wait_for("step start", run.mark.exists)
+    step_pid = int(run.mark.read_text())
+    os.kill(run.proc.pid, signal.SIGKILL)
+    run.proc.wait()
+    return step_pid
+
+
+@pytest.mark.slow
+def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(SHIPPED_INSTANCE, home / "dagster.yaml")  # as shipped: launcher, monitoring, intervals
+    (tmp_path / "hold_gpu.py").write_text(HOLD_GPU)
+    env = os.environ | {"DAGSTER_HOME": str(home)}
+    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env, check=True)
+    started: list[Launched] = []
+    daemon = None
+
+    def launch(name: str, hold_s: float) -> Launched:
+        started.append(Launched(tmp_path, env, name, hold_s))
+        return started[-1]
+
+    try:
+        # 1. No daemon: the dead run holds the slot until an operator runs mmctr-free-dead-runs.
+        dead = launch("dead1", hold_s=3600)
+        orphan = kill_run_worker(dead)
+        waiting, cancelled = launch("waiting1", hold_s=0), launch("cancelled1", hold_s=0)
+        for run in (waiting, cancelled):
+            run.wait_for("pool wait", lambda run=run: "Step blocked by limit for pool gpu" in run.output())
+        assert gpu_slots(home) == (1, 2)
+        # a waiting run stops on SIGTERM, and gives up its place in the queue
+        cancelled.proc.terminate()
+        assert cancelled.finish() != 0 and "DagsterExecutionInterruptedError" in cancelled.output()
+        assert gpu_slots(home) == (1, 1)
+
+        freed = subprocess.run([str(DAGSTER.with_name("mmctr-free-dead-runs"))], env=env, capture_output=True,
+                               text=True, timeout=WAIT_S)
+        assert freed.returncode == 0, freed.stderr
+        assert "marked FAILURE" in freed.stdout and "freed pool slot(s) ['gpu/train']" in freed.stdout, freed.stdout
+        assert waiting.finish() == 0, waiting.output()
+        assert waiting.mark.exists() and not psutil.pid_exists(orphan)  # the leftover step was stopped
+
+        # 2. With the daemon (what `make dev` runs): nobody does anything, the next run proceeds.
+        with open(tmp_path / "daemon.log", "w") as out:
+            daemon = subprocess.Popen([str(DAGSTER.with_name("dagster-daemon")), "run", "-f", str(tmp_path / "hold_gpu.py")],
+                                      env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        dead = launch("dead2", hold_s=3600)
+        orphan = kill_run_worker(dead)
+        waiting = launch("waiting2", hold_s=0)
+        assert waiting.finish() == 0, waiting.output() + (tmp_path / "daemon.log").read_text()[-3000:]
+        assert not psutil.pid_exists(orphan)
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            statuses = [r.status for r in instance.get_runs()]  # newest first
+        assert statuses[:2] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
+        assert gpu_slots(home) == (0, 0)
+    finally:
+        for run in started:
+            run.kill_all()
+        if daemon is not None:
+            daemon.terminate()
+            try:
+                daemon.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait()

@@ -239,3 +239,17 @@ def test_dagster_dev_and_a_run_stop_at_start_with_the_variable_to_fix(pg, tmp_pa
     assert code == 1, output[-3000:]
     assert "DAGSTER_PG_HOST" in output and "127.0.0.2" in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+
+@pytest.mark.parametrize("required", [False, True])
+def test_missing_postgres_skips_with_the_install_command_or_fails_in_ci(monkeypatch, required):
+    import _pytest.outcomes
+
+    import pg_server
+
+    monkeypatch.setattr(pg_server.glob, "glob", lambda pattern: [])
+    monkeypatch.setattr(pg_server.shutil, "which", lambda name: None)
+    monkeypatch.setenv("MMCTR_REQUIRE_POSTGRES", "1" if required else "")
+    expected = _pytest.outcomes.Failed if required else _pytest.outcomes.Skipped
+    with pytest.raises(expected, match=r"apt-get install -y postgresql"):
+        pg_server.find_bindir()

