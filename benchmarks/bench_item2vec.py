@@ -80,7 +80,8 @@ def main(argv=None) -> int:
     common = {"bench": "item2vec", "cpus": os.cpu_count(), "params": params}
 
     def emit(**kw):
-        print(json.dumps(common | kw), flush=True)
+        load = dict(zip(("load_avg_1m", "load_avg_5m"), (round(x, 2) for x in os.getloadavg()[:2])))
+        print(json.dumps(common | kw | load), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -144,12 +145,18 @@ def _determinism(train: Path, tmp: Path, params: dict, workers: list[int], emit)
     emit(phase="corpus", sentences=stats.n_sentences, tokens=stats.n_tokens, items=stats.n_items)
     base = None
     for w in workers:
-        runs = [item2vec.train_item2vec(stats.path, **(params | {"workers": w})) for _ in range(2)]
+        runs, cpu = [], []
+        for _ in range(2):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            runs.append(item2vec.train_item2vec(stats.path, **(params | {"workers": w})))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu.append(round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1))
         same = all(np.array_equal(a, b) for a, b in zip((runs[0].item_ids, runs[0].vectors),
                                                          (runs[1].item_ids, runs[1].vectors)))
         seconds = [round(r.seconds_train, 2) for r in runs]
         base = base or min(seconds)
-        emit(phase="determinism", workers=w, seconds_train=seconds, bit_identical=same,
+        # cpu_seconds (all threads): on an idle machine one worker's wall time is about its CPU time
+        emit(phase="determinism", workers=w, seconds_train=seconds, cpu_seconds=cpu, bit_identical=same,
              time_vs_first_count=round(min(seconds) / base, 3),
              max_abs_diff=float(np.abs(runs[0].vectors - runs[1].vectors).max()))
     return 0
