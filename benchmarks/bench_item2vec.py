@@ -12,6 +12,12 @@ phase's peak includes what is still held from before it: the baseline runs after
 
     .venv/bin/python benchmarks/bench_item2vec.py [--data-dir DIR] [--epochs 5] [--workers 2]
 
+``--determinism 1,2`` instead trains our pipeline twice per worker count on one corpus and reports
+the training time and whether the two runs' vectors are bit-identical (the price of the
+reproducible default, workers=1; README, item2vec):
+
+    .venv/bin/python benchmarks/bench_item2vec.py --size medium --determinism 1,2
+
 Without ``--data-dir`` the full-size demo data is generated into a temp folder (~100 s, about
 0.5 GB) and deleted afterwards.
 """
@@ -66,13 +72,16 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--determinism", metavar="W1,W2,...",
+                        help="train twice per worker count; report seconds and bit-identical vectors")
     args = parser.parse_args(argv)
     params = dict(dim=128, window=5, min_count=1, epochs=args.epochs, negative=5, workers=args.workers,
                   seed=args.seed)
     common = {"bench": "item2vec", "cpus": os.cpu_count(), "params": params}
 
     def emit(**kw):
-        print(json.dumps(common | kw), flush=True)
+        load = dict(zip(("load_avg_1m", "load_avg_5m"), (round(x, 2) for x in os.getloadavg()[:2])))
+        print(json.dumps(common | kw | load), flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -85,6 +94,8 @@ def main(argv=None) -> int:
             demo_data.generate(data_dir, size=args.size, seed=args.seed, progress=False)
             emit(phase="generate_demo_data", size=args.size, seconds=round(time.perf_counter() - t, 1))
         train = data_dir / "MicroLens_1M_x1" / "train.parquet"
+        if args.determinism:
+            return _determinism(train, tmp, params, [int(w) for w in args.determinism.split(",")], emit)
         rss0 = round(psutil.Process().memory_info().rss / MB)
 
         # ours, end to end
@@ -123,6 +134,31 @@ def main(argv=None) -> int:
              ratio=round(total / t_base, 3), goal=1.3, meets_goal=total / t_base <= 1.3,
              vocab_polars_vs_gensim_scan_s=[round(ours.seconds_vocab, 2), round(t_vocab, 2)],
              process_max_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    return 0
+
+
+def _determinism(train: Path, tmp: Path, params: dict, workers: list[int], emit) -> int:
+    """Per worker count: two trainings on the same corpus, their time, and whether they agree bit for bit."""
+    import numpy as np
+
+    stats = item2vec.build_corpus(train, tmp / "corpus.txt")
+    emit(phase="corpus", sentences=stats.n_sentences, tokens=stats.n_tokens, items=stats.n_items)
+    base = None
+    for w in workers:
+        runs, cpu = [], []
+        for _ in range(2):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            runs.append(item2vec.train_item2vec(stats.path, **(params | {"workers": w})))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu.append(round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1))
+        same = all(np.array_equal(a, b) for a, b in zip((runs[0].item_ids, runs[0].vectors),
+                                                         (runs[1].item_ids, runs[1].vectors)))
+        seconds = [round(r.seconds_train, 2) for r in runs]
+        base = base or min(seconds)
+        # cpu_seconds (all threads): on an idle machine one worker's wall time is about its CPU time
+        emit(phase="determinism", workers=w, seconds_train=seconds, cpu_seconds=cpu, bit_identical=same,
+             time_vs_first_count=round(min(seconds) / base, 3),
+             max_abs_diff=float(np.abs(runs[0].vectors - runs[1].vectors).max()))
     return 0
 
 

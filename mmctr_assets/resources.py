@@ -96,6 +96,14 @@ class ProjectStorage(dg.ConfigurableResource):
             )
         return pl.concat([pl.read_parquet(self.clip_shard(k)) for k in keys]).sort("item_id")
 
+    def read_image_manifest(self) -> pl.DataFrame:
+        """raw_item_images' manifest with cover paths resolved against this data folder (stored
+        relative, so the manifest survives a move of the data folder)."""
+        from .lib.data.images import resolve_image_paths
+
+        manifest = pl.read_parquet(self.require(self.image_manifest(), "raw_item_images"))
+        return resolve_image_paths(manifest, self.data_dir)
+
     def read_item2vec(self) -> pl.DataFrame:
         return pl.read_parquet(self.require(self.item2vec(), "item2vec_embeddings"))
 

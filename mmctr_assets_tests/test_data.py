@@ -175,3 +175,80 @@ def test_fingerprint_changes_with_content(tmp_path):
     assert first == file_fingerprint(p)
     p.write_bytes(b"abd")
     assert file_fingerprint(p) != first
+
+
+# ---- issue 9, part 5: each remaining bad input gets a clear message (one test per row) ----------
+
+
+def test_empty_train_table_says_it_has_no_rows(tmp_path):
+    result = outcomes(write_dataset(tmp_path, train=interactions().clear()), "train")
+    assert not result["has_rows"].passed
+    assert result["has_rows"].description.startswith("train.parquet has 0 rows")
+    assert "has_rows" not in checks.WARNING_CHECKS  # blocking: nothing downstream can use it
+
+
+@pytest.mark.parametrize("bad, shown", [(2.0, "2.0"), (None, "null"), (float("nan"), "nan")])
+def test_bad_labels_name_their_own_rows_in_the_check_and_in_tensors(tmp_path, bad, shown):
+    from mmctr_assets.lib.ctr import tensors
+
+    # five rows, the bad values at rows 1 and 3 (a different value each, so a mismatch shows)
+    frame = pl.concat([interactions(), interactions().head(2)]).with_columns(
+        label=pl.Series([1.0, bad, 0.0, 5.0, 1.0], dtype=pl.Float64))
+    check = outcomes(write_dataset(tmp_path, train=frame), "train")["labels_binary"]
+    assert not check.passed and check.details["first_bad_rows"] == [1, 3]
+    assert f"row 1: {shown}, row 3: 5.0" in check.description and "2 values" in check.description
+    with pytest.raises(ValueError) as err:
+        tensors.to_tensors(frame, 4)
+    assert f"row 1: {shown}, row 3: 5.0" in str(err.value)
+
+
+def test_invalid_utf8_title_names_file_column_and_fix(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_dataset(tmp_path)
+    titles = pa.array([b"fine", b"bad \xff\xfe title"], pa.binary()).view(pa.string())  # no validation
+    table = pa.table({"item_id": pa.array([1, 2], pa.int64()), "item_title": titles,
+                      "item_tags": pa.array([[1], [2]], pa.list_(pa.int64()))})
+    path = microlens.table_path(tmp_path, "item_feature")
+    pq.write_table(table, path)
+    with pytest.raises(DataValidationError) as err:
+        microlens.read_table(tmp_path, "item_feature")
+    message = str(err.value)
+    assert str(path) in message and "'item_title'" in message and "UTF-8" in message and "re-export" in message
+
+
+def test_nulls_inside_histories_fail_a_raw_blocking_check(tmp_path):
+    train = interactions(item_seq=[[0, 0, 1, 2], [0, None, 4, 5], [1, 2, 3, 4]])
+    result = outcomes(write_dataset(tmp_path, train=train), "train")["history_fixed_length_left_padded"]
+    assert not result.passed and result.details["first_bad_rows"] == [1]
+    assert "null entries" in result.description and "with 0" in result.description
+    assert result.name not in checks.WARNING_CHECKS
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_organisers_embedding_is_a_raw_warning(tmp_path, bad):
+    info = item_info()
+    emb = np.asarray(info["item_emb_d128"].to_list(), dtype=np.float32)
+    emb[4, 17] = bad
+    info = info.with_columns(item_emb_d128=pl.Series(emb.tolist(), dtype=pl.List(pl.Float32)))
+    result = outcomes(write_dataset(tmp_path, item_info=info), "item_info")
+    check = result["item_emb_d128_finite"]
+    assert not check.passed and check.details["first_bad_items"] == [4]
+    assert "embedding_source: organisers" in check.description
+    # a warning, not blocking: the default (fused) table never reads this column
+    assert check.name in checks.WARNING_CHECKS
+    assert result["row_index_is_item_id"].passed and result["padding_row_and_shapes"].passed
+
+
+def test_image_manifest_paths_are_relative_to_the_data_dir(tmp_path):
+    first, moved = tmp_path / "a", tmp_path / "b"
+    for root in (first, moved):
+        (root / microlens.IMAGES_DIR).mkdir(parents=True)
+        Image.new("RGB", (8, 8), "red").save(root / microlens.IMAGES_DIR / "1.jpg")
+    m1 = images.image_manifest(first, np.array([1, 2]))
+    m2 = images.image_manifest(moved, np.array([1, 2]))
+    assert m1.equals(m2) and m1["image_path"].to_list() == ["item_images/1.jpg", "item_images/2.jpg"]
+    resolved = images.resolve_image_paths(m2, moved)
+    assert Path(resolved["image_path"][0]).is_file()
+    assert resolved["image_path"][0] == str(moved / "item_images" / "1.jpg")

@@ -204,3 +204,79 @@ def test_flat_config_keys_of_earlier_versions_are_refused_with_the_new_shape(out
     message = str(failure.event_specific_data.error)
     assert "unknown keys ['epochs', 'max_len']" in message
     assert '{"model": {"max_len": "..."}, "train": {"epochs": "..."}}' in message
+
+
+# ---- issue 9, parts 4 and 5: predictions publish only what passes their check ------------------
+
+
+def _bytes(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in ("prediction.csv", "submission.zip", "raw/test.parquet")}
+
+
+def _failure_message(result, step: str) -> str:
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == step)
+    return failure.event_specific_data.error.message
+
+
+def test_failed_prediction_check_keeps_the_previous_file(outputs, tiny_data, make_resources, instance):
+    before = _bytes(outputs)
+    # a test snapshot with a duplicated ID (as one written before raw checks blocked: issue 9)
+    test = pl.read_parquet(outputs / "raw" / "test.parquet")
+    test.with_columns(ID=pl.when(pl.int_range(pl.len()) == 1).then(test["ID"][0]).otherwise(pl.col("ID"))) \
+        .write_parquet(outputs / "raw" / "test.parquet")
+    before["raw/test.parquet"] = (outputs / "raw" / "test.parquet").read_bytes()
+    result = dg.materialize([task2.predictions, task2.submission_zip], resources=make_resources(tiny_data, outputs),
+                            instance=instance, raise_on_error=False)
+    assert not result.success
+    assert _bytes(outputs) == before
+    evaluation = next(e.asset_check_evaluation_data for e in result.all_events
+                      if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    assert evaluation.check_name == "predictions_valid" and not evaluation.passed
+    assert "1 duplicated IDs" in evaluation.description
+    assert not result.asset_materializations_for_node("predictions")
+    assert "predictions was NOT materialised" in _failure_message(result, "predictions")
+    assert not [p for p in outputs.iterdir() if p.name.startswith(".")]  # no temp file left
+
+
+def test_empty_test_table_is_blocked_at_raw_test(outputs, data_copy, make_resources, instance):
+    from mmctr_assets.defs.raw import raw_assets
+
+    raw_test = next(a for a in raw_assets if a.key == dg.AssetKey("raw_test"))
+    path = microlens.table_path(data_copy, "test")
+    pl.read_parquet(path).clear().write_parquet(path)
+    before = _bytes(outputs)
+    result = dg.materialize([raw_test, task2.predictions, task2.submission_zip],
+                            resources=make_resources(data_copy, outputs), instance=instance, raise_on_error=False)
+    assert not result.success
+    assert _bytes(outputs) == before  # prediction.csv, the zip and the test snapshot untouched
+    assert "test.parquet has 0 rows" in _failure_message(result, "raw_test")
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert started == {"raw_test"}  # predictions and the zip never ran
+
+
+# ---- issue 9, part 6: reproducible end to end --------------------------------------------------------
+
+
+def test_two_cold_runs_give_the_same_fused_table_and_auc(task2_outputs, tiny_data, tiny_clip_dir, tmp_path,
+                                                         make_resources):
+    """A second cold run, in a fresh output folder and instance, of everything up to the model
+    (default configs: item2vec with one worker) gives the same bytes and the same AUC."""
+    from conftest import RANGE, clip_config
+    from mmctr_assets.defs import embeddings as task1
+    from mmctr_assets.defs.raw import raw_assets
+
+    first_out, first = task2_outputs
+    out = tmp_path / "cold" / "outputs"
+    resources = make_resources(tiny_data, out)
+    with dg.instance_for_test() as instance:
+        assert dg.materialize(raw_assets, resources=resources, instance=instance).success
+        result = dg.materialize(
+            [task1.clip_embeddings, task1.item2vec_embeddings, task1.fused_item_embeddings, task2.dcn_din_model],
+            resources=resources, instance=instance, tags=RANGE,
+            run_config={"ops": clip_config(tiny_clip_dir)["ops"] | train_config()["ops"]},
+        )
+        assert result.success
+    assert result.asset_materializations_for_node("item2vec_embeddings")[0].metadata["deterministic"].value
+    for name in ("item2vec_embeddings/embeddings.parquet", "item_info_updated.parquet"):
+        assert (out / name).read_bytes() == (first_out / name).read_bytes(), name
+    assert model_metadata(result)["best_valid_auc"].value == model_metadata(first)["best_valid_auc"].value

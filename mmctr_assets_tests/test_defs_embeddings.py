@@ -161,3 +161,21 @@ def test_fusion_run_is_in_mlflow_with_its_plot(built):
     assert len(runs) == 1 and runs[0].info.run_id in meta["mlflow_run"].value
     assert runs[0].data.params["alpha"] == "0.5"
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")] == ["plots/embedding_projection.png"]
+
+
+def test_failed_fusion_check_keeps_the_previous_deliverable(outputs, tiny_data, instance, make_resources, monkeypatch):
+    """The fusion's inputs are validated upstream, so its own check is the last line of defence:
+    plant a failure in the validator and the previous item_info_updated must survive."""
+    from mmctr_assets.lib.embeddings import fusion
+
+    before = (outputs / "item_info_updated.parquet").read_bytes()
+    monkeypatch.setattr(fusion, "validate_item_embeddings", lambda *a, **k: ["item 5: norm 0.5 (planted)"])
+    result = dg.materialize([task1.fused_item_embeddings], resources=make_resources(tiny_data, outputs),
+                            instance=instance, raise_on_error=False)
+    assert not result.success
+    assert (outputs / "item_info_updated.parquet").read_bytes() == before
+    evaluation = next(e.asset_check_evaluation_data for e in result.all_events
+                      if e.event_type_value == "ASSET_CHECK_EVALUATION")
+    assert not evaluation.passed and "planted" in evaluation.description
+    assert not result.asset_materializations_for_node("fused_item_embeddings")
+    assert not [p for p in outputs.iterdir() if p.name.startswith(".")]

@@ -1,5 +1,8 @@
 """raw_* assets run through Dagster: snapshots, metadata, and blocking checks on bad data."""
 
+from pathlib import Path
+
+import numpy as np
 import polars as pl
 import pytest
 
@@ -80,3 +83,106 @@ def test_fingerprint_is_the_data_version(resources, instance, tiny_data, table):
     fingerprint = file_fingerprint(microlens.table_path(tiny_data, table))
     assert mat.metadata["data_fingerprint"].value == fingerprint
     assert mat.tags["dagster/data_version"] == fingerprint
+
+
+# ---- issue 9, part 4: a failed blocking check leaves the previous good output in place ----------
+
+
+def _files(root) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_failed_blocking_check_keeps_every_earlier_output(data_copy, tmp_path, instance, make_resources):
+    from mmctr_assets.defs.embeddings import item2vec_embeddings
+
+    out = tmp_path / "out"
+    resources = make_resources(data_copy, out)
+    assets = [*raw_assets, item2vec_embeddings]
+    assert dg.materialize(assets, resources=resources, instance=instance).success
+    good = instance.get_latest_materialization_event(dg.AssetKey("raw_train"))
+    before = _files(out)
+
+    path = microlens.table_path(data_copy, "train")
+    pl.read_parquet(path).with_columns(
+        label=pl.when(pl.int_range(pl.len()) == 7).then(2.0).otherwise(pl.col("label"))).write_parquet(path)
+    result = dg.materialize(assets, resources=resources, instance=instance, raise_on_error=False)
+
+    assert not result.success
+    assert _files(out) == before  # every earlier output byte-identical, the snapshots of good tables too
+    assert check_results(result)["raw_train:labels_binary"] is False
+    # not recorded as materialised: the latest materialisation still describes the file on disk
+    assert not result.asset_materializations_for_node("raw_train")
+    assert instance.get_latest_materialization_event(dg.AssetKey("raw_train")).run_id == good.run_id
+    # the failed check is what the instance (automation conditions, UI) reads for raw_train now
+    key = dg.AssetCheckKey(dg.AssetKey("raw_train"), "labels_binary")
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key([key])[key]
+    assert record.run_id == result.run_id and record.status.value == "FAILED"
+    # downstream did not run; the step failure says what failed and that the old snapshot was kept
+    started = {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"}
+    assert "raw_train" in started and "item2vec_embeddings" not in started
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "raw_train")
+    message = failure.event_specific_data.error.message
+    assert "raw_train was NOT materialised" in message and "labels_binary" in message
+    assert "(row 7: 2.0)" in message and "left unchanged" in message and good.run_id[:8] in message
+
+    # fixed data publishes again
+    pl.read_parquet(path).with_columns(label=pl.col("label").clip(0, 1)).write_parquet(path)
+    again = dg.materialize(assets, resources=resources, instance=instance)
+    assert again.success and check_results(again)["raw_train:labels_binary"] is True
+
+
+def test_first_run_with_bad_data_publishes_nothing(data_copy, tmp_path, instance, make_resources):
+    path = microlens.table_path(data_copy, "train")
+    frame = pl.read_parquet(path)
+    frame.clear().write_parquet(path)  # right schema, no rows
+    result = materialize_raw(make_resources(data_copy, tmp_path / "out"), instance)
+    assert check_results(result)["raw_train:has_rows"] is False
+    assert not (tmp_path / "out" / "raw" / "train.parquet").exists()
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == "raw_train")
+    message = failure.event_specific_data.error.message
+    assert "train.parquet has 0 rows" in message and "nothing was written" in message
+
+
+# ---- issue 9, part 5 rows that need the Dagster layer -----------------------------------------------
+
+
+def test_label_column_in_test_table_is_a_warning_in_metadata(data_copy, tmp_path, instance, make_resources):
+    path = microlens.table_path(data_copy, "test")
+    pl.read_parquet(path).with_columns(label=pl.lit(1.0)).write_parquet(path)
+    resources = make_resources(data_copy, tmp_path / "out")
+    result = materialize_raw(resources, instance, selection=["raw_item_info", "raw_test"])
+    assert result.success
+    warnings = result.asset_materializations_for_node("raw_test")[0].metadata["warnings"].value
+    assert any("has a 'label' column" in w and "ignored" in w for w in warnings)
+    assert "label" not in pl.read_parquet(resources["storage"].raw("test")).columns
+
+
+def test_non_finite_organisers_embedding_warns_without_blocking(data_copy, tmp_path, instance, make_resources):
+    path = microlens.table_path(data_copy, "item_info")
+    info = pl.read_parquet(path)
+    emb = np.asarray(info["item_emb_d128"].to_list())
+    emb[5, 3] = np.nan
+    info.with_columns(pl.Series("item_emb_d128", emb.tolist(), dtype=info.schema["item_emb_d128"])).write_parquet(path)
+    result = materialize_raw(make_resources(data_copy, tmp_path / "out"), instance,
+                             selection=["raw_item_info", "raw_train"])
+    assert result.success  # a warning: raw_train (downstream) still ran
+    evaluation = next(e.asset_check_evaluation_data for e in result.all_events
+                      if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                      and e.asset_check_evaluation_data.check_name == "item_emb_d128_finite")
+    assert not evaluation.passed and evaluation.severity == dg.AssetCheckSeverity.WARN
+    assert "[5]" in evaluation.description
+
+
+def test_image_manifest_survives_a_move_of_the_data_folder(data_copy, tmp_path, instance, make_resources):
+    import shutil
+
+    first = make_resources(data_copy, tmp_path / "out1")
+    assert materialize_raw(first, instance, selection=["raw_item_info", "raw_item_images"]).success
+    moved = shutil.move(str(data_copy), str(tmp_path / "moved"))
+    second = make_resources(moved, tmp_path / "out2")
+    assert materialize_raw(second, instance, selection=["raw_item_info", "raw_item_images"]).success
+    manifests = [r["storage"].image_manifest().read_bytes() for r in (first, second)]
+    assert manifests[0] == manifests[1]
+    resolved = second["storage"].read_image_manifest().filter(pl.col("exists"))
+    assert resolved["image_path"].str.starts_with(str(moved)).all()
+    assert all(Path(p).is_file() for p in resolved["image_path"].head(5).to_list())

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -129,3 +130,34 @@ def test_fit_on_demo_data_errors(clip_dir, tmp_path):
     with pytest.raises(SystemExit):
         tiny_clip.main([str(tmp_path / "x"), "--full-size", "--fit-on", str(tmp_path)])
     assert clip.is_random_weights(clip_dir)  # a failed fit leaves the model as it was
+
+
+def test_fit_streams_covers_and_caps_the_items(tiny_data, tmp_path, monkeypatch, capsys):
+    """Issue 9, part 8: decoded covers alive at once stay within one batch (memory does not grow
+    with the item count), the sample cap holds, and a progress bar shows the steps."""
+    import weakref
+
+    live, peak, decoded = [0], [0], []
+    real_load = tiny_clip.load_image
+
+    def counting_load(path, draft):
+        image, status = real_load(path, draft)
+        if image is not None:
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            weakref.finalize(image, lambda: live.__setitem__(0, live[0] - 1))
+            decoded.append(path)
+        return image, status
+
+    monkeypatch.setattr(tiny_clip, "load_image", counting_load)
+    model_dir = tiny_clip.build_tiny_clip(tmp_path / "clip", seed=0)
+    info = tiny_clip.fit_on_demo_data(model_dir, tiny_data, epochs=2, batch_size=16, max_items=64)
+    assert info["items_available"] == 300 and info["items_sampled"] == 64 and info["max_items"] == 64
+    assert 50 <= info["pairs"] <= 64 and info["steps"] == 2 * 4
+    assert len(set(decoded)) <= 64 and len(decoded) <= 2 * 64  # only the sample, once per epoch
+    assert 0 < peak[0] <= 16, peak[0]  # one batch of decoded covers at a time
+    assert "fitting tiny CLIP on 64 items" in capsys.readouterr().err
+    # full size (91,717 items) under the default cap: about FIT_MIN_STEPS steps, as on small data
+    n = min(91_717, tiny_clip.FIT_MAX_ITEMS)
+    steps = tiny_clip.default_epochs(n) * math.ceil(n / 256)
+    assert tiny_clip.FIT_MIN_STEPS <= steps <= 1.1 * tiny_clip.FIT_MIN_STEPS

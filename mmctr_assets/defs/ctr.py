@@ -205,13 +205,13 @@ def dcn_din_model(
     automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
-def predictions(
-    context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource
-) -> dg.MaterializeResult:
-    """Click probability of every test row, keyed by test's own ID column (prediction.csv)."""
+def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource):
+    """Click probability of every test row, keyed by test's own ID column (prediction.csv). The
+    new file is checked under a temporary name and replaces the old one only when it passes."""
     import time
 
     from ..lib.ctr import artifacts, inference, tensors
+    from . import publish
 
     model = artifacts.load_model(storage.require(storage.model(), "dcn_din_model"))
     test = storage.read_raw("test")
@@ -221,26 +221,28 @@ def predictions(
     probs = inference.predict(model, test_t, device=compute.torch_device(), precision=compute.precision)
     seconds = time.perf_counter() - started
     frame = pl.DataFrame({"ID": test.get_column("ID"), "probability": probs.astype(np.float64)})
-    with atomic_path(storage.predictions()) as tmp:
-        frame.write_csv(tmp)
-    written = pl.read_csv(storage.predictions())
-    problems = _prediction_problems(written, test.get_column("ID"))
+    dest = storage.predictions()
+    with atomic_path(dest) as staged:  # renamed over `dest` only if the block finishes
+        frame.write_csv(staged)
+        written = pl.read_csv(staged, schema={"ID": pl.Int64, "probability": pl.Float64})
+        problems = _prediction_problems(written, test.get_column("ID"))
+        check = dg.AssetCheckResult(
+            check_name="predictions_valid",
+            passed=not problems,
+            description="one row per test row, IDs unique and equal to test's, probabilities finite in [0, 1]: "
+            + ("all hold." if not problems else " ".join(problems)),
+        )
+        if problems:
+            yield from publish.refuse(context, "predictions", [dest], [check])
     context.log.info(f"{len(probs)} test rows predicted in {seconds:.1f}s ({len(probs) / max(seconds, 1e-9):,.0f} rows/s)")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(written),
-            "path": dg.MetadataValue.path(str(storage.predictions())),
-            "mean_probability": float(written.get_column("probability").mean()),
+            "path": dg.MetadataValue.path(str(dest)),
+            "mean_probability": float(written.get_column("probability").mean() or 0.0),
             "rows_per_s": round(len(probs) / max(seconds, 1e-9), 1),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="predictions_valid",
-                passed=not problems,
-                description="one row per test row, IDs unique and equal to test's, probabilities finite in [0, 1]: "
-                + ("all hold." if not problems else " ".join(problems)),
-            )
-        ],
+        check_results=[check],
     )
 
 

@@ -52,7 +52,7 @@ def clip_embeddings(
     items = clip_encoder.item_content_frame(
         storage.read_raw("item_info"),
         storage.read_raw("item_feature"),
-        pl.read_parquet(storage.require(storage.image_manifest(), "raw_item_images")),
+        storage.read_image_manifest(),
     )
     n_shards = len(clip_shards.get_partition_keys())
     bundle = clip_encoder.load_clip(config.model, compute.torch_device(), compute.precision)
@@ -109,8 +109,11 @@ class Item2VecConfig(dg.Config):
     min_count: int = 1
     epochs: int = 5
     negative: int = 5
-    workers: int = 2
-    """gensim threads; bit-identical vectors need workers=1 (see lib/embeddings/item2vec.py)."""
+    workers: int = 1
+    """gensim threads. 1 (default) gives bit-identical vectors for the same data and seed, so two
+    runs of the whole graph give the same fused table and AUC. More threads train faster
+    (measured in README, item2vec) but update shared weights without locks: vectors, and so the
+    AUC, differ slightly run to run. A documented opt-in for speed, not the default."""
     seed: int = settings.seed()
     include_clicked_target: bool = True
     """Append the target to its history when clicked: the strongest co-occurrence signal."""
@@ -133,6 +136,9 @@ def item2vec_embeddings(
     """
     from ..lib.embeddings import item2vec
 
+    if config.workers > 1:
+        context.log.warning(f"item2vec with workers={config.workers}: faster, but NOT reproducible (vectors "
+                            "and downstream AUC differ slightly run to run). workers=1 is bit-identical.")
     train = storage.require(storage.raw("train"), "raw_train")
     n_items = storage.n_items()
     out_dir = storage.item2vec().parent
@@ -163,6 +169,7 @@ def item2vec_embeddings(
             "seconds_corpus": round(corpus.seconds, 2),
             "seconds_train": round(result.seconds_train, 2),
             "params": dg.MetadataValue.json(result.params),
+            "deterministic": config.workers == 1,
         }
     )
 
@@ -201,20 +208,34 @@ class FusionConfig(dg.Config):
 )
 def fused_item_embeddings(
     context: dg.AssetExecutionContext, config: FusionConfig, storage: ProjectStorage, mlflow: MlflowResource
-) -> dg.MaterializeResult:
+):
     """The Task 1 deliverable: PCA(CLIP) 512->128 mixed with item2vec, L2-normalised, one row per
-    item, written back into item_info's schema as item_info_updated.parquet."""
+    item, written back into item_info's schema as item_info_updated.parquet. The new file is
+    checked under a temporary name and replaces the old one only when the check passes."""
     import mlflow as mlflow_api
 
     from ..lib.embeddings import fusion
+    from ..lib.io import atomic_path
     from ..lib.plots import plot_embedding_projection
+    from . import publish
 
     info_path = storage.require(storage.raw("item_info"), "raw_item_info")
     info = pl.read_parquet(info_path, columns=["item_id", "item_tags"])
     n_items = info.height - 1
     result = fuse_stored_embeddings(storage, config.alpha, config.seed)
-    out = fusion.write_item_info_updated(info_path, result.embeddings, storage.item_info_updated())
-    problems = fusion.validate_item_embeddings(pl.read_parquet(out), n_items=n_items, column="item_emb_d128")
+    out = storage.item_info_updated()
+    with atomic_path(out) as staged:  # renamed over `out` only if the block finishes
+        fusion.write_item_info_updated(info_path, result.embeddings, staged)
+        problems = fusion.validate_item_embeddings(pl.read_parquet(staged), n_items=n_items, column="item_emb_d128")
+        check = dg.AssetCheckResult(
+            check_name="item_info_updated_valid",
+            passed=not problems,
+            description="128 dims, unit norm on real items, no NaN/inf, every item id exactly once, "
+            "row index == item_id: " + ("all hold." if not problems else " ".join(problems)),
+            metadata={"problems": dg.MetadataValue.json(problems)},
+        )
+        if problems:
+            yield from publish.refuse(context, "fused_item_embeddings", [out], [check])
 
     tag = info.get_column("item_tags").list.last().fill_null(0).to_numpy()
     png = plot_embedding_projection(result.embeddings, np.where(tag > 0, tag, -1), "fused item embeddings (colour: last tag)")
@@ -223,7 +244,7 @@ def fused_item_embeddings(
         mlflow_api.log_metrics({"pca_explained_variance": result.explained_variance_total}
                                | {f"items_{k}": v for k, v in result.counts.items()})
         mlflow.log_png(png, "embedding_projection.png")
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "item_info_updated": dg.MetadataValue.path(str(out)),
             "items": n_items,
@@ -234,15 +255,7 @@ def fused_item_embeddings(
             "projection": png_metadata(png, "2-D projection of the fused embeddings"),
             "mlflow_run": mlflow.run_url(run),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="item_info_updated_valid",
-                passed=not problems,
-                description="128 dims, unit norm on real items, no NaN/inf, every item id exactly once, "
-                "row index == item_id: " + ("all hold." if not problems else " ".join(problems)),
-                metadata={"problems": dg.MetadataValue.json(problems)},
-            )
-        ],
+        check_results=[check],
     )
 
 

@@ -1,8 +1,9 @@
 """raw_*: validated, dtype-normalised snapshots of the source tables, plus the cover-image manifest.
 
 Each raw asset reads its source columnarly, reports structure problems as errors and content
-invariants as blocking asset checks (so bad data stops the graph before the models), and writes a
-snapshot under `<output_dir>/raw/` that downstream assets read instead of the source.
+invariants as blocking asset checks (so bad data stops the graph before the models), and only when
+they pass writes a snapshot under `<output_dir>/raw/` that downstream assets read instead of the
+source: a failed check leaves the previous snapshot in place (defs/publish.py).
 """
 
 import dagster as dg
@@ -12,6 +13,7 @@ from .. import settings
 from ..lib.data import checks, images, microlens
 from ..lib.io import file_fingerprint, write_parquet_atomic
 from ..resources import ProjectStorage
+from . import publish
 from .common import OWNERS, SINGLE_RUN
 
 GROUP = "raw"
@@ -50,6 +52,29 @@ def _table_metadata(table: str, frame: pl.DataFrame, fingerprint: str) -> dict:
     return meta
 
 
+_CHECK_DESCRIPTIONS = {
+    "has_rows": "Blocking: the table has at least one row.",
+    "item_emb_d128_finite": "Warning, not blocking: the organisers' item_emb_d128 holds no NaN/inf. Only "
+    "embedding_source: organisers reads it (and refuses non-finite values itself); the default fused "
+    "table replaces it, so it must not stop the graph.",
+}
+
+
+def _column_warnings(data_dir: str, table: str) -> list[str]:
+    """Columns the format does not use are left out of the snapshot; say so instead of silently."""
+    extra = microlens.ignored_columns(data_dir, table)
+    out = []
+    if table == "test" and "label" in extra:
+        out.append(f"{microlens.table_path(data_dir, table)} has a 'label' column: test labels are "
+                   "hidden in the challenge, so it is ignored (not trained on, not scored). If these "
+                   "rows are labelled validation data, put them in valid.parquet.")
+        extra = [c for c in extra if c != "label"]
+    if extra:
+        out.append(f"{table}: columns {extra} are not part of the MicroLens format and are left out "
+                   "of the snapshot.")
+    return out
+
+
 def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
     key = f"raw_{table}"
     needs_item_info = table != "item_info"
@@ -62,34 +87,50 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
         backfill_policy=SINGLE_RUN,
         description=_DESCRIPTIONS[table],
         deps=["raw_item_info"] if needs_item_info else [],
-        check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=True) for n in checks.CHECK_NAMES[table]],
+        check_specs=[dg.AssetCheckSpec(n, asset=key, blocking=n not in checks.WARNING_CHECKS,
+                                       description=_CHECK_DESCRIPTIONS.get(n))
+                     for n in checks.CHECK_NAMES[table]],
     )
-    def _raw(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
+    def _raw(context: dg.AssetExecutionContext, storage: ProjectStorage):
         spec = microlens.TABLES[table]
         src = storage.source(table)
+        dest = storage.raw(table)
         if spec.optional and not src.exists():
             context.log.warning(f"{src} not found: {table} is optional, writing an empty snapshot.")
             empty = pl.DataFrame(schema={c: t for c, t in spec.casts.items()} | {"item_title": pl.String})
-            write_parquet_atomic(empty.select(list(spec.columns)), storage.raw(table))
-            return dg.MaterializeResult(
+            write_parquet_atomic(empty.select(list(spec.columns)), dest)
+            yield dg.MaterializeResult(
                 metadata={"present": False, "dagster/row_count": 0, "source": str(src)},
                 check_results=[dg.AssetCheckResult(check_name=n, passed=True, description="table absent")
                                for n in checks.CHECK_NAMES[table]],
                 data_version=dg.DataVersion("absent"),
             )
+            return
         frame = microlens.read_table(storage.data_dir, table)
         n_items = storage.n_items() if needs_item_info else None
         outcomes = checks.content_checks(table, frame, n_items, settings.max_level())
         for o in outcomes:
             (context.log.info if o.passed else context.log.error)(f"{o.name}: {o.description}")
-        write_parquet_atomic(frame, storage.raw(table))
+        results = [
+            dg.AssetCheckResult(
+                check_name=o.name, passed=o.passed, description=o.description, metadata=o.details,
+                severity=dg.AssetCheckSeverity.WARN if o.name in checks.WARNING_CHECKS else dg.AssetCheckSeverity.ERROR,
+            )
+            for o in outcomes
+        ]
+        # validate first, publish after: bad data never replaces the last good snapshot
+        if publish.failed_blocking(results):
+            yield from publish.refuse(context, key, [dest], results)
+        warnings = _column_warnings(storage.data_dir, table)
+        for w in warnings:
+            context.log.warning(w)
+        write_parquet_atomic(frame, dest)
         fingerprint = file_fingerprint(src)
-        return dg.MaterializeResult(
-            metadata=_table_metadata(table, frame, fingerprint) | {"source": dg.MetadataValue.path(str(src))},
-            check_results=[
-                dg.AssetCheckResult(check_name=o.name, passed=o.passed, description=o.description, metadata=o.details)
-                for o in outcomes
-            ],
+        yield dg.MaterializeResult(
+            metadata=_table_metadata(table, frame, fingerprint)
+            | {"source": dg.MetadataValue.path(str(src))}
+            | ({"warnings": dg.MetadataValue.json(warnings)} if warnings else {}),
+            check_results=results,
             data_version=dg.DataVersion(fingerprint),
         )
 

@@ -11,7 +11,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmctr_assets.lib.data.microlens import MAX_LEVEL, bad_label_rows, describe_bad_labels, not_left_padded
+from mmctr_assets.lib.data.microlens import (MAX_LEVEL, bad_label_rows, describe_bad_labels, label_problem,
+                                             not_left_padded)
 
 
 def check_labels(label: np.ndarray, table: str = "frame") -> None:
@@ -160,10 +161,10 @@ def to_tensors(frame: pl.DataFrame, max_len: int, *, n_items: int | None = None,
     label = None
     if "label" in frame.columns:
         s = frame.get_column("label")
-        if s.null_count():
-            raise ValueError(f"column 'label' has {s.null_count():,} nulls; drop or fix those rows")
+        problem = label_problem("frame", s)  # nulls too, each example beside its own row
+        if problem:
+            raise ValueError(problem)
         y = s.cast(pl.Float32).to_numpy()
-        check_labels(y)
         label = torch.from_numpy(y.copy())
     tensors = CTRTensors(
         item_id=torch.from_numpy(_int_column(frame, "item_id")),

@@ -10,8 +10,7 @@ import polars as pl
 
 from mmctr_assets.lib.data.microlens import (
     MAX_LEVEL,
-    bad_label_rows,
-    describe_bad_labels,
+    label_problem,
     level_range,
     not_left_padded,
 )
@@ -39,6 +38,16 @@ def check_histories(frame: pl.DataFrame, table: str) -> CheckOutcome:
     """Histories must be fixed-length lists, left-padded with 0 (no real item before a 0)."""
     name = "history_fixed_length_left_padded"
     seq = frame.get_column("item_seq")
+    null_rows = _rows_with_null_entries(seq)
+    if len(null_rows):
+        return CheckOutcome(
+            name,
+            False,
+            f"{table}.item_seq: {len(null_rows):,} histories hold null entries inside their lists "
+            f"(first rows: {null_rows[:5].tolist()}). Padding is 0, never null: replace the nulls "
+            "with 0 on the left (fill_null(0) on the list elements) or drop those rows.",
+            {"rows_with_null_entries": int(len(null_rows)), "first_bad_rows": null_rows[:5].tolist()},
+        )
     lengths = seq.list.len()
     if seq.null_count() or (len(lengths) and lengths.min() != lengths.max()):
         counts = lengths.value_counts(sort=True).head(5)
@@ -75,6 +84,30 @@ def check_histories(frame: pl.DataFrame, table: str) -> CheckOutcome:
     )
 
 
+def _rows_with_null_entries(seq: pl.Series, rows: int = 1 << 18) -> np.ndarray:
+    """Rows whose list holds a null element (row blocks: no copy of the whole column)."""
+    out = []
+    for start in range(0, len(seq), rows):
+        block = seq.slice(start, rows)
+        bad = (block.list.drop_nulls().list.len() != block.list.len()).fill_null(False)
+        out.append(bad.arg_true().to_numpy().astype(np.int64) + start)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def check_has_rows(frame: pl.DataFrame, table: str) -> CheckOutcome:
+    """An empty interaction table has the right schema and nothing in it: nothing downstream can
+    use it (no training rows, no AUC, nothing to predict), so it blocks here with its name."""
+    name = "has_rows"
+    if frame.height == 0:
+        use = {"train": "the model has nothing to learn from",
+               "valid": "the model cannot be selected (validation AUC needs rows)",
+               "test": "there is nothing to predict or submit"}.get(table, "nothing downstream can use it")
+        return CheckOutcome(name, False, f"{table}.parquet has 0 rows: {use}. The file has the right "
+                            "columns but no data; point MMCTR_DATA_DIR at the complete dataset or "
+                            "re-export the table.", {"rows": 0})
+    return CheckOutcome(name, True, f"{table}.parquet has {frame.height:,} rows.", {"rows": frame.height})
+
+
 def check_item_ids(frame: pl.DataFrame, table: str, n_items: int) -> CheckOutcome:
     """Every target and history id must be a row of item_info (0 = padding, only in histories)."""
     name = "item_ids_in_item_info"
@@ -104,12 +137,13 @@ def check_item_ids(frame: pl.DataFrame, table: str, n_items: int) -> CheckOutcom
 
 def check_labels(frame: pl.DataFrame, table: str) -> CheckOutcome:
     name = "labels_binary"
-    label = frame.get_column("label").cast(pl.Float64).fill_null(float("nan")).to_numpy()
-    rows = bad_label_rows(label)
-    if len(rows):
-        return CheckOutcome(name, False, describe_bad_labels(table, label, rows),
-                            {"bad_rows": len(rows), "first_bad_rows": rows[:5].tolist()})
-    rate = float(label.mean()) if len(label) else 0.0
+    label = frame.get_column("label")
+    problem = label_problem(table, label)
+    if problem:
+        bad = (~label.cast(pl.Float64).is_in([0.0, 1.0])).fill_null(True)
+        return CheckOutcome(name, False, problem,
+                            {"bad_rows": int(bad.sum()), "first_bad_rows": bad.arg_true().head(5).to_list()})
+    rate = float(label.mean() or 0.0) if len(label) else 0.0
     return CheckOutcome(name, True, f"{table}.label is binary; positive rate {rate:.4f}.",
                         {"positive_rate": rate})
 
@@ -184,7 +218,28 @@ def check_item_info(frame: pl.DataFrame) -> list[CheckOutcome]:
             f"padding row 0 all zero: {pad_zero}.",
         )
     )
+    out.append(check_organisers_embedding(frame))
     return out
+
+
+def check_organisers_embedding(frame: pl.DataFrame) -> CheckOutcome:
+    """NaN/inf in item_emb_d128. A warning, not blocking: only ``embedding_source: organisers``
+    (an ablation) reads this column, and dcn_din_model refuses a non-finite table itself; the
+    default path (fused) replaces the column, so bad values here must not stop the graph."""
+    name = "item_emb_d128_finite"
+    emb = frame.get_column("item_emb_d128")
+    bad = emb.list.eval((~pl.element().is_finite()).fill_null(True)).list.any().fill_null(True)
+    rows = bad.arg_true().to_numpy()
+    if len(rows):
+        return CheckOutcome(
+            name, False,
+            f"item_info.item_emb_d128: {len(rows):,} items hold NaN, inf or null values (first item ids: "
+            f"{rows[:5].tolist()}). A warning only: the default item table (fused) does not read this "
+            "column, but dcn_din_model with embedding_source: organisers will refuse it. Fix the "
+            "organisers' embedding (re-download item_info) before using that source.",
+            {"bad_items": int(len(rows)), "first_bad_items": rows[:5].tolist()},
+        )
+    return CheckOutcome(name, True, "item_info.item_emb_d128: every value finite.")
 
 
 def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
@@ -203,7 +258,7 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
                 {"bad": bad},
             )
         ]
-    out = [check_histories(frame, table)]
+    out = [check_has_rows(frame, table), check_histories(frame, table)]
     if n_items is not None:
         out.append(check_item_ids(frame, table, n_items))
     out.append(check_levels(frame, table, max_level))
@@ -215,12 +270,17 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
 
 
 CHECK_NAMES: dict[str, list[str]] = {
-    "train": ["history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range", "labels_binary"],
-    "valid": ["history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range", "labels_binary"],
-    "test": ["history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range", "test_ids_unique"],
-    "item_info": ["row_index_is_item_id", "padding_row_and_shapes"],
+    "train": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
+              "labels_binary"],
+    "valid": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
+              "labels_binary"],
+    "test": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
+             "test_ids_unique"],
+    "item_info": ["row_index_is_item_id", "padding_row_and_shapes", "item_emb_d128_finite"],
     "item_feature": ["item_ids_in_item_info"],
 }
+# checks that warn instead of blocking (the reason is in each check's docstring and description)
+WARNING_CHECKS = frozenset({"item_emb_d128_finite"})
 
 
 def history_length_summary(frame: pl.DataFrame) -> dict[str, float]:

@@ -1,4 +1,7 @@
-"""The cover-image manifest: which items have a cover file and whether it decodes."""
+"""The cover-image manifest: which items have a cover file and whether it decodes.
+
+Paths are stored relative to the data folder (``item_images/<id>.jpg``), so the manifest's bytes do
+not change when the data folder moves; readers resolve them with :func:`resolve_image_paths`."""
 
 from __future__ import annotations
 
@@ -13,11 +16,12 @@ from mmctr_assets.lib.data.microlens import IMAGES_DIR
 
 
 def image_manifest(data_dir: str | os.PathLike, item_ids: np.ndarray, workers: int = 8) -> pl.DataFrame:
-    """One row per item: its cover path, whether the file exists and whether it decodes."""
+    """One row per item: its cover path (relative to ``data_dir``), whether the file exists and
+    whether it decodes."""
     from PIL import Image
 
-    root = Path(data_dir) / IMAGES_DIR
-    paths = [str(root / f"{i}.jpg") for i in item_ids.tolist()]
+    rel = [f"{IMAGES_DIR}/{i}.jpg" for i in item_ids.tolist()]
+    paths = [str(Path(data_dir) / p) for p in rel]
 
     def probe(p: str) -> tuple[bool, bool]:
         if not os.path.isfile(p):
@@ -35,8 +39,17 @@ def image_manifest(data_dir: str | os.PathLike, item_ids: np.ndarray, workers: i
     return pl.DataFrame(
         {
             "item_id": pl.Series(item_ids, dtype=pl.Int64),
-            "image_path": paths,
+            "image_path": rel,
             "exists": pl.Series(exists, dtype=pl.Boolean),
             "decodable": pl.Series(decodable, dtype=pl.Boolean),
         }
     )
+
+
+def resolve_image_paths(manifest: pl.DataFrame, data_dir: str | os.PathLike) -> pl.DataFrame:
+    """The manifest with ``image_path`` made absolute against ``data_dir`` (absolute paths, as
+    older manifests stored them, are kept as they are)."""
+    root = str(Path(data_dir)).rstrip("/") + "/"
+    path = pl.col("image_path")
+    return manifest.with_columns(
+        pl.when(path.str.starts_with("/")).then(path).otherwise(pl.lit(root) + path).alias("image_path"))

@@ -166,9 +166,37 @@ def read_table(data_dir: str | os.PathLike, table: str) -> pl.DataFrame:
             "regenerate it."
         ) from exc
     check_schema(table, schema, path)
-    frame = pl.read_parquet(path, columns=list(spec.columns))
+    try:
+        frame = pl.read_parquet(path, columns=list(spec.columns))
+    except pl.exceptions.PolarsError as exc:
+        raise _unreadable_column_error(table, path, exc) from exc
     casts = {c: t for c, t in spec.casts.items() if frame.schema[c] != t}
     return frame.cast(casts) if casts else frame
+
+
+def _unreadable_column_error(table: str, path: Path, exc: Exception) -> DataValidationError:
+    """Name the column polars could not decode (it says neither file nor column), and the fix."""
+    columns = list(TABLES[table].columns)
+    bad = []
+    for col in columns:  # column by column: only on the error path
+        try:
+            pl.read_parquet(path, columns=[col])
+        except pl.exceptions.PolarsError:
+            bad.append(col)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    utf8 = "utf-8" in str(exc).lower() or "utf8" in str(exc).lower()
+    what = (f"column {', '.join(map(repr, bad))}" if bad else f"one of the columns {columns}")
+    fix = ("Text columns must be valid UTF-8: re-export the file with the text decoded and re-encoded "
+           "as UTF-8 (e.g. bytes.decode('utf-8', errors='replace') or the source's real encoding), "
+           "or drop the rows whose text is broken."
+           if utf8 else "Re-export or regenerate the file.")
+    return DataValidationError(f"{table} table at {path}: {what} cannot be decoded ({first}). {fix}")
+
+
+def ignored_columns(data_dir: str | os.PathLike, table: str) -> list[str]:
+    """Columns of a source file that the format does not use (read_table leaves them out)."""
+    path = table_path(data_dir, table)
+    return [c for c in pq.read_schema(path).names if c not in TABLES[table].columns]
 
 
 
@@ -183,11 +211,24 @@ def bad_label_rows(label: np.ndarray) -> np.ndarray:
     return np.flatnonzero(~np.isin(label, LABEL_VALUES))
 
 
-def describe_bad_labels(table: str, label: np.ndarray, rows: np.ndarray) -> str:
-    """One message for both callers; example values printed beside their own row numbers."""
-    examples = ", ".join(f"row {int(r)}: {label[r]}" for r in rows[:5])
+def describe_bad_labels(table: str, label: np.ndarray, rows: np.ndarray,
+                        null_rows: np.ndarray | None = None) -> str:
+    """One message for both callers; example values printed beside their own row numbers
+    (``null_rows``: rows that were null before conversion to float, shown as null, not nan)."""
+    nulls = set() if null_rows is None else set(np.asarray(null_rows).tolist())
+    examples = ", ".join(f"row {int(r)}: {'null' if int(r) in nulls else label[r]}" for r in rows[:5])
     return (f"{table}.label: {len(rows):,} values are not 0 or 1 ({examples}). Labels must be "
             "clicks: 0.0 or 1.0, no nulls/NaN; binarise them or drop those rows.")
+
+
+def label_problem(table: str, label: pl.Series) -> str | None:
+    """None when every label is 0 or 1, else the message (nulls, NaN, inf and other values, each
+    example beside its own row number). The raw check and the tensor conversion both call this."""
+    values = label.cast(pl.Float64).fill_null(float("nan")).to_numpy()
+    rows = bad_label_rows(values)
+    if not len(rows):
+        return None
+    return describe_bad_labels(table, values, rows, label.is_null().arg_true().to_numpy())
 
 
 def not_left_padded(history: np.ndarray) -> np.ndarray:
