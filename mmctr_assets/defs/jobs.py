@@ -6,6 +6,8 @@ What starts what (README.md, "Operating the platform"):
 - fused_item_embeddings and the Task 2 assets carry `AutomationCondition.eager()`: when something
   upstream updates outside their own run (one re-encoded CLIP shard, say), the automation sensor
   (sensors.py) refreshes them once, without touching the other shards.
+- task1_score (the Task 1 scorer) runs only when a person selects it: no automation condition,
+  and the jobs below leave it out, so a fused refresh trains one model (dcn_din_model), not two.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
 
 RAW = dg.AssetSelection.groups(RAW_GROUP)
 CLIP = dg.AssetSelection.assets("clip_embeddings")
+# run by hand only (defs/scorer.py): a refresh must not train a second model by surprise
+SCORER = dg.AssetSelection.assets("task1_score")
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream(),
+    selection=(RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream()) - SCORER,
     description="Fresh raw snapshots, then item2vec -> fused embeddings -> DCN-DIN -> predictions -> "
     "submission zip. Reuses the CLIP shards on disk (run full_refresh_job when item content changed).",
     tags={TRIGGER_TAG: "manual"},
@@ -55,7 +59,7 @@ retrain_job = dg.define_asset_job(
 
 full_refresh_job = dg.define_asset_job(
     "full_refresh_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - SCORER,
     description="The whole graph, every CLIP shard included, as one run: launch it with the tags "
     f"{RANGE_START_TAG}/{RANGE_END_TAG} spanning all shards (the raw-data sensor does).",
     tags={TRIGGER_TAG: "manual"},
