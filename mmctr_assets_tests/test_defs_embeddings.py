@@ -221,12 +221,12 @@ def test_task1_score_unknown_source_is_a_clear_error(scored, tiny_data, make_res
     assert "embedding_source='clip'" in message and "'fused', 'content', 'item2vec', 'organisers'" in message
 
 
-def test_task1_score_is_manual_and_outside_the_refresh_jobs():
+def test_task1_score_is_not_refreshed_by_automation_or_the_weekly_retrain():
     from mmctr_assets.definitions import defs
 
     graph = defs.resolve_asset_graph()
     key = dg.AssetKey("task1_score")
     assert graph.get(key).automation_condition is None
     assert graph.get(key).group_name == "task1_embeddings"
-    for job in ("retrain_job", "full_refresh_job"):
-        assert key not in defs.resolve_job_def(job).asset_layer.selected_asset_keys
+    assert key not in defs.resolve_job_def("retrain_job").asset_layer.selected_asset_keys
+    assert key in defs.resolve_job_def("full_refresh_job").asset_layer.selected_asset_keys

@@ -6,8 +6,9 @@ What starts what (README.md, "Operating the platform"):
 - fused_item_embeddings and the Task 2 assets carry `AutomationCondition.eager()`: when something
   upstream updates outside their own run (one re-encoded CLIP shard, say), the automation sensor
   (sensors.py) refreshes them once, without touching the other shards.
-- task1_score (the Task 1 scorer) runs only when a person selects it: no automation condition,
-  and the jobs below leave it out, so a fused refresh trains one model (dcn_din_model), not two.
+- task1_score (the Task 1 scorer) has no automation condition and retrain_job (the weekly
+  schedule) leaves it out, so a fused refresh trains one model (dcn_din_model), not two; it runs
+  when a person selects it, and in full_refresh_job (the whole graph, e.g. after new raw data).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
 
 RAW = dg.AssetSelection.groups(RAW_GROUP)
 CLIP = dg.AssetSelection.assets("clip_embeddings")
-# run by hand only (defs/scorer.py): a refresh must not train a second model by surprise
+# the Task 1 scorer trains a model: only a full refresh or a person runs it (defs/scorer.py)
 SCORER = dg.AssetSelection.assets("task1_score")
 
 retrain_job = dg.define_asset_job(
@@ -59,7 +60,7 @@ retrain_job = dg.define_asset_job(
 
 full_refresh_job = dg.define_asset_job(
     "full_refresh_job",
-    selection=dg.AssetSelection.all() - SCORER,
+    selection=dg.AssetSelection.all(),
     description="The whole graph, every CLIP shard included, as one run: launch it with the tags "
     f"{RANGE_START_TAG}/{RANGE_END_TAG} spanning all shards (the raw-data sensor does).",
     tags={TRIGGER_TAG: "manual"},

@@ -5,8 +5,9 @@ submitted item embeddings. `task1_score` does the same here with one fixed, docu
 configuration (SCORER_MODEL, SCORER_TRAIN: fixed seed and budget), so embedding recipes are
 compared by that number and not by whatever the Task 2 model happens to be configured as.
 
-Manual on purpose: it has no automation condition and the scheduled / sensor jobs leave it out,
-so a fused refresh retrains dcn_din_model only (README.md, "Task 1 scorer").
+Not automated on purpose: no automation condition, and the weekly retrain_job leaves it out, so
+a fused refresh retrains dcn_din_model only. It runs when selected (`--select task1_score`, `*`)
+and in full_refresh_job, the whole graph (README.md, "Task 1 scorer").
 """
 
 import tempfile
@@ -88,7 +89,7 @@ def task1_score(
 ) -> dg.MaterializeResult:
     """Validation AUC of one fixed DIN (seed, budget and architecture fixed: SCORER_MODEL /
     SCORER_TRAIN in defs/scorer.py) trained on the chosen item table: the Task 1 number. The same
-    table on the same device gives the same score. Run it by hand; nothing refreshes it."""
+    table on the same device gives the same score. Not refreshed by automation or the weekly job."""
     import mlflow as mlflow_api
 
     source = config.embedding_source
