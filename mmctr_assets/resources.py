@@ -106,7 +106,20 @@ class ComputeResource(dg.ConfigurableResource):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. auto picks CUDA when present.")
     precision: str = Field(default="fp32", description=f"{' | '.join(PRECISIONS)} (autocast; fp16 needs CUDA).")
     batch_size: int = Field(default=64, description="CLIP inference batch size.")
-    num_workers: int = Field(default=2, description="Image decoding workers that run beside the model.")
+    num_workers: int = Field(default=-1, description="CLIP decode/preprocess threads beside the model; "
+                             "-1: one per CPU thread of the step (cpu_threads), 0: none (decode in the step's thread).")
+    cpu_threads: int = Field(default=0, description="torch/OpenMP threads of a CPU-heavy step; 0: every core the "
+                             "step may use. CPU-heavy steps of concurrent runs/steps take turns (defs/common.py "
+                             "cpu_turn), so each one gets the whole machine instead of oversubscribing it.")
+
+    def step_threads(self) -> int:
+        """Threads one CPU-heavy step uses (torch intra-op, decode threads): cpu_threads or every core."""
+        from .lib.embeddings.clip import available_cpus
+
+        return self.cpu_threads if self.cpu_threads > 0 else available_cpus()
+
+    def decode_workers(self) -> int:
+        return self.step_threads() if self.num_workers < 0 else self.num_workers
 
     def torch_device(self):
         import torch

@@ -1,8 +1,13 @@
 """Small pieces every stage's assets share: the CLIP shard partitions, the GPU op tags, the refresh
-condition, progress logging, images in metadata, MLflow run tags."""
+condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 
 import base64
+import contextlib
+import fcntl
+import json
+import os
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -50,3 +55,51 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
         "dagster.asset_key": context.asset_key.to_user_string(),
         "dagster.job": context.job_name or "",
     }
+
+
+@contextlib.contextmanager
+def cpu_turn(context: dg.AssetExecutionContext, lock_dir: Path, threads: int | None = None, heavy: bool = True):
+    """Run a CPU-heavy step alone on the CPU, with ``threads`` torch/OpenMP threads (None: unchanged).
+
+    Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or two
+    runs); each would spawn a thread per core, and together they oversubscribe the machine (on 2
+    cores both ran 2-4x slower than alone). So CPU-heavy steps take turns on an exclusive file lock
+    (across steps and runs of this output folder) and each gets every core while it holds it.
+    A step on the GPU passes ``heavy=False``: it only sets its threads and does not wait.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or previous)
+    if not heavy:
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+        return
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    me = {"run_id": context.run.run_id, "asset": context.asset_key.to_user_string(), "pid": os.getpid()}
+    with open(lock_dir / "cpu.lock", "a+") as f:
+        t0 = time.perf_counter()
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another step"
+            context.log.info(f"waiting for the CPU: held by {holder} (CPU-heavy steps take turns; defs/common.py cpu_turn)")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        waited = time.perf_counter() - t0
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(me))
+        f.flush()
+        if waited > 1:
+            context.log.info(f"got the CPU after {waited:.0f}s")
+        try:
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            f.flush()
+            fcntl.flock(f, fcntl.LOCK_UN)
+            torch.set_num_threads(previous)
