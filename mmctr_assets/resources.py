@@ -107,19 +107,12 @@ class ComputeResource(dg.ConfigurableResource):
     precision: str = Field(default="fp32", description=f"{' | '.join(PRECISIONS)} (autocast; fp16 needs CUDA).")
     batch_size: int = Field(default=64, description="CLIP inference batch size.")
     num_workers: int = Field(default=-1, description="CLIP decode/preprocess threads beside the model; "
-                             "-1: one per CPU thread of the step (cpu_threads), 0: none (decode in the step's thread).")
-    cpu_threads: int = Field(default=0, description="torch/OpenMP threads of a CPU-heavy step; 0: every core the "
-                             "step may use. CPU-heavy steps of concurrent runs/steps take turns (defs/common.py "
-                             "cpu_turn), so each one gets the whole machine instead of oversubscribing it.")
+                             "-1: one per CPU core the step claimed, 0: none (decode in the step's thread).")
+    cpu_threads: int = Field(default=0, description="Most CPU cores (torch threads) one CPU-heavy step claims; "
+                             "0: all free ones. Steps running at once share the cores (defs/common.py cpu_cores).")
 
-    def step_threads(self) -> int:
-        """Threads one CPU-heavy step uses (torch intra-op, decode threads): cpu_threads or every core."""
-        from .lib.embeddings.clip import available_cpus
-
-        return self.cpu_threads if self.cpu_threads > 0 else available_cpus()
-
-    def decode_workers(self) -> int:
-        return self.step_threads() if self.num_workers < 0 else self.num_workers
+    def decode_workers(self, cores: int) -> int:
+        return cores if self.num_workers < 0 else self.num_workers
 
     def torch_device(self):
         import torch

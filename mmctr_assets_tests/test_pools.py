@@ -96,3 +96,27 @@ def test_two_runs_never_hold_the_gpu_at_once(tmp_path):
     # control: with room for two, the same runs do overlap, so the check above can fail
     steps = run_two_gpu_runs(tmp_path, pool_limit=2)
     assert overlap(steps["train_a"], steps["train_b"]) > 0, json.dumps(steps)
+
+
+def test_cpu_heavy_steps_share_the_cores(tmp_path, monkeypatch):
+    """cpu_cores: a step takes the free cores without waiting, waits only below its minimum, and
+    its cores come back when it ends (so clip_embeddings and item2vec never oversubscribe)."""
+    import logging
+    import threading
+
+    from mmctr_assets.defs.common import cpu_cores
+    from mmctr_assets.lib.embeddings import clip
+
+    monkeypatch.setattr(clip, "available_cpus", lambda: 3)
+    log = logging.getLogger("test")
+    with cpu_cores(log, tmp_path, want=1, need=1) as item2vec_cores:  # item2vec with one worker
+        assert item2vec_cores == 1
+        with cpu_cores(log, tmp_path) as clip_cores:  # clip beside it: what is left
+            assert clip_cores == 2
+            got = []
+            waiter = threading.Thread(target=lambda: got.append(cpu_cores(log, tmp_path, need=2).__enter__()))
+            waiter.start()
+            waiter.join(1.0)
+            assert waiter.is_alive() and not got  # no 2 cores free: it waits
+        waiter.join(10)
+        assert got == [2]  # clip's two cores came back

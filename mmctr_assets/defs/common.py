@@ -4,7 +4,6 @@ condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 import base64
 import contextlib
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
@@ -58,48 +57,59 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def cpu_turn(context: dg.AssetExecutionContext, lock_dir: Path, threads: int | None = None, heavy: bool = True):
-    """Run a CPU-heavy step alone on the CPU, with ``threads`` torch/OpenMP threads (None: unchanged).
+def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step"):
+    """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
 
-    Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or two
-    runs); each would spawn a thread per core, and together they oversubscribe the machine (on 2
-    cores both ran 2-4x slower than alone). So CPU-heavy steps take turns on an exclusive file lock
-    (across steps and runs of this output folder) and each gets every core while it holds it.
-    A step on the GPU passes ``heavy=False``: it only sets its threads and does not wait.
+    Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
+    of two runs); each spawning a thread per core oversubscribes the machine (on 2 cores both ran
+    2-4x slower than alone). So each core is a lock file under ``lock_dir``: a step takes up to
+    ``want`` free cores (None: all) without waiting, runs with that many threads, and waits only
+    while fewer than ``need`` are free. Released on exit (or when the process dies).
     """
+    from ..lib.embeddings.clip import available_cpus
+
+    cores = available_cpus()
+    want = max(1, min(want or cores, cores))
+    need = max(1, min(need, want))
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    t0, logged = time.perf_counter(), False
+    while True:
+        got = []
+        for i in range(cores):
+            f = open(lock_dir / f"cpu-{i}.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got.append(f)
+            except BlockingIOError:
+                f.close()
+            if len(got) == want:
+                break
+        if len(got) >= need:
+            break
+        for f in got:
+            f.close()  # closing drops the lock
+        if not logged:
+            log.info(f"{what}: waiting for {need} free CPU core(s) of {cores}; other CPU-heavy steps hold them "
+                     "(defs/common.py cpu_cores)")
+            logged = True
+        time.sleep(0.5)
+    if logged:
+        log.info(f"{what}: got {len(got)} CPU core(s) after {time.perf_counter() - t0:.0f}s")
+    try:
+        yield len(got)
+    finally:
+        for f in got:
+            f.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch intra-op threads = ``n`` for the block (then restored)."""
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or previous)
-    if not heavy:
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-        return
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    me = {"run_id": context.run.run_id, "asset": context.asset_key.to_user_string(), "pid": os.getpid()}
-    with open(lock_dir / "cpu.lock", "a+") as f:
-        t0 = time.perf_counter()
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "another step"
-            context.log.info(f"waiting for the CPU: held by {holder} (CPU-heavy steps take turns; defs/common.py cpu_turn)")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        waited = time.perf_counter() - t0
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps(me))
-        f.flush()
-        if waited > 1:
-            context.log.info(f"got the CPU after {waited:.0f}s")
-        try:
-            yield
-        finally:
-            f.seek(0)
-            f.truncate()
-            f.flush()
-            fcntl.flock(f, fcntl.LOCK_UN)
-            torch.set_num_threads(previous)
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)

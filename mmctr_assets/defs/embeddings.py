@@ -15,8 +15,8 @@ import dagster as dg
 from .. import settings
 from ..lib.io import write_parquet_atomic
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, cpu_turn,
-                     png_metadata, run_tags)
+from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, cpu_cores,
+                     png_metadata, run_tags, torch_threads)
 
 GROUP = "task1_embeddings"
 
@@ -66,10 +66,10 @@ def clip_embeddings(
             "carry no semantic content. Set MMCTR_CLIP_MODEL to real ViT-B/32 weights for real use."
         )
     encoded, text_only, seconds = 0, [], 0.0
-    threads, workers = compute.step_threads(), compute.decode_workers()
+    # the free CPU cores (item2vec may run beside this step): torch threads and decode threads;
     # one set of decode threads for every shard of the run (no start-up per shard)
-    with cpu_turn(context, storage.out(".locks"), threads, heavy=bundle.device.type == "cpu"), \
-            clip_encoder.ImagePipeline(workers) as pipeline:
+    with cpu_cores(context.log, storage.out(".locks"), compute.cpu_threads or None, what="clip_embeddings") as cores, \
+            torch_threads(cores), clip_encoder.ImagePipeline(compute.decode_workers(cores)) as pipeline:
         for key in context.partition_keys:
             shard = items.filter(pl.col("item_id") % n_shards == int(key))
             result = clip_encoder.encode_items(
@@ -99,8 +99,8 @@ def clip_embeddings(
             "random_weights": bundle.random_weights,
             "device": str(bundle.device),
             "precision": compute.precision,
-            "torch_threads": threads,
-            "decode_threads": workers,
+            "cpu_cores": cores,
+            "decode_threads": pipeline.workers,
             "decode_on": config.decode_on,
         },
         check_results=[
@@ -149,8 +149,8 @@ def item2vec_embeddings(
     n_items = storage.n_items()
     out_dir = storage.item2vec().parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    # gensim's threads get the CPU to themselves (clip_embeddings may run beside this step)
-    with cpu_turn(context, storage.out(".locks")), \
+    # a core per gensim worker, shared with clip_embeddings when it runs beside this step
+    with cpu_cores(context.log, storage.out(".locks"), config.workers, need=config.workers, what="item2vec"), \
             tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
         context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens in {corpus.seconds:.1f}s")
