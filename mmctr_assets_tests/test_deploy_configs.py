@@ -178,3 +178,15 @@ def test_mlflow_server_command_says_what_is_missing(tmp_path):
     result = subprocess.run([str(DEPLOY / "mlflow-server.sh")], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode != 0
     assert "MLFLOW_BACKEND_STORE_URI" in result.stderr and "postgresql://" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["demo_run_config.yaml", "full_run_config.yaml"])
+def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
+    """`make demo` / `make demo-full` pass these with --config: they must parse as dcn_din_model config."""
+    from mmctr_assets.defs.ctr import DcnDinConfig
+
+    config = yaml.safe_load((settings.PACKAGE_DIR / "deploy" / name).read_text())
+    assert set(config["ops"]) == {"dcn_din_model"}
+    _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs()
+    if name.startswith("full"):
+        assert train["batch_size"] == 4096 and train["epochs"] == 10
