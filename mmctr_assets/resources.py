@@ -46,6 +46,14 @@ class ProjectStorage(dg.ConfigurableResource):
     def clip_shard(self, key: str) -> Path:
         return self.out("clip_embeddings", f"shard-{key}.parquet")
 
+    def cpu_lock_dir(self) -> Path:
+        """Per-core lock files of this deployment's CPU-heavy steps (defs/common.py cpu_cores): in the
+        machine's temp folder, since cores belong to the machine (not to a shared output volume)."""
+        import hashlib
+
+        key = hashlib.sha1(str(Path(self.output_dir).resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"mmctr-cpu-cores-{key}"
+
     def item2vec(self) -> Path:
         return self.out("item2vec_embeddings", "embeddings.parquet")
 

@@ -155,7 +155,7 @@ def dcn_din_model(
         progress = ProgressLog(context.log, "training steps", every_s=30)
         # the free CPU cores as torch threads (one on a GPU), shared with steps running beside it
         want = (compute.cpu_threads or None) if device.type == "cpu" else 1
-        with cpu_cores(context.log, storage.out(".locks"), want, what="dcn_din_model") as cores, torch_threads(cores):
+        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="dcn_din_model") as cores, torch_threads(cores):
             result = trainer.train(
                 model_config, train_config, train_t, valid_t, emb,
                 item_tags=_item_tags(storage) if model_config.use_tag_embedding else None,

@@ -68,7 +68,7 @@ def clip_embeddings(
     encoded, text_only, seconds = 0, [], 0.0
     # the free CPU cores (item2vec may run beside this step): torch threads and decode threads;
     # one set of decode threads for every shard of the run (no start-up per shard)
-    with cpu_cores(context.log, storage.out(".locks"), compute.cpu_threads or None, what="clip_embeddings") as cores, \
+    with cpu_cores(context.log, storage.cpu_lock_dir(), compute.cpu_threads or None, what="clip_embeddings") as cores, \
             torch_threads(cores), clip_encoder.ImagePipeline(compute.decode_workers(cores)) as pipeline:
         for key in context.partition_keys:
             shard = items.filter(pl.col("item_id") % n_shards == int(key))
@@ -150,7 +150,7 @@ def item2vec_embeddings(
     out_dir = storage.item2vec().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     # a core per gensim worker, shared with clip_embeddings when it runs beside this step
-    with cpu_cores(context.log, storage.out(".locks"), config.workers, need=config.workers, what="item2vec"), \
+    with cpu_cores(context.log, storage.cpu_lock_dir(), config.workers, need=config.workers, what="item2vec"), \
             tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
         context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens in {corpus.seconds:.1f}s")
