@@ -219,7 +219,9 @@ def child_full_step(step: str, data_dir: str, work: str, clip_model: str, epochs
     from mmctr_assets.defs.raw import raw_assets
 
     res = resources(Path(data_dir), Path(work))
-    res["compute"] = res["compute"].model_copy(update={"num_workers": -1})  # one prep thread per core
+    from mmctr_assets.resources import ComputeResource
+
+    res["compute"] = ComputeResource(device="cpu", num_workers=-1)  # one CLIP prep thread per core
     out = {"torch_threads": torch.get_num_threads()}
     if step == "raw":
         _, seconds = materialise(raw_assets, res)

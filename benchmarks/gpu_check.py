@@ -209,6 +209,7 @@ def check_graph(device: torch.device, size: dict, work: Path) -> None:
     from mmctr_assets.defs.raw import raw_assets
     from mmctr_assets.lib.data import demo as demo_data
     from mmctr_assets.lib.embeddings.tiny_clip import build_tiny_clip
+    from mmctr_assets.resources import ComputeResource
 
     data = work / f"demo-{size['graph_size']}"
     t0 = time.perf_counter()
@@ -216,7 +217,7 @@ def check_graph(device: torch.device, size: dict, work: Path) -> None:
     generate_s = time.perf_counter() - t0
     clip_dir = build_tiny_clip(work / "graph-clip", seed=0)
     res = resources(data, work / "graph")
-    res["compute"] = res["compute"].model_copy(update={"device": str(device), "num_workers": -1})
+    res["compute"] = ComputeResource(device=str(device), num_workers=-1)
     keys = clip_shards.get_partition_keys()
     small = size["graph_size"] in ("tiny", "small")
     steps = [
