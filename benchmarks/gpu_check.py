@@ -41,8 +41,8 @@ sys.path.insert(0, str(HERE))
 # sizes: full run on a GPU; reduced run (--device cpu) small enough for a CI test
 FULL = {"clip_model": "full", "clip_items": 2048, "clip_hw": (360, 640), "clip_batch": 256, "clip_rounds": 2,
         "ctr_rows": 400_000, "ctr_batch": 4096, "graph_size": "medium", "graph_epochs": 3}
-REDUCED = {"clip_model": "tiny", "clip_items": 96, "clip_hw": (96, 96), "clip_batch": 32, "clip_rounds": 1,
-           "ctr_rows": 12_288, "ctr_batch": 4096, "graph_size": "tiny", "graph_epochs": 1}
+REDUCED = {"clip_model": "tiny", "clip_items": 64, "clip_hw": (96, 96), "clip_batch": 32, "clip_rounds": 1,
+           "ctr_rows": 8192, "ctr_batch": 4096, "graph_size": "tiny", "graph_epochs": 1}
 
 
 def emit(**line) -> None:
