@@ -272,7 +272,7 @@ class ImageSpec:
         return image
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] (or [B, 3, H, W] with ``channels_last=False``) -> float32 [B, 3, H, W]."""
+        """uint8 [B, H, W, 3] (PIL path) or [B, 3, H, W] (device decode) -> float32 [B, 3, H, W]."""
         x = pixels.permute(0, 3, 1, 2).float() if pixels.shape[-1] == 3 else pixels.float()
         if self.scale is not None:
             x = x * self.scale
