@@ -9,15 +9,21 @@ STATE  := $(CURDIR)/.mmctr
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 DEMO_SIZE  ?= small
+# Each demo size keeps its own data, stand-in CLIP and outputs (small: the names without a suffix).
+SUFFIX     := $(if $(filter small,$(DEMO_SIZE)),,-$(DEMO_SIZE))
+# full-size data trains at the production batch size; the small demo needs smaller batches
+DEMO_CONFIG ?= mmctr_assets/deploy/$(if $(filter full,$(DEMO_SIZE)),full,demo)_run_config.yaml
 
 export DAGSTER_HOME    ?= $(STATE)/dagster_home
 export MMCTR_STATE_DIR ?= $(STATE)
-export MMCTR_DATA_DIR  ?= $(STATE)/demo_data
+export MMCTR_DATA_DIR  ?= $(STATE)/demo_data$(SUFFIX)
+export MMCTR_OUTPUT_DIR ?= $(STATE)/outputs$(SUFFIX)
 # The demo has no internet: it encodes with a small CLIP built and fitted locally.
-export MMCTR_CLIP_MODEL ?= $(STATE)/models/tiny-clip
+TINY_CLIP  := $(STATE)/models/tiny-clip$(SUFFIX)
+export MMCTR_CLIP_MODEL ?= $(TINY_CLIP)
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
-.PHONY: install demo-inputs demo dev browser postgres test mlflow-ui clean-outputs
+.PHONY: install demo-inputs demo demo-full dev browser postgres test mlflow-ui clean-outputs
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
@@ -35,16 +41,20 @@ $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet: | $(VENV)/.installed
 	$(BIN)/mmctr-demo-data --out $(MMCTR_DATA_DIR) --size $(DEMO_SIZE)
 
 # Fitted on the demo covers/titles (seconds), so the demo's content embeddings carry topics.
-$(STATE)/models/tiny-clip/config.json: | $(VENV)/.installed $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet
-	$(BIN)/mmctr-tiny-clip $(STATE)/models/tiny-clip --fit-on $(MMCTR_DATA_DIR)
+$(TINY_CLIP)/config.json: | $(VENV)/.installed $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet
+	$(BIN)/mmctr-tiny-clip $(TINY_CLIP) --fit-on $(MMCTR_DATA_DIR)
 
-demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(STATE)/models/tiny-clip/config.json
+demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(TINY_CLIP)/config.json
 
 ## Materialise the whole graph on the demo data: the documented cold-start command.
 demo: demo-inputs
 	$(BIN)/dagster asset materialize -m mmctr_assets --select '*' --partition-range 0...$$(($(SHARDS)-1)) \
-		--config mmctr_assets/deploy/demo_run_config.yaml
-	@echo "Outputs in $(STATE)/outputs; open the UI with 'make dev'."
+		--config $(DEMO_CONFIG)
+	@echo "Outputs in $(MMCTR_OUTPUT_DIR); open the UI with 'make dev'."
+
+## The whole graph at full size (91,717 items, 3.6M training rows, 10 epochs), its own data/outputs.
+demo-full:
+	$(MAKE) demo DEMO_SIZE=full
 
 ## The UI (webserver + daemon) on http://127.0.0.1:3000 with the same instance and data.
 dev: install
@@ -78,4 +88,4 @@ test: install browser postgres
 	$(BIN)/pytest -q
 
 clean-outputs:
-	rm -rf $(STATE)/outputs $(DAGSTER_HOME)
+	rm -rf $(MMCTR_OUTPUT_DIR) $(DAGSTER_HOME)

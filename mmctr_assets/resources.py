@@ -46,6 +46,14 @@ class ProjectStorage(dg.ConfigurableResource):
     def clip_shard(self, key: str) -> Path:
         return self.out("clip_embeddings", f"shard-{key}.parquet")
 
+    def cpu_lock_dir(self) -> Path:
+        """Per-core lock files of this deployment's CPU-heavy steps (defs/common.py cpu_cores): in the
+        machine's temp folder, since cores belong to the machine (not to a shared output volume)."""
+        import hashlib
+
+        key = hashlib.sha1(str(Path(self.output_dir).resolve()).encode()).hexdigest()[:12]
+        return Path(tempfile.gettempdir()) / f"mmctr-cpu-cores-{key}"
+
     def item2vec(self) -> Path:
         return self.out("item2vec_embeddings", "embeddings.parquet")
 
@@ -114,7 +122,13 @@ class ComputeResource(dg.ConfigurableResource):
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N. auto picks CUDA when present.")
     precision: str = Field(default="fp32", description=f"{' | '.join(PRECISIONS)} (autocast; fp16 needs CUDA).")
     batch_size: int = Field(default=64, description="CLIP inference batch size.")
-    num_workers: int = Field(default=2, description="Image decoding workers that run beside the model.")
+    num_workers: int = Field(default=-1, description="CLIP decode/preprocess threads beside the model; "
+                             "-1: one per CPU core the step claimed, 0: none (decode in the step's thread).")
+    cpu_threads: int = Field(default=0, description="Most CPU cores (torch threads) one CPU-heavy step claims; "
+                             "0: all free ones. Steps running at once share the cores (defs/common.py cpu_cores).")
+
+    def decode_workers(self, cores: int) -> int:
+        return cores if self.num_workers < 0 else self.num_workers
 
     def torch_device(self):
         import torch

@@ -304,3 +304,15 @@ def test_mlflow_server_listens_on_loopback_unless_someone_authenticates(tmp_path
     proxied = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="proxy")
     assert proxied.returncode == 0 and "--app-name" not in proxied.stdout
     assert mlflow_server_args(tmp_path, MLFLOW_AUTH="ldap").returncode == 2
+
+
+@pytest.mark.parametrize("name", ["demo_run_config.yaml", "full_run_config.yaml"])
+def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
+    """`make demo` / `make demo-full` pass these with --config: they must parse as dcn_din_model config."""
+    from mmctr_assets.defs.ctr import DcnDinConfig
+
+    config = yaml.safe_load((settings.PACKAGE_DIR / "deploy" / name).read_text())
+    assert set(config["ops"]) == {"dcn_din_model"}
+    _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs()
+    if name.startswith("full"):
+        assert train["batch_size"] == 4096 and train["epochs"] == 10

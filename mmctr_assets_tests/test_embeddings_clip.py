@@ -168,3 +168,89 @@ def test_hub_id_offline_fails_fast_with_what_was_tried(tmp_path, monkeypatch):
     assert "'openai/clip-vit-base-patch32'" in msg and "hub id" in msg
     assert "local Hugging Face cache" in msg and "HF_HUB_OFFLINE is set" in msg
     assert "hf download openai/clip-vit-base-patch32 --local-dir" in msg
+
+
+# ----------------------------------------------------------------------------- the fast image path
+
+def _processor_pixels(bundle, images):
+    return bundle.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+
+
+def test_fast_image_path_matches_the_processor(bundle):
+    """Per-image PIL resize/crop + one batched normalise == CLIPImageProcessor, on the same image."""
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(96, 96), (90, 70), (70, 130), (33, 32), (300, 200)]]
+    spec = ce.ImageSpec.from_processor(bundle.processor.image_processor)
+    assert spec is not None and spec.out_hw == (32, 32)
+    fast = spec.normalise(torch.from_numpy(np.stack([spec.prepare_pil(im) for im in images])))
+    np.testing.assert_allclose(fast.numpy(), _processor_pixels(bundle, images).numpy(), atol=1e-5)
+
+
+def test_tensor_resize_for_device_decoding_is_close_to_the_processor(bundle):
+    """The on-device resize (antialiased bicubic in torch) stays within a few grey levels of PIL's."""
+    rng = np.random.default_rng(2)
+    yy, xx = np.mgrid[0:120, 0:90]
+    smooth = np.stack([xx * 2, yy * 2, (xx + yy)], -1) % 256 + rng.integers(0, 8, (120, 90, 3))
+    image = Image.fromarray(smooth.astype(np.uint8))
+    spec = ce.ImageSpec.from_processor(bundle.processor.image_processor)
+    chw = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+    on_device = spec.normalise(spec.prepare_tensor(chw)[None])
+    diff = (on_device - _processor_pixels(bundle, [image])).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.3  # normalised units; 1 grey level ~ 0.015
+
+
+def test_draft_decoding_keeps_embeddings(bundle, tmp_path):
+    """JPEGs decoded at reduced size (DCT scaling) embed like full-size decodes through the processor."""
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[0:256, 0:192].astype(np.float32)
+    paths = []
+    for i in range(4):
+        img = 127 + 100 * np.sin(xx[..., None] / rng.uniform(8, 30) + yy[..., None] / rng.uniform(8, 30) + i)
+        img = np.clip(img + rng.normal(0, 5, img.shape), 0, 255).astype(np.uint8).repeat(3, -1)
+        Image.fromarray(img).save(tmp_path / f"{i + 1}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{i + 1}.jpg"))
+    items = pl.DataFrame({"item_id": [1, 2, 3, 4], "title": ["a"] * 4, "tags": [[1]] * 4, "image_path": paths})
+    fast = ce.encode_items(items, bundle, num_workers=2, combine="image").embeddings
+    with torch.inference_mode():
+        pixels = _processor_pixels(bundle, [Image.open(p).convert("RGB") for p in paths])
+        ref = torch.nn.functional.normalize(bundle.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    assert (np.sum(fast * ref.numpy(), axis=1) > 0.995).all()
+
+
+def test_one_pipeline_serves_many_calls(bundle, items):
+    """The threads of one ImagePipeline persist across calls (the shards of a run) and give the same vectors."""
+    alone = ce.encode_items(items, bundle, batch_size=4, num_workers=0).embeddings
+    with ce.ImagePipeline(2) as pipe:
+        threads = set()
+        for _ in range(2):
+            again = ce.encode_items(items, bundle, batch_size=4, pipeline=pipe).embeddings
+            np.testing.assert_allclose(again, alone, atol=1e-6)
+            threads.add(id(pipe._pool))
+        assert len(threads) == 1
+
+
+def _pil_decoder(datas, device):
+    """Stand-in for torchvision's decode_jpeg (same contract: bytes tensors -> uint8 [3, H, W], raises on a bad file)."""
+    import io
+
+    out = []
+    for d in datas:
+        with Image.open(io.BytesIO(d.numpy().tobytes())) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).to(device))
+    return out
+
+
+def test_device_decode_path_matches_cpu_path(bundle, items, monkeypatch):
+    """decode_on='device' (JPEG bytes decoded by the device decoder, resized as tensors): corrupt and
+    truncated JPEGs and PNGs still fall back correctly, embeddings close to the CPU path."""
+    monkeypatch.setattr(ce, "device_jpeg_decoder", lambda: _pil_decoder)
+    for combine in ("image", "mean"):
+        cpu = ce.encode_items(items, bundle, batch_size=4, num_workers=2, combine=combine)
+        dev = ce.encode_items(items, bundle, batch_size=4, num_workers=2, combine=combine, decode_on="device")
+        assert dev.text_only_ids.tolist() == cpu.text_only_ids.tolist() == [7, 8, 9]
+        assert dev.corrupt_image_ids.tolist() == [8, 9]
+        assert (np.sum(dev.embeddings[1:] * cpu.embeddings[1:], axis=1) > 0.99).all()
+    monkeypatch.setattr(ce, "device_jpeg_decoder", lambda: None)
+    with pytest.raises(ValueError, match="needs torchvision"):
+        ce.encode_items(items, bundle, decode_on="device")

@@ -230,3 +230,27 @@ def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
             except subprocess.TimeoutExpired:
                 os.killpg(daemon.pid, signal.SIGKILL)
                 daemon.wait()
+
+
+def test_cpu_heavy_steps_share_the_cores(tmp_path, monkeypatch):
+    """cpu_cores: a step takes the free cores without waiting, waits only below its minimum, and
+    its cores come back when it ends (so clip_embeddings and item2vec never oversubscribe)."""
+    import logging
+    import threading
+
+    from mmctr_assets.defs.common import cpu_cores
+    from mmctr_assets.lib.embeddings import clip
+
+    monkeypatch.setattr(clip, "available_cpus", lambda: 3)
+    log = logging.getLogger("test")
+    with cpu_cores(log, tmp_path, want=1, need=1) as item2vec_cores:  # item2vec with one worker
+        assert item2vec_cores == 1
+        with cpu_cores(log, tmp_path) as clip_cores:  # clip beside it: what is left
+            assert clip_cores == 2
+            got = []
+            waiter = threading.Thread(target=lambda: got.append(cpu_cores(log, tmp_path, need=2).__enter__()))
+            waiter.start()
+            waiter.join(1.0)
+            assert waiter.is_alive() and not got  # no 2 cores free: it waits
+        waiter.join(10)
+        assert got == [2]  # clip's two cores came back

@@ -1,8 +1,12 @@
 """Small pieces every stage's assets share: the CLIP shard partitions, the GPU op tags, the refresh
-condition, progress logging, images in metadata, MLflow run tags."""
+condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 
 import base64
+import contextlib
+import fcntl
+import os
 import time
+from pathlib import Path
 
 import dagster as dg
 
@@ -50,3 +54,62 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
         "dagster.asset_key": context.asset_key.to_user_string(),
         "dagster.job": context.job_name or "",
     }
+
+
+@contextlib.contextmanager
+def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step"):
+    """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
+
+    Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
+    of two runs); each spawning a thread per core oversubscribes the machine (on 2 cores both ran
+    2-4x slower than alone). So each core is a lock file under ``lock_dir``: a step takes up to
+    ``want`` free cores (None: all) without waiting, runs with that many threads, and waits only
+    while fewer than ``need`` are free. Released on exit (or when the process dies).
+    """
+    from ..lib.embeddings.clip import available_cpus
+
+    cores = available_cpus()
+    want = max(1, min(want or cores, cores))
+    need = max(1, min(need, want))
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    t0, logged = time.perf_counter(), False
+    while True:
+        got = []
+        for i in range(cores):
+            f = open(lock_dir / f"cpu-{i}.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                got.append(f)
+            except BlockingIOError:
+                f.close()
+            if len(got) == want:
+                break
+        if len(got) >= need:
+            break
+        for f in got:
+            f.close()  # closing drops the lock
+        if not logged:
+            log.info(f"{what}: waiting for {need} free CPU core(s) of {cores}; other CPU-heavy steps hold them "
+                     "(defs/common.py cpu_cores)")
+            logged = True
+        time.sleep(0.5)
+    if logged:
+        log.info(f"{what}: got {len(got)} CPU core(s) after {time.perf_counter() - t0:.0f}s")
+    try:
+        yield len(got)
+    finally:
+        for f in got:
+            f.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch intra-op threads = ``n`` for the block (then restored)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(previous)

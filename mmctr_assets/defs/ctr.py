@@ -17,7 +17,8 @@ from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import array_fingerprint, atomic_path, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, png_metadata, run_tags
+from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, cpu_cores, png_metadata,
+                     run_tags, torch_threads)
 from .embeddings import EMBEDDING_SOURCES, fused_item_embeddings, item_embedding_table
 
 GROUP = "task2_ctr"
@@ -132,12 +133,15 @@ def dcn_din_model(
                              f"logloss {e.valid_logloss:.4f}, lr {e.lr:g}, {e.samples_per_s:,.0f} samples/s")
 
         progress = ProgressLog(context.log, "training steps", every_s=30)
-        result = trainer.train(
-            model_config, train_config, train_t, valid_t, emb,
-            item_tags=_item_tags(storage) if model_config.use_tag_embedding else None,
-            device=device, checkpoint_dir=checkpoints, data_fingerprint=fingerprint,
-            on_epoch_end=on_epoch_end, progress=lambda epoch, step, steps: progress(step, steps),
-        )
+        # the free CPU cores as torch threads (one on a GPU), shared with steps running beside it
+        want = (compute.cpu_threads or None) if device.type == "cpu" else 1
+        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="dcn_din_model") as cores, torch_threads(cores):
+            result = trainer.train(
+                model_config, train_config, train_t, valid_t, emb,
+                item_tags=_item_tags(storage) if model_config.use_tag_embedding else None,
+                device=device, checkpoint_dir=checkpoints, data_fingerprint=fingerprint,
+                on_epoch_end=on_epoch_end, progress=lambda epoch, step, steps: progress(step, steps),
+            )
         context.log.info(result.resume_note)
         mlflow.log_epochs(result.history, logged)  # epochs trained before a resume
         mlflow_api.log_metric("best_valid_auc", result.best_valid_auc)

@@ -15,7 +15,8 @@ import dagster as dg
 from .. import settings
 from ..lib.io import write_parquet_atomic
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, png_metadata, run_tags
+from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, cpu_cores,
+                     png_metadata, run_tags, torch_threads)
 
 GROUP = "task1_embeddings"
 # the item tables a model can read (dcn_din_model's and task1_score's embedding_source)
@@ -29,6 +30,9 @@ class ClipConfig(dg.Config):
     """mean (of normalised image and text vectors) | image | text."""
     text_only_warn_share: float = 0.05
     """Warn (asset check) when more than this share of items has no usable image."""
+    decode_on: str = "cpu"
+    """cpu (PIL, reduced-size JPEG decode in threads) | device (torchvision nvJPEG on the CUDA device;
+    benchmarks/gpu_check.py measures which is faster there)."""
 
 
 @dg.asset(
@@ -64,22 +68,27 @@ def clip_embeddings(
             "carry no semantic content. Set MMCTR_CLIP_MODEL to real ViT-B/32 weights for real use."
         )
     encoded, text_only, seconds = 0, [], 0.0
-    for key in context.partition_keys:
-        shard = items.filter(pl.col("item_id") % n_shards == int(key))
-        result = clip_encoder.encode_items(
-            shard,
-            bundle,
-            batch_size=compute.batch_size,
-            # worker start-up costs seconds: not worth it for a few batches
-            num_workers=compute.num_workers if shard.height >= 4 * compute.batch_size else 0,
-            combine=config.combine,
-            progress=ProgressLog(context.log, f"clip shard {key}"),
-        )
-        write_parquet_atomic(clip_encoder.to_frame(result), storage.clip_shard(key))
-        encoded += len(result.item_ids)
-        text_only.extend(result.text_only_ids.tolist())
-        seconds += result.seconds
-        context.log.info(f"shard {key}: {len(result.item_ids)} items in {result.seconds:.1f}s")
+    # the free CPU cores (item2vec may run beside this step): torch threads and decode threads;
+    # one set of decode threads for every shard of the run (no start-up per shard)
+    with cpu_cores(context.log, storage.cpu_lock_dir(), compute.cpu_threads or None, what="clip_embeddings") as cores, \
+            torch_threads(cores), clip_encoder.ImagePipeline(compute.decode_workers(cores)) as pipeline:
+        for key in context.partition_keys:
+            shard = items.filter(pl.col("item_id") % n_shards == int(key))
+            result = clip_encoder.encode_items(
+                shard,
+                bundle,
+                batch_size=compute.batch_size,
+                pipeline=pipeline,
+                combine=config.combine,
+                decode_on=config.decode_on,
+                progress=ProgressLog(context.log, f"clip shard {key}"),
+            )
+            write_parquet_atomic(clip_encoder.to_frame(result), storage.clip_shard(key))
+            encoded += len(result.item_ids)
+            text_only.extend(result.text_only_ids.tolist())
+            seconds += result.seconds
+            context.log.info(f"shard {key}: {len(result.item_ids)} items in {result.seconds:.1f}s "
+                             f"({len(result.item_ids) / max(result.seconds, 1e-9):.0f}/s)")
     share = len(text_only) / max(encoded, 1)
     return dg.MaterializeResult(
         metadata={
@@ -92,6 +101,9 @@ def clip_embeddings(
             "random_weights": bundle.random_weights,
             "device": str(bundle.device),
             "precision": compute.precision,
+            "cpu_cores": cores,
+            "decode_threads": pipeline.workers,
+            "decode_on": config.decode_on,
         },
         check_results=[
             dg.AssetCheckResult(
@@ -145,7 +157,9 @@ def item2vec_embeddings(
     n_items = storage.n_items()
     out_dir = storage.item2vec().parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    # a core per gensim worker, shared with clip_embeddings when it runs beside this step
+    with cpu_cores(context.log, storage.cpu_lock_dir(), config.workers, need=config.workers, what="item2vec"), \
+            tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
         context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens in {corpus.seconds:.1f}s")
         result = item2vec.train_item2vec(

@@ -1,12 +1,16 @@
 """CLIP item encoder: one 512-d content vector per item from its cover image and its text.
 
-Image decoding and preprocessing run in DataLoader workers while the model runs the previous
-batch, so on a warm pipeline the encoder costs about what the bare forward passes cost.
+The input path is built to cost no more than the bare model (benchmarks/bench_clip.py): JPEGs
+decode at reduced size (PIL draft: DCT scaling, never below the model input), each image is resized
+and cropped by PIL on uint8 exactly as the processor would, and the batch is rescaled/normalised in
+one tensor op on the model's device. Titles go through the fast (Rust) tokenizer. Threads of one
+:class:`ImagePipeline` do all of that for the next batches while the model runs the current one,
+and live as long as the run (every shard). On CUDA, ``decode_on="device"`` decodes JPEGs with
+torchvision's nvJPEG decoder instead (benchmarks/gpu_check.py measures whether that is faster).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -170,26 +174,113 @@ def _check_items(items: pl.DataFrame) -> None:
         raise ValueError(f"item_id must be unique; duplicated ids include {dup}. Deduplicate first.")
 
 
-class _ItemDataset(torch.utils.data.Dataset):
-    """Item i -> (position, text, decoded RGB image or None, status)."""
-
-    def __init__(self, texts: list[str], paths: list[str | None], load_images: bool, draft: int):
-        self.texts, self.paths, self.load_images, self.draft = texts, paths, load_images, draft
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, i: int):
-        image, status = None, "skipped"
-        if self.load_images:
-            image, status = load_image(self.paths[i], self.draft)
-        return i, self.texts[i], image, status
+def available_cpus() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
-def _input_side(image_processor) -> int:
-    """Largest side the processor resizes/crops to: JPEGs need not decode bigger than that."""
-    sides = [v for d in (image_processor.size, image_processor.crop_size) if d for v in dict(d).values()]
-    return int(max(sides)) if sides else 0
+@dataclass(frozen=True)
+class ImageSpec:
+    """The CLIP image processor's steps as numbers, so a batch is prepared without it: PIL resize and
+    crop per image on uint8 (the processor's own resize), then one tensor op rescales and normalises
+    the whole batch (on the model's device). Same pixels as the processor within float rounding."""
+
+    shortest_edge: int | None  # resize so the short side is this, aspect kept (CLIP)
+    size_hw: tuple[int, int] | None  # or resize to exactly this
+    crop_hw: tuple[int, int] | None
+    resample: int  # PIL resampling filter (CLIP: bicubic)
+    scale: float | None  # None: no rescale
+    mean: tuple[float, ...] | None  # None: no normalise
+    std: tuple[float, ...] | None
+
+    @classmethod
+    def from_processor(cls, ip) -> ImageSpec | None:
+        """None when the processor does something this does not reproduce (then it is used as is)."""
+        size = {k: v for k, v in dict(ip.size or {}).items() if v} if getattr(ip, "do_resize", True) else {}
+        crop = {k: v for k, v in dict(ip.crop_size or {}).items() if v} if getattr(ip, "do_center_crop", False) else {}
+        if set(size) - {"shortest_edge", "height", "width"} or (crop and set(crop) != {"height", "width"}):
+            return None
+        short = size.get("shortest_edge")
+        size_hw = (int(size["height"]), int(size["width"])) if {"height", "width"} <= set(size) and not short else None
+        crop_hw = (int(crop["height"]), int(crop["width"])) if crop else None
+        if crop_hw is None and size_hw is None:
+            return None  # output size varies per image: cannot stack a batch
+        if getattr(ip, "do_pad", False):
+            return None
+        normalise = getattr(ip, "do_normalize", True)
+        return cls(
+            shortest_edge=int(short) if short else None,
+            size_hw=size_hw,
+            crop_hw=crop_hw,
+            resample=int(ip.resample if ip.resample is not None else 2),
+            scale=float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else None,
+            mean=tuple(float(v) for v in ip.image_mean) if normalise else None,
+            std=tuple(float(v) for v in ip.image_std) if normalise else None,
+        )
+
+    @property
+    def out_hw(self) -> tuple[int, int]:
+        return self.crop_hw or self.size_hw
+
+    @property
+    def draft_side(self) -> int:
+        """Smallest side a JPEG may be decoded at (DCT scaling) without losing input resolution."""
+        sides = [self.shortest_edge or 0, *(self.size_hw or ()), *(self.crop_hw or ())]
+        return int(max(sides))
+
+    def resized_hw(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's resize target (transformers' get_resize_output_image_size, not square)."""
+        if self.shortest_edge is None:
+            return self.size_hw or (height, width)
+        short, long = (width, height) if width <= height else (height, width)
+        new_short, new_long = self.shortest_edge, int(self.shortest_edge * long / short)
+        return (new_long, new_short) if width <= height else (new_short, new_long)
+
+    def crop_box(self, height: int, width: int) -> tuple[int, int, int, int] | None:
+        if self.crop_hw is None:
+            return None
+        ch, cw = self.crop_hw
+        top, left = (height - ch) // 2, (width - cw) // 2
+        return left, top, left + cw, top + ch
+
+    def prepare_pil(self, image):
+        """Resize + centre-crop one RGB PIL image -> uint8 [H, W, 3]."""
+        h, w = self.resized_hw(image.height, image.width)
+        if (h, w) != (image.height, image.width):
+            image = image.resize((w, h), resample=self.resample)
+        box = self.crop_box(h, w)
+        if box is not None and box != (0, 0, w, h):
+            image = image.crop(box)
+        return np.asarray(image)
+
+    def prepare_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """Resize + centre-crop one uint8 [3, H, W] tensor on any device (antialiased bicubic, as
+        close to PIL's as torch gets) -> uint8 [3, h, w]. For images decoded on the GPU."""
+        h, w = self.resized_hw(int(image.shape[1]), int(image.shape[2]))
+        if (h, w) != tuple(image.shape[1:]):
+            mode = "bicubic" if self.resample == 3 else "bilinear"
+            image = torch.nn.functional.interpolate(image[None].float(), size=(h, w), mode=mode,
+                                                    antialias=True, align_corners=False)[0]
+            image = image.round_().clamp_(0, 255).to(torch.uint8)
+        box = self.crop_box(h, w)
+        if box is not None:
+            left, top, right, bottom = box
+            image = image[:, top:bottom, left:right]
+        return image
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, H, W, 3] (PIL path) or [B, 3, H, W] (device decode) -> float32 [B, 3, H, W]."""
+        x = pixels.permute(0, 3, 1, 2).float() if pixels.shape[-1] == 3 else pixels.float()
+        if self.scale is not None:
+            x = x * self.scale
+        if self.mean is not None:
+            mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+            std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
+            x = (x - mean) / std
+        return x.contiguous()
 
 
 def load_image(path: str | None, draft: int):
@@ -201,7 +292,7 @@ def load_image(path: str | None, draft: int):
     try:
         with Image.open(path) as im:
             # JPEG: decode at a DCT-domain 1/2-1/8 scale that stays >= the model input; far less work,
-                # near-identical pixels after the processor resize. No-op for other formats.
+            # near-identical pixels after the resize. No-op for other formats.
             if draft:
                 im.draft("RGB", (draft, draft))
             return im.convert("RGB"), "ok"
@@ -209,33 +300,178 @@ def load_image(path: str | None, draft: int):
         return None, "corrupt"
 
 
-class _Collate:
-    """Runs in the workers: batches pixels for decodable images, tokens for rows that need text."""
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
 
-    def __init__(self, processor, max_tokens: int, combine: str):
-        self.image_processor = processor.image_processor
-        self.tokenizer = processor.tokenizer
-        self.max_tokens, self.combine = max_tokens, combine
 
-    def __call__(self, batch):
-        pos = np.array([b[0] for b in batch], dtype=np.int64)
-        status = np.array([b[3] for b in batch])
+class ImagePipeline:
+    """Threads that decode and preprocess batches while the model runs the previous one.
+
+    Threads, not processes: PIL decodes and resizes, and the fast tokenizer encodes, with the GIL
+    released, so threads use every core without worker start-up (seconds per process) or copying
+    pixels between processes. Create one per run and pass it to every :func:`encode_items` call:
+    the threads then persist across the shards of the run.
+    """
+
+    def __init__(self, workers: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.workers = available_cpus() if workers is None else max(0, int(workers))
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="clip-prep") if self.workers else None
+
+    def map(self, fn: Callable, args: list):
+        """``fn(a)`` for each ``a`` in order, ``workers + 1`` ahead of the consumer (bounded memory)."""
+        if self._pool is None:
+            yield from map(fn, args)
+            return
+        import collections
+
+        ahead, pending, it = self.workers + 1, collections.deque(), iter(args)
+        for a in it:
+            pending.append(self._pool.submit(fn, a))
+            if len(pending) >= ahead:
+                break
+        try:
+            while pending:
+                result = pending.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(self._pool.submit(fn, nxt))
+                yield result
+        finally:
+            for f in pending:
+                f.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self) -> ImagePipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+DECODE_ON = ("cpu", "device")
+
+
+def device_jpeg_decoder():
+    """torchvision's JPEG decoder (nvJPEG on CUDA), or None when torchvision is not installed."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:  # noqa: BLE001 - torchvision is optional
+        return None
+    return lambda datas, device: decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+
+
+class _Batcher:
+    """Runs in the pipeline threads: one batch of rows -> pixels (uint8) and tokens."""
+
+    def __init__(self, bundle: ClipBundle, texts: list[str], paths: list[str | None], combine: str,
+                 spec: ImageSpec | None, decode_on: str):
+        self.tokenizer, self.image_processor = bundle.processor.tokenizer, bundle.processor.image_processor
+        self.max_tokens, self.texts, self.paths, self.combine = bundle.max_text_tokens, texts, paths, combine
+        self.spec, self.decode_on = spec, decode_on
+        self.pin = bundle.device.type == "cuda"
+        self.draft = spec.draft_side if spec is not None else _input_side(self.image_processor)
+
+    def _cpu_image(self, path):
+        image, status = load_image(path, self.draft)
+        if image is not None and self.spec is not None:
+            image = self.spec.prepare_pil(image)
+        return image, status
+
+    def tokens(self, rows: np.ndarray):
+        """Padded token tensors of these rows' texts (the fast, Rust tokenizer), None for no rows."""
+        if not len(rows):
+            return None
+        return self.tokenizer([self.texts[i] for i in rows.tolist()], padding=True, truncation=True,
+                              max_length=self.max_tokens, return_tensors="pt")
+
+    def __call__(self, rows: np.ndarray) -> dict:
+        n = len(rows)
+        status = np.full(n, "skipped", dtype=object)
+        images, raw = [None] * n, [None] * n
+        if self.combine != "text":
+            for j, i in enumerate(rows.tolist()):
+                path = self.paths[i]
+                if self.decode_on == "device" and path and path.lower().endswith((".jpg", ".jpeg")):
+                    try:
+                        with open(path, "rb") as f:
+                            data = f.read()
+                    except OSError:
+                        data = b""
+                    if _is_jpeg(data):
+                        raw[j], status[j] = (torch.frombuffer(bytearray(data), dtype=torch.uint8), path), "ok"
+                        continue
+                images[j], status[j] = self._cpu_image(path)
         has_image = status == "ok"
-        images = [b[2] for b in batch if b[3] == "ok"]
-        pixels = self.image_processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-        need_text = ~has_image if self.combine == "image" else np.ones(len(batch), bool)
-        texts = [b[1] for b, need in zip(batch, need_text) if need]
-        tokens = (
-            self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
-            if texts
-            else None
-        )
-        return {"pos": pos, "status": status, "has_image": has_image, "need_text": need_text,
-                "pixel_values": pixels, "tokens": tokens}
+        cpu_rows = [j for j in range(n) if images[j] is not None]
+        if not cpu_rows:
+            pixels = None
+        elif self.spec is not None:
+            pixels = torch.from_numpy(np.stack([images[j] for j in cpu_rows]))
+        else:
+            pixels = self.image_processor(images=[images[j] for j in cpu_rows], return_tensors="pt")["pixel_values"]
+        if pixels is not None and self.pin:
+            pixels = pixels.pin_memory()
+        need_text = ~has_image if self.combine == "image" else np.ones(n, bool)
+        tokens = self.tokens(rows[need_text])
+        return {"rows": rows, "status": status, "has_image": has_image, "need_text": need_text,
+                "cpu_rows": np.array(cpu_rows, dtype=np.int64), "pixels": pixels,
+                        "raw": [(j, *r) for j, r in enumerate(raw) if r is not None], "tokens": tokens}
+
+
+def _input_side(image_processor) -> int:
+    """Largest side the processor resizes/crops to: JPEGs need not decode bigger than that."""
+    sides = [v for d in (image_processor.size, image_processor.crop_size) if d for v in dict(d).values() if v]
+    return int(max(sides)) if sides else 0
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def _image_batch(batch: dict, spec: ImageSpec | None, device: torch.device, decoder, draft: int
+                 ) -> tuple[torch.Tensor | None, np.ndarray]:
+    """Model-ready pixels for the batch's decodable images and their row positions in the batch.
+    JPEG bytes (decode_on="device") are decoded on the device; a file the device decoder refuses
+    goes to PIL instead, and is reported corrupt (status, has_image) when PIL fails too."""
+    parts, order = [], []
+    if batch["pixels"] is not None:
+        pixels = batch["pixels"].to(device, non_blocking=True)
+        parts.append(spec.normalise(pixels) if spec is not None and pixels.dtype == torch.uint8 else pixels)
+        order.extend(batch["cpu_rows"].tolist())
+    if batch["raw"]:
+        rows, datas, paths = zip(*batch["raw"])
+        try:
+            decoded = list(decoder(list(datas), device))
+        except Exception:  # noqa: BLE001 - one bad file fails the batched call: go one by one
+            decoded = []
+            for d in datas:
+                try:
+                    decoded.append(decoder([d], device)[0])
+                except Exception:  # noqa: BLE001
+                    decoded.append(None)
+        good = []
+        for j, image, path in zip(rows, decoded, paths):
+            if image is None:
+                pil, status = load_image(path, draft)
+                if pil is None:
+                    batch["status"][j], batch["has_image"][j] = status, False
+                    continue
+                image = torch.from_numpy(np.array(spec.prepare_pil(pil))).permute(2, 0, 1).to(device)
+            else:
+                image = spec.prepare_tensor(image)
+            good.append((j, image))
+        if good:
+            parts.append(spec.normalise(torch.stack([g[1] for g in good])))
+            order.extend(g[0] for g in good)
+    if not parts:
+        return None, np.zeros(0, dtype=np.int64)
+    return torch.cat(parts), np.array(order, dtype=np.int64)
 
 
 def encode_items(
@@ -243,61 +479,77 @@ def encode_items(
     bundle: ClipBundle,
     *,
     batch_size: int = 64,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     combine: str = "mean",
     progress: Callable[[int, int], None] | None = None,
+    pipeline: ImagePipeline | None = None,
+    decode_on: str = "cpu",
 ) -> ClipResult:
     """Embed items with CLIP: L2-normalised image and text features, combined, unit norm.
 
     ``combine="mean"`` averages the normalised image and text vectors and renormalises, so items
     with and without an image live on the same unit sphere. Items whose image is missing or
     corrupt use their text alone (listed in ``text_only_ids``). Item 0 (padding) gets zeros.
-    Cheap to call repeatedly with one bundle (the model is loaded once by :func:`load_clip`).
+    Cheap to call repeatedly with one bundle (the model is loaded once by :func:`load_clip`) and
+    one ``pipeline`` (its threads are started once); without one, ``num_workers`` threads (None:
+    one per available core; 0: decode in this thread) live for this call.
+    ``decode_on="device"`` decodes JPEGs with torchvision on the model's device (nvJPEG on CUDA).
     """
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}.")
+    if decode_on not in DECODE_ON:
+        raise ValueError(f"decode_on must be one of {DECODE_ON}, got {decode_on!r}.")
     _check_items(items)
+    spec = ImageSpec.from_processor(bundle.processor.image_processor)
+    decoder = None
+    if decode_on == "device":
+        decoder = device_jpeg_decoder()
+        if decoder is None or spec is None:
+            raise ValueError("decode_on='device' needs torchvision (its decode_jpeg) and a CLIP image processor "
+                             "with a fixed output size; install torchvision matching torch, or use decode_on='cpu'.")
     started = time.perf_counter()
     ids = items["item_id"].cast(pl.Int64).to_numpy()
     real = np.flatnonzero(ids != 0)
     texts = item_texts(items).gather(real).to_list()
     paths = items["image_path"].cast(pl.String).gather(real).to_list()
-    draft = _input_side(bundle.processor.image_processor)
+    batcher = _Batcher(bundle, texts, paths, combine, spec, decode_on)
+    chunks = [np.arange(lo, min(lo + batch_size, len(real))) for lo in range(0, len(real), batch_size)]
 
-    dataset = _ItemDataset(texts, paths, load_images=combine != "text", draft=draft)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=_Collate(bundle.processor, bundle.max_text_tokens, combine),
-        pin_memory=bundle.device.type == "cuda",
-    )
     out = np.zeros((len(ids), bundle.dim), dtype=np.float32)
     status = np.full(len(real), "skipped", dtype=object)
     model, device = bundle.model, bundle.device
     done = 0
-    with torch.inference_mode(), autocast(device, bundle.precision):
-        for batch in loader:
-            pos = batch["pos"]
-            status[pos] = batch["status"]
-            vec = torch.zeros(len(pos), bundle.dim, device=device)
-            if batch["pixel_values"] is not None:
-                pixels = batch["pixel_values"].to(device, non_blocking=True)
-                img = _unit(model.get_image_features(pixel_values=pixels).pooler_output)
-                vec[torch.from_numpy(batch["has_image"]).to(device)] = img
-            if batch["tokens"] is not None:
-                tokens = {k: v.to(device, non_blocking=True) for k, v in batch["tokens"].items()}
-                txt = _unit(model.get_text_features(**tokens).pooler_output)
-                rows = torch.from_numpy(batch["need_text"]).to(device)
-                if combine == "mean":  # text-only rows: vec is zero there, so this is txt
-                    vec[rows] = _unit(vec[rows] + txt)
-                else:
-                    vec[rows] = txt
-            out[real[pos]] = vec.float().cpu().numpy()
-            done += len(pos)
-            if progress is not None:
-                progress(done, len(real))
+    own = pipeline is None
+    pipe = ImagePipeline(num_workers) if own else pipeline
+    try:
+        with torch.inference_mode(), autocast(device, bundle.precision):
+            for batch in pipe.map(batcher, chunks):
+                rows = batch["rows"]
+                vec = torch.zeros(len(rows), bundle.dim, device=device)
+                pixels, order = _image_batch(batch, spec, device, decoder, batcher.draft)
+                if pixels is not None:
+                    img = _unit(model.get_image_features(pixel_values=pixels).pooler_output)
+                    vec[torch.from_numpy(order).to(device)] = img
+                status[rows] = batch["status"]
+                need_text = ~batch["has_image"] if combine == "image" else np.ones(len(rows), bool)
+                late = need_text & ~batch["need_text"]  # images the device decoder found corrupt
+                for sel, tokens in ((batch["need_text"], batch["tokens"]), (late, batcher.tokens(rows[late]))):
+                    if tokens is None:
+                        continue
+                    tokens = {k: v.to(device, non_blocking=True) for k, v in tokens.items()}
+                    txt = _unit(model.get_text_features(**tokens).pooler_output)
+                    sel = torch.from_numpy(sel).to(device)
+                    if combine == "mean":  # text-only rows: vec is zero there, so this is txt
+                        vec[sel] = _unit(vec[sel] + txt)
+                    else:
+                        vec[sel] = txt
+                out[real[rows]] = vec.float().cpu().numpy()
+                done += len(rows)
+                if progress is not None:
+                    progress(done, len(real))
+    finally:
+        if own:
+            pipe.close()
 
     real_ids = ids[real]
     return ClipResult(
