@@ -117,7 +117,7 @@ def test_to_tensors_rejects_ids_outside_the_tables(column, value, message):
     ([0.0, float("nan"), 1.0], r"label: 1 values are not 0 or 1 \(row 1: nan\)"),
     ([0.0, float("inf"), 1.0], r"label: 1 values are not 0 or 1 \(row 1: inf\)"),
     ([0.0, 0.5, 2.0], r"label: 2 values are not 0 or 1 \(row 1: 0.5, row 2: 2.0\)"),
-    ([0.0, None, 1.0], r"'label' has 1 nulls"),
+    ([0.0, None, 1.0], r"label: 1 values are not 0 or 1 \(row 1: null\)"),
 ])
 def test_to_tensors_rejects_bad_labels(labels, message):
     frame = pl.DataFrame({"item_seq": [[1], [2], [3]], "item_id": [1, 2, 3], "likes_level": [1] * 3,
