@@ -202,6 +202,8 @@ def dcn_din_model(
             # recomputed from the saved best model's predictions: equal to best_valid_auc
             "valid_auc_check": dg.MetadataValue.float(auc(valid_t.label.numpy(), result.valid_predictions)),
             "best_epoch": result.best_epoch,
+            # training + evaluation wall time of the epochs up to the best one
+            "seconds_to_best": round(sum(e.seconds for e in result.history if e.epoch <= result.best_epoch), 1),
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
             "resume": result.resume_note,

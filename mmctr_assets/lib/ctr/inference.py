@@ -30,7 +30,7 @@ def predict_batches(model: CTRModel, tensors: CTRTensors, batch_size: int, devic
         with torch.inference_mode(), autocast(device, precision):
             for start in range(0, len(tensors), batch_size):
                 b = tensors.slice(start, start + batch_size).to(device)
-                logits = model(b.item_id, b.item_seq, b.likes_level, b.views_level, b.user_id)
+                logits = model(*b.model_inputs())
                 out[start:start + batch_size] = torch.sigmoid(logits.float()).cpu().numpy()
     finally:
         model.train(was_training)

@@ -104,10 +104,10 @@ class ModelConfig:
     attention_output_activation: str | None = None  # "linear": the DIN paper's unbounded weights
     history_match_features: bool | None = None  # mean and log-sum of the (sigmoid) attention weights
     use_item_frequency: bool | None = None  # the target's standardised log count in the training data
-    transformer_dim: int = 64  # tokens [item, target, item*target] are projected to this width
+    transformer_dim: int = 32  # tokens [item, target, item*target] are projected to this width
     transformer_layers: int = 1
-    transformer_heads: int = 2
-    transformer_ff_dim: int = 128
+    transformer_heads: int = 1
+    transformer_ff_dim: int = 64
     last_k: int = 8  # transformer outputs of the k most recent positions kept as features
     cross_layers: int | None = None
     cross_version: str | None = None
@@ -343,11 +343,15 @@ class CTRModel(nn.Module):
         """Run the encoder per length bucket (real items only, ~2x at worst); empty rows stay 0."""
         out = target.new_zeros(target.shape[0], self.sequence.output_dim)
         lengths = (item_seq != 0).sum(dim=1)
+        # token = W [h, t, h*t] + b, split so the target's part is computed once per row
+        w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
+        per_row = F.linear(target, w_t, self.token.bias)
         for rows, width in length_buckets(lengths, item_seq.shape[1]):
             seq = item_seq.index_select(0, rows)[:, -width:]
             history = self.item_vectors(seq)
-            t = target.index_select(0, rows).unsqueeze(1).expand_as(history)
-            tokens = self.token(torch.cat([history, t, history * t], dim=-1))
+            t = target.index_select(0, rows).unsqueeze(1)
+            tokens = (F.linear(history, w_h) + F.linear(history * t, w_ht)
+                      + per_row.index_select(0, rows).unsqueeze(1))
             if self.config.position == "token":
                 tokens = tokens + self.position_embedding(recency_positions(seq))
             out = out.index_copy(0, rows, self.sequence(tokens, seq == 0))

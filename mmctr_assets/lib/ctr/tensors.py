@@ -72,6 +72,10 @@ class CTRTensors:
     def arrays(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in self._fields() if t is not None)
 
+    def model_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """The model's forward arguments: ``(item_id, item_seq, likes_level, views_level, user_id)``."""
+        return self.item_id, self.item_seq, self.likes_level, self.views_level, self.user_id
+
     @property
     def history_width(self) -> int:
         """History positions held per row (the data's width, or the max_len it was cut to)."""

@@ -230,7 +230,7 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
     for step in range(len(bounds) - 1):
         b = data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
         with autocast(device, cfg.precision):
-            logits = model(b.item_id, b.item_seq, b.likes_level, b.views_level, b.user_id)
+            logits = model(*b.model_inputs())
         loss = bce_loss(logits, b.label)
         if regularise:
             loss = loss + model.embedding_penalty(b.item_id, b.item_seq, b.user_id)
