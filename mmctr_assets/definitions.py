@@ -2,12 +2,13 @@
 
 import dagster as dg
 
-from .defs import ctr, embeddings, jobs, raw, schedules, sensors
+from .defs import ctr, embeddings, jobs, raw, schedules, scorer, sensors
 from .resources import default_resources
 
 defs = dg.Definitions.merge(
     raw.defs,
     embeddings.defs,
+    scorer.defs,
     ctr.defs,
     jobs.defs,
     schedules.defs,

@@ -51,9 +51,12 @@ def test_layout_and_exact_schemas(tiny):
         {"item_id": pl.Int64, "item_title": pl.String, "item_tags": pl.List(pl.Int64),
          "likes_level": pl.Int64, "views_level": pl.Int64})
     assert pl.read_parquet(root / "ground_truth/valid.parquet").schema == pl.Schema(
-        {"row": pl.Int64, "click_prob": pl.Float64})
+        {"row": pl.Int64, "click_prob": pl.Float64, "click_prob_without_user_bias": pl.Float64})
     assert pl.read_parquet(root / "ground_truth/test.parquet").schema == pl.Schema(
-        {"ID": pl.Int64, "click_prob": pl.Float64, "label": pl.Float64})
+        {"ID": pl.Int64, "click_prob": pl.Float64, "click_prob_without_user_bias": pl.Float64,
+         "label": pl.Float64})
+    assert pl.read_parquet(root / "ground_truth/users.parquet").schema == pl.Schema(
+        {"user_id": pl.Int64, "click_bias": pl.Float64})
     assert pl.read_parquet(root / "ground_truth/items.parquet").schema == pl.Schema(
         {"item_id": pl.Int64, "topic": pl.Int64})
     assert [len(_read(root, s)) for s in ("train", "valid", "test")] == [TINY.n_train, TINY.n_valid, TINY.n_test]
@@ -245,6 +248,8 @@ def test_bad_arguments_get_clear_errors(tmp_path):
         generate(tmp_path / "x", "huge")
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         generate(tmp_path / "x", "tiny", seed=-1)
+    with pytest.raises(ValueError, match=r"unknown demo world 'v3'; choose one of \['v1', 'v2'\]"):
+        generate(tmp_path / "x", "tiny", world="v3")
     with pytest.raises(ValueError, match="n_topics=40 must be in 2..32"):
         dataclasses.replace(TINY, n_topics=40)
     with pytest.raises(ValueError, match="n_users=9999 must be in"):
@@ -258,7 +263,107 @@ def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     assert main(["--out", str(out), "--size", "tiny", "--seed", "3", "--quiet", "--n-items", "120"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["counts"]["items"] == 120
+    assert summary["counts"]["items"] == 120 and summary["world"] == "v2"
+    assert summary["best_valid_auc"] > summary["best_valid_auc_without_user_bias"]
     assert len(_read(out, "item_info")) == 121
     assert main(["--out", str(out), "--size", "tiny", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# World v2 (default) against v1: recency and a per-user click propensity are planted in v2 only.
+
+# tiny's items and users with more rows, so the planted effects stand well clear of sampling noise
+MORE_ROWS = dataclasses.replace(TINY, n_train=12_000, n_valid=1_000, n_test=500, n_users=1_500)
+
+
+@pytest.fixture(scope="module")
+def both_worlds(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("worlds")
+    return {w: (generate(base / w, MORE_ROWS, seed=0, progress=False, world=w), base / w)[1]
+            for w in ("v1", "v2")}
+
+
+def _first_and_last_k_auc(root: Path, k: int = 3) -> tuple[float, float]:
+    """AUC of two one-feature models: the share of the first / last k history items in the
+    target's topic (labelled rows with at least 2k history items, so the two never overlap)."""
+    topics = pl.read_parquet(root / "ground_truth/items.parquet").sort("item_id")["topic"].to_numpy()
+    topic = np.concatenate([[-1], topics])  # index = item_id, 0 = padding
+    rows = pl.concat([_read(root, "train"), _read(root, "valid")])
+    seq = _seq_matrix(rows)
+    n_real = (seq > 0).sum(axis=1)
+    keep = n_real >= 2 * k
+    seq, n_real, label = seq[keep], n_real[keep], rows["label"].to_numpy()[keep]
+    target_topic = topic[rows["item_id"].to_numpy()[keep]][:, None]
+    first = seq[np.arange(len(seq))[:, None], (seq.shape[1] - n_real)[:, None] + np.arange(k)]
+    last = seq[:, -k:]
+    return (roc_auc_score(label, (topic[first] == target_topic).mean(axis=1)),
+            roc_auc_score(label, (topic[last] == target_topic).mean(axis=1)))
+
+
+def test_v2_plants_recency_v1_does_not(both_worlds):
+    first, last = _first_and_last_k_auc(both_worlds["v2"])
+    assert last > first + 0.025, f"v2: the last 3 items should tell more than the first 3 ({last:.4f} vs {first:.4f})"
+    first, last = _first_and_last_k_auc(both_worlds["v1"])
+    assert abs(last - first) < 0.02, f"v1 has no recency: first/last 3 items should tell the same ({first:.4f}, {last:.4f})"
+
+
+def test_v2_users_click_propensity_is_learnable_from_user_id(both_worlds):
+    root = both_worlds["v2"]
+    manifest = json.loads((root / "ground_truth/manifest.json").read_text())
+    assert manifest["world"] == "v2"
+    bias = pl.read_parquet(root / "ground_truth/users.parquet")
+    assert len(bias) == MORE_ROWS.n_users and 0.5 < bias["click_bias"].std() < 0.7
+    # users repeat across splits, so a user's bias shows in rows a model trains on and is scored on
+    train, valid = _read(root, "train"), _read(root, "valid")
+    assert valid["user_id"].is_in(train["user_id"].implode()).mean() > 0.8
+    rates = (train.group_by("user_id").agg(pl.col("label").mean().alias("rate"), pl.len().alias("n"))
+             .filter(pl.col("n") >= 10).join(bias, on="user_id"))
+    assert len(rates) > 200
+    corr = np.corrcoef(rates["rate"], rates["click_bias"])[0, 1]
+    assert corr > 0.25, f"users' click rates barely follow their planted bias (r={corr:.3f})"
+
+    # the ceilings: the true probabilities beat the same model without the user term
+    truth = pl.read_parquet(root / "ground_truth/valid.parquet")
+    assert roc_auc_score(valid["label"], truth["click_prob"]) == pytest.approx(manifest["best_valid_auc"])
+    assert roc_auc_score(valid["label"], truth["click_prob_without_user_bias"]) == pytest.approx(
+        manifest["best_valid_auc_without_user_bias"])
+    assert manifest["best_valid_auc"] > manifest["best_valid_auc_without_user_bias"] + 0.005
+    assert manifest["best_test_auc"] > manifest["best_test_auc_without_user_bias"]
+    assert manifest["click_model"]["user_bias_sd"] == demo_data.USER_BIAS_SD
+
+
+def test_v1_world_is_the_earlier_world(both_worlds):
+    """v1 has no per-user term and writes exactly what the generator wrote before v2 existed."""
+    root = both_worlds["v1"]
+    manifest = json.loads((root / "ground_truth/manifest.json").read_text())
+    assert "world" not in manifest and "best_valid_auc_without_user_bias" not in manifest
+    assert not (root / "ground_truth/users.parquet").exists()
+    assert pl.read_parquet(root / "ground_truth/valid.parquet").columns == ["row", "click_prob"]
+
+
+V1_TINY_DIGEST = "a318a98d5eb4034cb5e7ffb443eb0c86e6ffdd6bf947f574f72a9e65771f6a8d"
+
+
+def _table_digest(root: Path) -> str:
+    """sha256 over every table's values (not the parquet bytes, which carry the writer's version)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.parquet")):
+        h.update(str(path.relative_to(root)).encode())
+        for column in pl.read_parquet(path).get_columns():
+            values = column.explode() if column.dtype.is_nested() else column
+            h.update(column.name.encode())
+            h.update(values.cast(pl.String).str.join("|").item().encode() if values.dtype == pl.String
+                     else values.to_numpy().tobytes())
+    h.update((root / "ground_truth/manifest.json").read_bytes())
+    return h.hexdigest()
+
+
+def test_v1_output_is_unchanged_from_before_v2(tmp_path):
+    """Digest of `generate(tiny, seed 0)` as written by the generator before world v2 (main at
+    2fd228c). Checked byte for byte when v2 landed; if numpy ever changes its random streams this
+    digest moves for every world, and it must be re-pinned from the older generator."""
+    generate(tmp_path / "v1", "tiny", seed=0, progress=False, world="v1")
+    assert _table_digest(tmp_path / "v1") == V1_TINY_DIGEST

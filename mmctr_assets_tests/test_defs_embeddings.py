@@ -161,3 +161,72 @@ def test_fusion_run_is_in_mlflow_with_its_plot(built):
     assert len(runs) == 1 and runs[0].info.run_id in meta["mlflow_run"].value
     assert runs[0].data.params["alpha"] == "0.5"
     assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "plots")] == ["plots/embedding_projection.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# task1_score: the fixed DIN scorer of an item table
+
+
+def score(outputs, tiny_data, make_resources, instance, source: str = "fused", **kwargs):
+    from mmctr_assets.defs import scorer
+
+    return dg.materialize(
+        [scorer.task1_score], resources=make_resources(tiny_data, outputs), instance=instance,
+        run_config={"ops": {"task1_score": {"config": {"embedding_source": source}}}}, **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def scored(task1_outputs, tiny_data, tmp_path_factory, make_resources):
+    out = shutil.copytree(task1_outputs[0], tmp_path_factory.mktemp("scored") / "outputs")
+    with dg.instance_for_test() as instance:
+        result = score(out, tiny_data, make_resources, instance)
+    assert result.success
+    return out, result.asset_materializations_for_node("task1_score")[0].metadata
+
+
+def test_task1_score_is_the_fixed_scorers_valid_auc_in_metadata_and_mlflow(scored):
+    from mmctr_assets.defs import scorer
+
+    out, meta = scored
+    auc = meta["valid_auc"].value
+    assert isinstance(auc, float) and 0.5 < auc <= 1.0  # 500 valid rows: chance is 0.5 +- 0.025
+    assert meta["embedding_source"].value == "fused" and meta["scorer_version"].value == scorer.SCORER_VERSION
+    fused = pl.read_parquet(out / "item_info_updated.parquet")["item_emb_d128"]
+    from mmctr_assets.lib.io import array_fingerprint
+
+    assert meta["table_fingerprint"].value == array_fingerprint(fused.list.to_array(128).to_numpy().astype(np.float32))
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}").get_run(meta["mlflow_run_id"].value)
+    assert run.data.metrics["best_valid_auc"] == pytest.approx(auc)
+    assert run.data.params["table_fingerprint"] == meta["table_fingerprint"].value
+    assert run.data.params["model.cross_layers"] == "0" and run.data.params["train.seed"] == str(scorer.SCORER_TRAIN.seed)
+    assert run.data.tags["dagster.asset_key"] == "task1_score"
+
+
+def test_task1_score_same_table_same_score_other_table_other_score(scored, tiny_data, make_resources, instance, tmp_path):
+    out = shutil.copytree(scored[0], tmp_path / "outputs")
+    again = score(out, tiny_data, make_resources, instance).asset_materializations_for_node("task1_score")[0].metadata
+    assert again["table_fingerprint"].value == scored[1]["table_fingerprint"].value
+    assert again["valid_auc"].value == scored[1]["valid_auc"].value
+    other = score(out, tiny_data, make_resources, instance, "organisers").asset_materializations_for_node("task1_score")[0].metadata
+    assert other["table_fingerprint"].value != scored[1]["table_fingerprint"].value
+    assert other["valid_auc"].value != scored[1]["valid_auc"].value
+
+
+def test_task1_score_unknown_source_is_a_clear_error(scored, tiny_data, make_resources, instance):
+    result = score(scored[0], tiny_data, make_resources, instance, "clip", raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert "embedding_source='clip'" in message and "'fused', 'content', 'item2vec', 'organisers'" in message
+
+
+def test_task1_score_is_not_refreshed_by_automation_or_the_weekly_retrain():
+    from mmctr_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    key = dg.AssetKey("task1_score")
+    assert graph.get(key).automation_condition is None
+    assert graph.get(key).group_name == "task1_embeddings"
+    assert key not in defs.resolve_job_def("retrain_job").asset_layer.selected_asset_keys
+    assert key in defs.resolve_job_def("full_refresh_job").asset_layer.selected_asset_keys

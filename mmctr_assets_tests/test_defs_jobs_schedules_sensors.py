@@ -28,7 +28,8 @@ def job_assets(name: str) -> set[str]:
 def test_retrain_job_runs_raw_through_submission_without_clip():
     raw = {f"raw_{t}" for t in ("train", "valid", "test", "item_info", "item_feature", "item_images")}
     assert job_assets("retrain_job") == raw | {"item2vec_embeddings"} | DOWNSTREAM
-    assert job_assets("full_refresh_job") == job_assets("retrain_job") | {"clip_embeddings"}
+    # the Task 1 scorer trains a second model: the whole graph runs it, the weekly retrain does not
+    assert job_assets("full_refresh_job") == job_assets("retrain_job") | {"clip_embeddings", "task1_score"}
     assert defs.resolve_job_def("full_refresh_job").partitions_def.get_partition_keys() == SHARDS
     assert job_assets("clip_shards_job") == {"clip_embeddings"}
 
@@ -185,7 +186,7 @@ def requested(result) -> dict[str, set]:
 
 def test_nothing_starts_by_itself_on_a_fresh_instance(instance):
     graph = defs.resolve_asset_graph()
-    manual = {"clip_embeddings", "item2vec_embeddings"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
+    manual = {"clip_embeddings", "item2vec_embeddings", "task1_score"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
     assert {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition is None} == manual
     assert dg.evaluate_automation_conditions(defs=defs, instance=instance).total_requested == 0
 

@@ -19,10 +19,9 @@ from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import array_fingerprint, atomic_path, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, png_metadata, run_tags
-from .embeddings import fuse_stored_embeddings, fused_item_embeddings
+from .embeddings import EMBEDDING_SOURCES, fused_item_embeddings, item_embedding_table
 
 GROUP = "task2_ctr"
-EMBEDDING_SOURCES = ("fused", "content", "item2vec", "organisers")
 # set by the compute resource or the item table, so not run config
 _NOT_CONFIG = {"precision", "embedding_dim"}
 # run config defaults that come from settings (environment variables)
@@ -89,25 +88,6 @@ class DcnDinConfig(dg.PermissiveConfig):
         except ValueError as e:
             raise ValueError(f"dcn_din_model config, section model: {e}") from None
         return model_config, self.train.model_dump()
-
-
-def item_embedding_table(storage: ProjectStorage, source: str, seed: int) -> np.ndarray:
-    """The frozen [n_items + 1, 128] item table the model reads, by source (for ablations).
-
-    fused: Task 1's deliverable; organisers: item_info's own item_emb_d128; content / item2vec:
-    the fusion with alpha 1 / 0 (an item without an item2vec vector keeps its content vector).
-    """
-    if source not in EMBEDDING_SOURCES:
-        raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {source!r}")
-    if source in ("fused", "organisers"):
-        path = (
-            storage.require(storage.item_info_updated(), "fused_item_embeddings")
-            if source == "fused"
-            else storage.require(storage.raw("item_info"), "raw_item_info")
-        )
-        emb = pl.read_parquet(path, columns=["item_emb_d128"]).get_column("item_emb_d128")
-        return emb.list.to_array(emb.list.len().max()).to_numpy().astype(np.float32)
-    return fuse_stored_embeddings(storage, 1.0 if source == "content" else 0.0, seed).embeddings
 
 
 def _item_tags(storage: ProjectStorage) -> np.ndarray:

@@ -18,6 +18,8 @@ from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, png_metadata, run_tags
 
 GROUP = "task1_embeddings"
+# the item tables a model can read (dcn_din_model's and task1_score's embedding_source)
+EMBEDDING_SOURCES = ("fused", "content", "item2vec", "organisers")
 
 
 class ClipConfig(dg.Config):
@@ -182,6 +184,25 @@ def fuse_stored_embeddings(storage: ProjectStorage, alpha: float, seed: int):
         alpha=alpha,
         seed=seed,
     )
+
+
+def item_embedding_table(storage: ProjectStorage, source: str, seed: int) -> np.ndarray:
+    """The frozen [n_items + 1, 128] item table a model reads, by source (for ablations).
+
+    fused: Task 1's deliverable; organisers: item_info's own item_emb_d128; content / item2vec:
+    the fusion with alpha 1 / 0 (an item without an item2vec vector keeps its content vector).
+    """
+    if source not in EMBEDDING_SOURCES:
+        raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {source!r}")
+    if source in ("fused", "organisers"):
+        path = (
+            storage.require(storage.item_info_updated(), "fused_item_embeddings")
+            if source == "fused"
+            else storage.require(storage.raw("item_info"), "raw_item_info")
+        )
+        emb = pl.read_parquet(path, columns=["item_emb_d128"]).get_column("item_emb_d128")
+        return emb.list.to_array(emb.list.len().max()).to_numpy().astype(np.float32)
+    return fuse_stored_embeddings(storage, 1.0 if source == "content" else 0.0, seed).embeddings
 
 
 class FusionConfig(dg.Config):

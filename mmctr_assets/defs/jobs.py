@@ -6,6 +6,9 @@ What starts what (README.md, "Operating the platform"):
 - fused_item_embeddings and the Task 2 assets carry `AutomationCondition.eager()`: when something
   upstream updates outside their own run (one re-encoded CLIP shard, say), the automation sensor
   (sensors.py) refreshes them once, without touching the other shards.
+- task1_score (the Task 1 scorer) has no automation condition and retrain_job (the weekly
+  schedule) leaves it out, so a fused refresh trains one model (dcn_din_model), not two; it runs
+  when a person selects it, and in full_refresh_job (the whole graph, e.g. after new raw data).
 """
 
 from __future__ import annotations
@@ -44,10 +47,12 @@ def executor_from_env() -> dg.ExecutorDefinition | None:
 
 RAW = dg.AssetSelection.groups(RAW_GROUP)
 CLIP = dg.AssetSelection.assets("clip_embeddings")
+# the Task 1 scorer trains a model: only a full refresh or a person runs it (defs/scorer.py)
+SCORER = dg.AssetSelection.assets("task1_score")
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream(),
+    selection=(RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream()) - SCORER,
     description="Fresh raw snapshots, then item2vec -> fused embeddings -> DCN-DIN -> predictions -> "
     "submission zip. Reuses the CLIP shards on disk (run full_refresh_job when item content changed).",
     tags={TRIGGER_TAG: "manual"},

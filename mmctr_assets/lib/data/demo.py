@@ -8,7 +8,10 @@ achievable AUC.
 The planted story: items belong to topics that show in their tags, titles and cover images; each
 user likes 1-3 topics and their history is drawn mostly from those topics; a click is likely when
 the target's topic is one the user likes, and somewhat likelier for well-liked, much-viewed and
-popular items. Everything is built column-wise from flat numpy arrays (lists via offsets), so the
+popular items. That is world v1 (``world="v1"``). World v2, the default, adds what real logs
+carry: histories in sessions of one topic, a click that depends most on the last few history
+items (a recency-weighted topic match), and a per-user click propensity (a logit offset per
+user). Everything is built column-wise from flat numpy arrays (lists via offsets), so the
 full size (4M rows) fits in a few GiB.
 """
 
@@ -90,6 +93,19 @@ W_POPULARITY = 0.3  # per standard deviation of log item popularity
 TOPIC_BIAS_SD = 0.3
 HISTORY_INTEREST_SHARE = 0.85  # share of history items drawn from the user's interests
 TARGET_INTEREST_SHARE = 0.5    # share of targets drawn from the user's interests
+
+# World v2 (the default; `world="v1"` is the world above, byte for byte): real logs' recency and
+# per-user propensity. Histories come in sessions of one topic, the click depends on the
+# recency-weighted topic match of the history (the last items dominate), and each user has a
+# click bias, learnable from user_id because users repeat across train, valid and test.
+WORLDS = ("v1", "v2")
+V2_W_AFFINITY = 1.5       # long-term interest weight in the target's topic (as W_AFFINITY in v1)
+V2_W_RECENT = 2.5         # times the recency-weighted share of history items in the target's topic
+RECENCY_DECAY = 0.6       # weight of a history item at distance d from the most recent: 0.6 ** d
+V2_TOPIC_STAY = 0.7       # chance the next history item continues the current session's topic
+V2_TARGET_RECENT_SHARE = 0.25    # targets from the current session's topic (the last history item's)
+V2_TARGET_INTEREST_SHARE = 0.25  # targets from the user's long-term interests
+USER_BIAS_SD = 0.6        # per-user click propensity: logit offset ~ N(0, USER_BIAS_SD)
 TAGS_PER_TOPIC = 12
 N_NOISE_TAGS = 40
 
@@ -328,6 +344,8 @@ class _Rows:
     click_prob: np.ndarray  # (R,) float64
     label: np.ndarray       # (R,) float64
     target_interest: np.ndarray  # (R,) bool: target drawn from the user's interests
+    logit_without_user: np.ndarray  # (R,) click logit without the per-user term (v1: the logit)
+    user_bias: np.ndarray | None    # (U,) per-user click propensity (logit offset); None in v1
 
 
 def _history_lengths(rng: np.random.Generator, n: int, max_len: int) -> np.ndarray:
@@ -336,7 +354,7 @@ def _history_lengths(rng: np.random.Generator, n: int, max_len: int) -> np.ndarr
     return np.minimum(3 + extra, max_len)
 
 
-def _make_rows(size: DemoSize, items: _Items, seed: int) -> _Rows:
+def _make_rows(size: DemoSize, items: _Items, seed: int, world: str = "v2") -> _Rows:
     rng_u = _rng(seed, _STREAM_USERS)
     n_users, k = size.n_users, size.n_topics
     n_rows = size.n_train + size.n_valid + size.n_test
@@ -366,31 +384,85 @@ def _make_rows(size: DemoSize, items: _Items, seed: int) -> _Rows:
     np.maximum.at(seq_len_u, user, hist_len)
     seq_off = _offsets(seq_len_u)
     seq_user = np.repeat(np.arange(n_users), seq_len_u)
-    from_interest = rng.random(len(seq_user)) < HISTORY_INTEREST_SHARE
-    seq = _sample_items(items, rng, None, len(seq_user))
-    seq[from_interest] = _sample_items(
-        items, rng, interest_topics(seq_user[from_interest], rng), int(from_interest.sum()))
+    if world == "v1":
+        from_interest = rng.random(len(seq_user)) < HISTORY_INTEREST_SHARE
+        seq = _sample_items(items, rng, None, len(seq_user))
+        seq[from_interest] = _sample_items(
+            items, rng, interest_topics(seq_user[from_interest], rng), int(from_interest.sum()))
+    else:
+        seq = _drifting_sequences(items, rng, seq_user, seq_off, interest_topics)
+    hist_off = _offsets(hist_len)
     hist = seq[np.repeat(seq_off[:-1][user], hist_len) + _positions(hist_len)]
-    del seq, seq_user, from_interest
+    del seq, seq_user
 
-    # Targets: half from the user's interests, half from everything (popularity-weighted).
-    target_interest = rng.random(n_rows) < TARGET_INTEREST_SHARE
-    target = _sample_items(items, rng, None, n_rows)
-    target[target_interest] = _sample_items(
-        items, rng, interest_topics(user[target_interest], rng), int(target_interest.sum()))
-
-    t_topic = items.topic[target]
-    affinity = (weights[user] * (interests[user] == t_topic[:, None])).sum(axis=1)
-    logit = (W_AFFINITY * affinity
+    if world == "v1":
+        # Targets: half from the user's interests, half from everything (popularity-weighted).
+        target_interest = rng.random(n_rows) < TARGET_INTEREST_SHARE
+        target = _sample_items(items, rng, None, n_rows)
+        target[target_interest] = _sample_items(
+            items, rng, interest_topics(user[target_interest], rng), int(target_interest.sum()))
+        t_topic = items.topic[target]
+        affinity = (weights[user] * (interests[user] == t_topic[:, None])).sum(axis=1)
+        user_term = np.zeros(n_rows)
+        logit = W_AFFINITY * affinity
+    else:
+        # Targets: a quarter from the current session's topic (the last history item's), a
+        # quarter from the user's long-term interests, half from everything.
+        draw = rng.random(n_rows)
+        last_topic = items.topic[hist[hist_off[1:] - 1]]
+        topics = np.where(draw < V2_TARGET_RECENT_SHARE, last_topic, interest_topics(user, rng))
+        target = _sample_items(items, rng, None, n_rows)
+        pick = draw < V2_TARGET_RECENT_SHARE + V2_TARGET_INTEREST_SHARE
+        target[pick] = _sample_items(items, rng, topics[pick], int(pick.sum()))
+        target_interest = pick
+        t_topic = items.topic[target]
+        affinity = (weights[user] * (interests[user] == t_topic[:, None])).sum(axis=1)
+        user_bias = USER_BIAS_SD * _rng(seed, _STREAM_USERS, 1).standard_normal(n_users)
+        user_term = user_bias[user]
+        logit = (V2_W_AFFINITY * affinity
+                 + V2_W_RECENT * _recency_match(items.topic[hist], hist_len, hist_off, t_topic))
+    logit = (logit
              + W_LIKES * (items.likes[target] - 5.5) / 2.87
              + W_VIEWS * (items.views[target] - 5.5) / 2.87
              + W_POPULARITY * items.z_pop[target]
              + items.topic_bias[t_topic])
+    if world != "v1":
+        logit += user_term
     logit += _calibrate_bias(logit, POSITIVE_RATE)
     click_prob = _sigmoid(logit)
     label = (rng.random(n_rows) < click_prob).astype(np.float64)
-    return _Rows(user=user, hist=hist, hist_len=hist_len, hist_off=_offsets(hist_len), target=target,
-                 click_prob=click_prob, label=label, target_interest=target_interest)
+    user_bias_out = None if world == "v1" else user_bias
+    return _Rows(user=user, hist=hist, hist_len=hist_len, hist_off=hist_off, target=target,
+                 click_prob=click_prob, label=label, target_interest=target_interest,
+                 logit_without_user=logit - user_term, user_bias=user_bias_out)
+
+
+def _drifting_sequences(items: _Items, rng: np.random.Generator, seq_user: np.ndarray, seq_off: np.ndarray,
+                        interest_topics) -> np.ndarray:
+    """World v2 histories: sessions. Each item continues the previous item's topic with probability
+    V2_TOPIC_STAY, else starts a session on a fresh topic (one of the user's interests with
+    probability HISTORY_INTEREST_SHARE, else a popularity-weighted one), so the last items tell
+    the user's current interest. Vectorised: an item's topic is that of its session's first item."""
+    m = len(seq_user)
+    idx = np.arange(m)
+    pos = idx - np.repeat(seq_off[:-1], np.diff(seq_off))
+    from_interest = rng.random(m) < HISTORY_INTEREST_SHARE
+    fresh = items.topic[_sample_items(items, rng, None, m)]
+    fresh[from_interest] = interest_topics(seq_user[from_interest], rng)
+    starts = (pos == 0) | (rng.random(m) >= V2_TOPIC_STAY)
+    session_start = np.maximum.accumulate(np.where(starts, idx, 0))
+    return _sample_items(items, rng, fresh[session_start], m)
+
+
+def _recency_match(hist_topic: np.ndarray, hist_len: np.ndarray, hist_off: np.ndarray,
+                   t_topic: np.ndarray) -> np.ndarray:
+    """Per row: the share of the history in the target's topic, each item weighted by
+    RECENCY_DECAY ** (its distance from the most recent item), so the last few items dominate."""
+    row = np.repeat(np.arange(len(hist_len)), hist_len)
+    distance = np.repeat(hist_len, hist_len) - 1 - _positions(hist_len)
+    w = RECENCY_DECAY ** distance.astype(np.float64)
+    match = np.bincount(row, weights=w * (hist_topic == t_topic[row]), minlength=len(hist_len))
+    return match / np.bincount(row, weights=w, minlength=len(hist_len))
 
 
 def _calibrate_bias(logit: np.ndarray, rate: float) -> float:
@@ -520,13 +592,19 @@ def _resolve_size(size: str | DemoSize) -> DemoSize:
 
 
 def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int = 0, *,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, world: str = "v2") -> dict:
     """Write a MicroLens-format demo dataset under ``root`` and return its manifest.
 
+    ``world`` picks the click model: "v2" (default) plants recency and a per-user click
+    propensity; "v1" is the earlier world, byte for byte, so old figures stay comparable (its
+    manifest has no "world" key, like every dataset written before v2 existed).
     The dataset is built in a temp folder beside ``root`` and renamed into place at the end, so
     an interrupted run leaves no half dataset and an overwritten one stays intact until then.
     """
     size = _resolve_size(size)
+    if world not in WORLDS:
+        raise ValueError(f"unknown demo world {world!r}; choose one of {list(WORLDS)} "
+                         "(v2: recency + per-user click propensity, the default; v1: the earlier world)")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     seed = int(seed)
@@ -537,9 +615,9 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
         raise FileExistsError(f"demo data root {root} already exists and is not empty; pass "
                               "overwrite=True (CLI: --overwrite) to replace it, or choose another folder")
 
-    log.info("generating %s demo data (seed %d) into %s", size.name, seed, root)
+    log.info("generating %s demo data (world %s, seed %d) into %s", size.name, world, seed, root)
     items = _make_items(size, seed)
-    rows = _make_rows(size, items, seed)
+    rows = _make_rows(size, items, seed, world)
     rng = _rng(seed, _STREAM_BROKEN)
     n_broken = max(round(0.005 * size.n_items), 2 if size.n_items >= 100 else 0)
     broken = np.sort(rng.choice(np.arange(1, size.n_items + 1), 2 * n_broken, replace=False))
@@ -585,10 +663,18 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
         _write_images(tmp / IMAGES_DIR, size, items, seed, missing, progress)
         _break_images(tmp / IMAGES_DIR, corrupt, seed)
 
-        pq.write_table(pa.table({"row": np.arange(n_va, dtype=np.int64), "click_prob": rows.click_prob[va:te]}),
+        # v2 adds the click probability without the user term: the best a model can do
+        # without learning each user's propensity (ranking-equivalent to E[p | all but the user]).
+        no_user = {} if world == "v1" else {"click_prob_without_user_bias": _sigmoid(rows.logit_without_user)}
+        pq.write_table(pa.table({"row": np.arange(n_va, dtype=np.int64), "click_prob": rows.click_prob[va:te]}
+                                | {k: v[va:te] for k, v in no_user.items()}),
                        truth / "valid.parquet")
-        pq.write_table(pa.table({"ID": test_ids, "click_prob": rows.click_prob[te:],
-                                 "label": rows.label[te:]}), truth / "test.parquet")
+        pq.write_table(pa.table({"ID": test_ids, "click_prob": rows.click_prob[te:]}
+                                | {k: v[te:] for k, v in no_user.items()} | {"label": rows.label[te:]}),
+                       truth / "test.parquet")
+        if rows.user_bias is not None:
+            pq.write_table(pa.table({"user_id": np.arange(1, size.n_users + 1, dtype=np.int64),
+                                     "click_bias": rows.user_bias}), truth / "users.parquet")
         pq.write_table(pa.table({"item_id": item_ids[1:], "topic": items.topic[1:]}), truth / "items.parquet")
 
         manifest = {
@@ -612,9 +698,31 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
                             "history_interest_share": HISTORY_INTEREST_SHARE,
                             "target_interest_share": TARGET_INTEREST_SHARE},
         }
+        if world != "v1":
+            manifest = _v2_manifest(manifest, rows, va, te)
         (truth / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("demo data ready in %s (best valid AUC %.4f)", root, manifest["best_valid_auc"] or float("nan"))
     return manifest
+
+
+def _v2_manifest(manifest: dict, rows: _Rows, va: int, te: int) -> dict:
+    """v2's manifest: the world, the ceilings with and without the per-user term, its click model."""
+    head = {k: manifest[k] for k in ("format",)} | {"world": "v2"}
+    no_user = _sigmoid(rows.logit_without_user)  # as written to ground_truth (same ties)
+    ceilings = {
+        "best_valid_auc": manifest["best_valid_auc"],
+        "best_valid_auc_without_user_bias": _auc(rows.label[va:te], no_user[va:te]),
+        "best_test_auc": manifest["best_test_auc"],
+        "best_test_auc_without_user_bias": _auc(rows.label[te:], no_user[te:]),
+    }
+    click_model = {"affinity": V2_W_AFFINITY, "recent_match": V2_W_RECENT, "recency_decay": RECENCY_DECAY,
+                   "user_bias_sd": USER_BIAS_SD, "likes": W_LIKES, "views": W_VIEWS,
+                   "popularity": W_POPULARITY, "topic_bias_sd": TOPIC_BIAS_SD,
+                   "history_interest_share": HISTORY_INTEREST_SHARE, "topic_stay": V2_TOPIC_STAY,
+                   "target_recent_share": V2_TARGET_RECENT_SHARE,
+                   "target_interest_share": V2_TARGET_INTEREST_SHARE}
+    rest = {k: v for k, v in manifest.items() if k not in head and k not in ceilings and k != "click_model"}
+    return head | rest | ceilings | {"click_model": click_model}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -622,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="dataset root folder to create")
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--world", default="v2", choices=WORLDS,
+                        help="click model: v2 (recency + per-user propensity, default) or v1 (the earlier world)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     for field in dataclasses.fields(DemoSize):
@@ -635,11 +745,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                  if f.name != "name" and getattr(args, f.name) is not None}
     try:
         size = dataclasses.replace(SIZES[args.size], **overrides)
-        manifest = generate(args.out, size, args.seed, overwrite=args.overwrite, progress=not args.quiet)
+        manifest = generate(args.out, size, args.seed, overwrite=args.overwrite, progress=not args.quiet,
+                            world=args.world)
     except (ValueError, FileExistsError, NotADirectoryError) as err:
         print(f"mmctr-demo-data: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps({k: manifest[k] for k in ("counts", "best_valid_auc", "positive_rate")}))
+    print(json.dumps({k: manifest[k] for k in ("world", "counts", "best_valid_auc",
+                                                "best_valid_auc_without_user_bias", "positive_rate")
+                      if k in manifest}))
     return 0
 
 
