@@ -224,12 +224,20 @@ def bench_quality(args, work: Path) -> None:
          model="gradient boosting on true item topics: history share in the target's topic, levels, popularity")
     manifest = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())
     res = resources(data_dir, work)
+    sources = {s for s in args.sources.split(",") if s} | (
+        set(args.variant_sources.split(",")) if args.variants else set())
     if args.reuse_task1 and (work / "outputs").exists():
         emit(bench="task1_build", reused=str(work / "outputs"))
+    elif sources <= {"organisers"}:  # item_info's own table: no Task 1 build needed
+        from mmctr_assets.defs.raw import raw_assets
+
+        materialise(raw_assets, res)
     else:
         build_task1(data_dir, work, res, args.fit_clip)
     if args.epochs:
         QUALITY_TRAIN["epochs"] = args.epochs
+    if args.threads:
+        QUALITY_TRAIN["num_threads"] = args.threads
     for source in [s for s in args.sources.split(",") if s]:
         train_once(res, source, "default", {}, best)
     if args.variants:
@@ -302,6 +310,7 @@ def main() -> None:
                     help="with --work-dir: reuse the Task 1 outputs a previous --keep run left there")
     ap.add_argument("--no-oracle", action="store_true", help="skip the topic-oracle reference line")
     ap.add_argument("--epochs", type=int, help="cap every quality run at this many epochs (short runs)")
+    ap.add_argument("--threads", type=int, help="torch threads for training (1 on a busy shared box)")
     ap.add_argument("--full", action="store_true", help="one epoch + test predictions on full-size data")
     ap.add_argument("--data-dir", type=Path, help="full-size dataset for --full")
     ap.add_argument("--work-dir", type=Path, help="outputs and mlflow.db (default: a temp dir)")

@@ -293,14 +293,13 @@ class CTRModel(nn.Module):
         if config.use_item_frequency:
             self.register_buffer("item_log_frequency", _standardised_log_counts(item_frequency, self.n_items))
             feature_dim += 1
-        self.deep = MLP(feature_dim, config.deep_units, activation="dice", dropout=config.dropout,
-                        batch_norm=config.batch_norm)
-        if config.family == "din":  # the DIN paper's head: the MLP alone
-            self.output = nn.Linear(self.deep.output_dim, 1)
-        else:
+        if config.family != "din":  # the DIN paper's head is the MLP alone
             self.cross = CrossNet(feature_dim, config.cross_layers, version=config.cross_version,
                                   rank=config.cross_rank)
-            self.output = nn.Linear(feature_dim + self.deep.output_dim, 1)
+        self.deep = MLP(feature_dim, config.deep_units, activation="dice", dropout=config.dropout,
+                        batch_norm=config.batch_norm)
+        head_dim = self.deep.output_dim + (0 if config.family == "din" else feature_dim)
+        self.output = nn.Linear(head_dim, 1)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
