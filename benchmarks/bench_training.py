@@ -1,15 +1,16 @@
-"""Is DCN-DIN training/inference as fast as the bare model, and how much does packed attention buy?
+"""Is training/inference as fast as the bare model, per model family, and how much does packed
+attention buy?
 
-Seed-size model (``ModelConfig()`` defaults: 128-d frozen item embeddings, attention [64, 32],
-3 cross layers, deep [128, 64]), CPU, batch 4096, max_len 64, one process. Data: demo_data
+Each family's preset (lib/ctr/presets.py; the user embedding needs the data's user_id), CPU,
+batch 4096, history cap ``--max-len`` (100: the data's full width), one process. Data: demo_data
 ``medium`` (real MicroLens history-length distribution, generated once into ``--cache``), or
 with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8).
 Each result is one JSON line:
 
-1. ``train_loop``: samples/s of ``train()`` for one epoch (seeded batch slicing, eval and
-   checkpoint included) vs the bare ``forward + backward + AdamW step`` on the same batches
-   already in memory. Goal: ratio >= 0.8.
-2. ``attention``: training-step samples/s with the padded reference attention, packed attention,
+1. ``train_loop`` (one line per family): samples/s of ``train()`` for one epoch (seeded batch
+   slicing, eval and checkpoint included) vs the bare ``forward + backward + AdamW step`` on the
+   same batches already in memory. Goals: ratio >= 0.8 and >= 10,000 samples/s.
+2. ``attention`` (dcn_din): training-step samples/s with the padded reference attention, packed attention,
    and packed attention with the split first layer (the default). Goal: default >= 10,000/s.
 3. ``predict``: rows/s of ``predict()`` vs the bare forward on ready tensors.
 
@@ -17,6 +18,7 @@ Comparisons alternate their two sides for ``--repeats`` rounds and report the be
 load from other processes on a shared box hurts both sides alike.
 
     .venv/bin/python benchmarks/bench_training.py [--synthetic] [--rows 200000] [--threads 1] [--repeats 2]
+        [--families dcn_din,transformer_dcnv2,din] [--max-len 100] [--train-rows N]
 """
 
 from __future__ import annotations
@@ -37,12 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss  # noqa: E402
+from mmctr_assets.lib.ctr.model import FAMILIES, CTRModel, ModelConfig, bce_loss  # noqa: E402
+from mmctr_assets.lib.ctr.presets import preset  # noqa: E402
 from mmctr_assets.lib.ctr.inference import predict  # noqa: E402
 from mmctr_assets.lib.ctr.tensors import CTRTensors, item_frequency, to_tensors  # noqa: E402
 from mmctr_assets.lib.ctr.trainer import TrainConfig, train  # noqa: E402
 
-BATCH, MAX_LEN = 4096, 64
+BATCH = 4096
 
 
 def emit(**result) -> None:
@@ -74,7 +77,8 @@ def synthetic(rows: int, n_items: int = 10_000, seed: int = 0):
         lengths = np.clip(np.floor(rng.lognormal(1.8, 0.75, n)), 3, 100).astype(int)
         seq = rng.integers(1, n_items + 1, (n, 100))
         seq[np.arange(100)[None, :] < 100 - lengths[:, None]] = 0
-        f = pl.DataFrame({"item_seq": seq, "item_id": rng.integers(1, n_items + 1, n),
+        f = pl.DataFrame({"user_id": rng.integers(1, rows // 3, n), "item_seq": seq,
+                          "item_id": rng.integers(1, n_items + 1, n),
                           "likes_level": rng.integers(1, 11, n), "views_level": rng.integers(1, 11, n)})
         return f.with_columns(label=pl.Series(rng.integers(0, 2, n).astype(float))) if labels else f
 
@@ -90,13 +94,16 @@ def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
 def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarray,
                     batches: list[CTRTensors], cfg: TrainConfig) -> float:
     torch.manual_seed(cfg.seed)
-    model = DCNDIN(model_config, emb, item_frequency=counts).train()
+    model = CTRModel(model_config, emb, item_frequency=counts).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = sum(len(b) for b in batches)
+    regularise = model_config.embedding_regularizer > 0
     t0 = time.perf_counter()
     for b in batches:
-        loss = bce_loss(model(b.item_id, b.item_seq, b.likes_level, b.views_level), b.label)
+        loss = bce_loss(model(*b.model_inputs()), b.label)
+        if regularise:
+            loss = loss + model.embedding_penalty(b.item_id, b.item_seq, b.user_id)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
@@ -113,7 +120,12 @@ def main() -> None:
                     help="training steps per attention variant (the padded one is slow)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--repeats", type=int, default=2, help="alternating rounds; best of each is reported")
+    ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model families")
+    ap.add_argument("--max-len", type=int, default=100, help="history cap (the data's width: 100)")
+    ap.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
     args = ap.parse_args()
+    global MAX_LEN
+    MAX_LEN = args.max_len
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -123,6 +135,8 @@ def main() -> None:
         frames, emb, source = synthetic(args.rows)
     n_items = emb.shape[0] - 1
     t0 = time.perf_counter()
+    if args.train_rows:
+        frames["train"] = frames["train"].head(args.train_rows)
     tensors = {k: to_tensors(f, MAX_LEN, n_items=n_items) for k, f in frames.items()}
     conv_s = time.perf_counter() - t0
     real = (tensors["train"].item_seq != 0).sum(1).float()
@@ -131,34 +145,36 @@ def main() -> None:
          history_len_median=float(real.median()), history_len_mean=round(float(real.mean()), 2),
          padding_share=round(1 - float(real.mean()) / MAX_LEN, 3))
 
-    model_config = ModelConfig()
     cfg = TrainConfig(batch_size=BATCH, epochs=1, num_threads=args.threads)
     train_t, valid_t = tensors["train"], tensors["valid"]
     counts = item_frequency(train_t, n_items)  # what train() computes before its first step
-
-    # Warm-up (lazy kernel init, allocator) so neither side of a comparison pays it.
-    warm = batches_like_train(train_t, 123)[:3]
-    bare_train_rate(model_config, emb, counts, warm, cfg)
-
-    # 1. real train() loop vs bare steps on pre-built batches (same batches, same order).
-    #    Alternated and best-of-N, so load from other processes hits both sides alike.
     batches = batches_like_train(train_t, cfg.seed)
-    bare, loop, end_to_end = [], [], []
-    for _ in range(args.repeats):
-        bare.append(bare_train_rate(model_config, emb, counts, batches, cfg))
-        with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            result = train(model_config, cfg, train_t, valid_t, emb, checkpoint_dir=tmp)
-            end_to_end.append(len(train_t) / (time.perf_counter() - t0))
-        loop.append(result.history[0].samples_per_s)
-    bare, loop, end_to_end = max(bare), max(loop), max(end_to_end)
-    emit(bench="train_loop", batch_size=BATCH, max_len=MAX_LEN, train_rows=len(train_t),
-         repeats=args.repeats, bare_step_samples_per_s=round(bare),
-         train_epoch_samples_per_s=round(loop), train_call_samples_per_s=round(end_to_end),
-         ratio=round(loop / bare, 3), ratio_whole_call=round(end_to_end / bare, 3), goal_ratio=0.8,
-         meets_goal=loop / bare >= 0.8, valid_auc_after_1_epoch=round(result.best_valid_auc, 4))
 
-    # 2. attention implementations, identical batches and initial weights, alternated.
+    # 1. per family: the real train() loop vs bare steps on pre-built batches (same batches, same
+    #    order), alternated and best-of-N, so load from other processes hits both sides alike.
+    results = {}
+    for family in args.families.split(","):
+        model_config = ModelConfig(**(preset(family)["model"] | {"max_len": MAX_LEN}))
+        bare_train_rate(model_config, emb, counts, batches[:2], cfg)  # warm-up: lazy init, allocator
+        bare, loop, end_to_end = [], [], []
+        for _ in range(args.repeats):
+            bare.append(bare_train_rate(model_config, emb, counts, batches, cfg))
+            with tempfile.TemporaryDirectory() as tmp:
+                t0 = time.perf_counter()
+                result = train(model_config, cfg, train_t, valid_t, emb, checkpoint_dir=tmp)
+                end_to_end.append(len(train_t) / (time.perf_counter() - t0))
+            loop.append(result.history[0].samples_per_s)
+        bare, loop, end_to_end = max(bare), max(loop), max(end_to_end)
+        results[family] = result
+        emit(bench="train_loop", family=family, model=model_config.to_dict(), batch_size=BATCH, max_len=MAX_LEN,
+             train_rows=len(train_t), repeats=args.repeats, bare_step_samples_per_s=round(bare),
+             train_epoch_samples_per_s=round(loop), train_call_samples_per_s=round(end_to_end),
+             ratio=round(loop / bare, 3), ratio_whole_call=round(end_to_end / bare, 3), goal_ratio=0.8,
+             goal_samples_per_s=10_000, meets_goal=loop / bare >= 0.8 and loop >= 10_000,
+             valid_auc_after_1_epoch=round(result.best_valid_auc, 4))
+
+    # 2. attention implementations (dcn_din preset), identical batches and initial weights, alternated.
+    model_config = ModelConfig(**(preset("dcn_din")["model"] | {"max_len": MAX_LEN}))
     few = batches[:args.attention_batches]
     rates: dict[str, list[float]] = {}
     for _ in range(args.repeats):
@@ -172,20 +188,20 @@ def main() -> None:
          packed_split_speedup=round(best["packed_split"] / best["padded"], 2),
          goal_samples_per_s=10_000, meets_goal=best["packed_split"] >= 10_000)
 
-    # 3. inference: predict() vs bare forward on ready tensors, alternated.
-    model = result.model
-    infer = CTRTensors(*(torch.cat([a, b]) for a, b in zip(tensors["valid"].arrays()[:4],
-                                                              tensors["test"].arrays()[:4])))
+    # 3. inference (first family): predict() vs bare forward on ready tensors, alternated.
+    model = next(iter(results.values())).model
+    infer = CTRTensors(*(torch.cat([a, b]) if a is not None and b is not None else None
+                         for a, b in zip(tensors["valid"]._fields(), tensors["test"]._fields())))
     eval_bs = cfg.eval_batch_size
     ready = [infer.slice(i, i + eval_bs) for i in range(0, len(infer), eval_bs)]
     bare_inf, pred = [], []
     with torch.inference_mode():
-        model(*ready[0].arrays())  # warm-up
+        model(*ready[0].model_inputs())  # warm-up
     for _ in range(3 * args.repeats):
         with torch.inference_mode():
             t0 = time.perf_counter()
             for b in ready:
-                torch.sigmoid(model(*b.arrays()))
+                torch.sigmoid(model(*b.model_inputs()))
             bare_inf.append(len(infer) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
         predict(model, infer, batch_size=eval_bs)

@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import MLP, CrossNet, Dice, TargetAttention, pack_history
+from mmctr_assets.lib.ctr.layers import (MLP, CrossNet, Dice, HashedEmbedding, TargetAttention, TransformerHistory,
+                                         embedding_l2, length_buckets, pack_history, pack_history_with_recency)
 
 D = 8
 
@@ -188,3 +189,107 @@ def test_sigmoid_weights_score_sum_packed_equals_padded():
     with pytest.raises(ValueError, match="output_activation must be 'linear' or 'sigmoid'"):
         TargetAttention(D, [16, 8], output_activation="softmax")
 
+
+
+# ------------------------------------------------------------------ order, users, transformer
+
+def test_recency_counts_from_the_most_recent_click():
+    seq = torch.tensor([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5], [0, 0, 0, 0, 0]])
+    ids, rows, recency = pack_history_with_recency(seq)
+    assert ids.tolist() == [7, 8, 9, 1, 2, 3, 4, 5] and rows.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert recency.tolist() == [2, 1, 0, 4, 3, 2, 1, 0]  # the newest item is 0 in every row
+
+
+def test_length_buckets_cover_every_nonempty_row_once_with_room_for_its_items():
+    lengths = torch.tensor([0, 1, 4, 5, 9, 100, 33, 0, 64, 65])
+    buckets = length_buckets(lengths, 100)
+    seen = torch.cat([rows for rows, _ in buckets]).sort().values
+    assert seen.tolist() == [1, 2, 3, 4, 5, 6, 8, 9]  # empty histories are left out
+    for rows, width in buckets:
+        assert (lengths[rows] <= width).all() and width <= 100
+        assert (lengths[rows] > width // 2).all() or width == 4  # at most ~2x padding per bucket
+
+
+def test_cross_net_low_rank_has_fewer_parameters_and_the_same_shape():
+    full, low = CrossNet(40, 2, version="v2"), CrossNet(40, 2, version="v2", rank=4)
+    x = torch.randn(5, 40)
+    assert low(x).shape == full(x).shape == (5, 40)
+    assert sum(p.numel() for p in low.parameters()) < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="rank"):
+        CrossNet(40, 2, version="v1", rank=4)
+
+
+def test_attention_key_bias_and_values_change_the_pooling():
+    att = TargetAttention(D, (8, 4), activation="relu").eval()
+    target, history, mask = _history()
+    ids, rows = _packed(history, mask)
+    plain = att(target, ids, rows)
+    biased = att(target, ids, rows, key_bias=torch.randn(ids.shape[0], att.key_bias_dim))
+    assert not torch.allclose(plain, biased)
+    values = att(target, ids, rows, values=2 * ids)
+    assert torch.allclose(values, 2 * plain, atol=1e-6)
+
+
+def test_hashed_embedding_maps_any_user_id_to_a_bucket_deterministically():
+    emb = HashedEmbedding(7, 3)
+    ids = torch.tensor([1, 2, 3, 10**12, -5, 0])  # ids never seen anywhere still get a bucket
+    b = emb.bucket(ids)
+    assert ((b >= 0) & (b < 7)).all() and torch.equal(b, HashedEmbedding(7, 3).bucket(ids))
+    assert emb(ids).shape == (6, 3)
+    assert len(set(emb.bucket(torch.arange(1, 1000)).tolist())) == 7  # spreads over every bucket
+    with pytest.raises(ValueError, match="n_buckets"):
+        HashedEmbedding(0, 3)
+
+
+def test_embedding_l2_counts_each_used_row_once_and_skips_padding():
+    table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    ids = torch.tensor([[0, 2, 2], [3, 0, 2]])
+    expected = table[2].pow(2).sum() + table[3].pow(2).sum()
+    assert embedding_l2(table, ids) == expected
+    assert embedding_l2(table, ids, padding_row=None) == expected + table[0].pow(2).sum()
+
+
+def _encoder_inputs(batch=4, length=6, dim=8):
+    tokens = torch.randn(batch, length, dim)
+    lengths = torch.tensor([6, 3, 1, 4])
+    padding = torch.arange(length)[None, :] < (length - lengths)[:, None]  # True = padding (left)
+    return tokens, padding
+
+
+def test_transformer_history_ignores_padding_and_sees_every_real_item():
+    """Fails when the key padding mask is inverted (True taken as "attend"): then padding tokens
+    would change the output and real items would not."""
+    enc = TransformerHistory(8, num_layers=2, num_heads=2, ff_dim=16, last_k=3).eval()
+    tokens, padding = _encoder_inputs()
+    with torch.no_grad():
+        base = enc(tokens, padding)
+        assert base.shape == (4, 4 * 8) and torch.isfinite(base).all()
+        noisy = tokens.clone()
+        noisy[padding] = 100 * torch.randn(int(padding.sum()), 8)
+        torch.testing.assert_close(enc(noisy, padding), base)
+        for row in range(4):
+            real = (~padding[row]).nonzero().flatten()
+            changed = tokens.clone()
+            changed[row, real[0]] += 1.0  # the OLDEST real item of the row
+            out = enc(changed, padding)
+            assert not torch.allclose(out[row], base[row]), row
+            others = [r for r in range(4) if r != row]
+            torch.testing.assert_close(out[others], base[others])
+        # the same check would catch an inverted mask (rows with some padding; row 0 has none)
+        rows = [1, 2, 3]
+        assert not torch.allclose(enc(noisy[rows], ~padding[rows]), enc(tokens[rows], ~padding[rows]))
+
+
+def test_transformer_history_pools_last_k_and_max_over_real_items_only():
+    enc = TransformerHistory(8, num_heads=1, ff_dim=16, last_k=3).eval()
+    tokens, padding = _encoder_inputs()
+    with torch.no_grad():
+        out = enc.encoder(tokens, src_key_padding_mask=padding)
+        pooled = enc(tokens, padding)
+    row = 2  # one real item: the last position; the two before it are padding -> zeros
+    last = pooled[row, :24].reshape(3, 8)
+    assert torch.equal(last[:2], torch.zeros(2, 8))
+    torch.testing.assert_close(last[2], out[row, -1])
+    torch.testing.assert_close(pooled[row, 24:], out[row, -1])  # max over one real item
+    short = TransformerHistory(8, num_heads=1, ff_dim=16, last_k=8).eval()
+    assert short(tokens, padding).shape == (4, 9 * 8)  # k longer than the bucket: zero-filled

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss
+from mmctr_assets.lib.ctr.model import DCNDIN, FAMILIES, CTRModel, ModelConfig, bce_loss
 
 N_ITEMS, D, B, L = 50, 16, 8, 10
 SMALL = dict(embedding_dim=D, attention_units=(16, 8), deep_units=(32, 16))
@@ -160,7 +160,7 @@ def test_bad_configs_and_inputs_raise_clear_errors():
         DCNDIN(ModelConfig(**SMALL), _embeddings(), item_frequency=np.ones(50))
     with pytest.raises(ValueError, match="history_match_features needs attention_output_activation='sigmoid'"):
         ModelConfig(attention_output_activation="linear")
-    with pytest.raises(ValueError, match="attention_output_activation must be 'linear' or 'sigmoid'"):
+    with pytest.raises(ValueError, match=r"attention_output_activation for family 'dcn_din' must be one of \['linear', 'sigmoid'\]"):
         ModelConfig(attention_output_activation="softmax")
 
 
@@ -171,7 +171,7 @@ def test_history_match_features_are_the_share_and_log_count_of_matching_items():
     rows, cols = (seq != 0).nonzero(as_tuple=True)
     # recompute the per-item weights by hand: sigmoid(attention MLP), only over real items
     att, t, h = model.attention, target[rows], model.item_vectors(seq[rows, cols])
-    z = att.first(torch.cat([t, h, t - h, t * h], dim=-1))
+    z = att.first(torch.cat([t, h, t - h, t * h], dim=-1)) + model.position_key(seq.shape[1] - 1 - cols)
     weights = torch.sigmoid(att.rest(att.first_activation(z))).squeeze(-1)
     assert ((weights > 0) & (weights < 1)).all()
     expected = torch.zeros(B).index_add_(0, rows, weights)
@@ -213,3 +213,145 @@ def test_plain_din_config_still_builds_without_the_extra_inputs():
     model = DCNDIN(config, _embeddings())
     assert not hasattr(model, "item_log_frequency")
     assert model(*_batch()).shape == (B,)
+
+
+
+# ------------------------------------------------------------------ families and options
+
+TINY_TRANSFORMER = dict(transformer_dim=8, transformer_heads=2, transformer_ff_dim=16, last_k=4)
+
+
+def _family(family, **options):
+    small = {k: v for k, v in SMALL.items() if k != "attention_units"}
+    extra = TINY_TRANSFORMER if family == "transformer_dcnv2" else {"attention_units": SMALL["attention_units"]}
+    config = ModelConfig(**small, family=family, max_len=L, **extra, **options)
+    return CTRModel(config, _embeddings(), _tags() if config.use_tag_embedding else None,
+                    item_frequency=_counts())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_gives_finite_logits_and_gradients_and_round_trips(family):
+    model = _family(family, use_user_embedding=True, user_buckets=5, use_id_embedding=True,
+                    embedding_regularizer=1e-3)
+    item_id, seq, likes, views = _batch()
+    users = torch.arange(B) * 1000
+    logits = model(item_id, seq, likes, views, users)
+    assert logits.shape == (B,) and torch.isfinite(logits).all()
+    penalty = model.embedding_penalty(item_id, seq, users)
+    assert penalty > 0
+    (bce_loss(logits, torch.tensor([0.0, 1.0] * (B // 2))) + penalty).backward()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    rebuilt = CTRModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    rebuilt.load_state_dict(model.state_dict())
+    torch.testing.assert_close(rebuilt.eval()(item_id, seq, likes, views, users),
+                               model.eval()(item_id, seq, likes, views, users))
+
+
+def _reversed_history(seq):
+    """Each row's real items in reverse order, still left-padded."""
+    out = seq.clone()
+    for r in range(seq.shape[0]):
+        real = seq[r][seq[r] != 0]
+        if real.numel():
+            out[r, -real.numel():] = real.flip(0)
+    return out
+
+
+@pytest.mark.parametrize("family,options,order_aware", [
+    ("dcn_din", {}, True), ("dcn_din", {"position": "key_value"}, True),
+    ("transformer_dcnv2", {}, True), ("dcn_din", {"position": "none"}, False), ("din", {}, False)])
+def test_reversing_the_history_changes_only_order_aware_predictions(family, options, order_aware):
+    model = _warmed(_family(family, **options))
+    item_id, seq, likes, views = _batch()
+    rev = _reversed_history(seq)
+    multi = (seq != 0).sum(1) > 1
+    with torch.no_grad():
+        base, flipped = model(item_id, seq, likes, views), model(item_id, rev, likes, views)
+    if order_aware:
+        assert (base[multi] - flipped[multi]).abs().min() > 0
+    else:
+        torch.testing.assert_close(flipped, base, atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_ignores_padding_and_empty_histories_stay_finite():
+    model = _warmed(_family("transformer_dcnv2"))
+    item_id, seq, likes, views = _batch()
+    with torch.no_grad():
+        base = model(item_id, seq, likes, views)
+        model.item_embedding.weight[0] = 1e3  # the padding row is never attended to
+        torch.testing.assert_close(model(item_id, seq, likes, views), base)
+        empty = model(item_id, torch.zeros_like(seq), likes, views)  # no history: finite, no NaN
+    assert torch.isfinite(empty).all()
+    assert torch.equal(model.interest(model.item_vectors(item_id), torch.zeros_like(seq)),
+                       torch.zeros(B, model.sequence.output_dim))
+
+
+def test_transformer_sees_a_changed_real_item():
+    model = _warmed(_family("transformer_dcnv2"))
+    item_id, seq, likes, views = _batch()
+    row = int(((seq != 0).sum(1) >= 3).nonzero()[0])
+    changed = seq.clone()
+    first_real = int((seq[row] != 0).nonzero()[0])
+    changed[row, first_real] = seq[row, first_real] % N_ITEMS + 1  # the row's OLDEST item
+    with torch.no_grad():
+        a, b = model(item_id, seq, likes, views), model(item_id, changed, likes, views)
+    assert a[row] != b[row]
+    others = torch.arange(B) != row
+    torch.testing.assert_close(a[others], b[others])
+
+
+def test_user_embedding_hashes_unseen_users_and_needs_user_id():
+    model = _family("dcn_din", use_user_embedding=True, user_buckets=3).eval()
+    batch = _batch()
+    unseen = torch.tensor([10**9 + i for i in range(B)])
+    assert torch.isfinite(model(*batch, unseen)).all()
+    with torch.no_grad():
+        model.user_embedding.embedding.weight.normal_()
+    assert not torch.equal(model(*batch, unseen), model(*batch, unseen + 1))  # the user matters
+    with pytest.raises(ValueError, match="needs user_id"):
+        model(*batch)
+
+
+def test_embedding_penalty_covers_only_the_trainable_rows_the_batch_uses():
+    model = _family("din", use_id_embedding=True, use_tag_embedding=True, embedding_regularizer=0.5)
+    item_id, seq, likes, views = _batch()
+    used = torch.unique(torch.cat([item_id, seq.flatten()]))
+    used = used[used != 0]
+    tags = torch.unique(model.item_tags[used])
+    tags = tags[tags != 0]
+    expected = 0.5 * (model.id_embedding.weight[used].pow(2).sum() + model.tag_embedding.weight[tags].pow(2).sum())
+    torch.testing.assert_close(model.embedding_penalty(item_id, seq), expected)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"family": "deepfm"}, r"family must be one of \('dcn_din', 'transformer_dcnv2', 'din'\), got 'deepfm'"),
+    ({"family": "din", "position": "key"}, r"position for family 'din' must be one of \['none'\]"),
+    ({"family": "din", "cross_layers": 2}, r"cross_layers is not an option of family 'din'"),
+    ({"family": "din", "history_match_features": True}, r"history_match_features for family 'din' must be one of \[False\]"),
+    ({"family": "transformer_dcnv2", "position": "key"}, r"must be one of \['none', 'token'\]"),
+    ({"family": "transformer_dcnv2", "attention_output_activation": "sigmoid"},
+     r"attention_output_activation is not an option of family 'transformer_dcnv2'"),
+    ({"family": "transformer_dcnv2", "attention_units": (8,)}, r"attention_units is not an option of family"),
+    ({"family": "dcn_din", "last_k": 4}, r"last_k is not an option of family 'dcn_din'"),
+    ({"user_buckets": 0}, r"user_buckets must be >= 1, got 0"),
+    ({"embedding_regularizer": 1e-3}, r"embedding_regularizer > 0 needs a trainable embedding"),
+    ({"cross_rank": 8}, r"cross_rank must be 0 \(full rank\) or > 0 with cross_version='v2'"),
+    ({"family": "transformer_dcnv2", "transformer_dim": 10, "transformer_heads": 3}, r"divisible"),
+])
+def test_family_option_errors_name_the_field_and_the_allowed_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**options)
+
+
+def test_family_defaults_are_filled_in_and_survive_a_round_trip():
+    din = ModelConfig(family="din")
+    assert (din.position, din.attention_output_activation, din.history_match_features,
+            din.use_item_frequency, din.cross_layers) == ("none", "linear", False, False, None)
+    dcn = ModelConfig()
+    assert (dcn.position, dcn.cross_version, dcn.cross_layers, dcn.history_match_features) == ("key", "v1", 3, True)
+    tr = ModelConfig(family="transformer_dcnv2")
+    assert (tr.position, tr.cross_version, tr.history_match_features) == ("token", "v2", None)
+    for config in (din, dcn, tr):
+        assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -210,6 +210,48 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
     assert longer.resumed_from_epoch == 2 and [e.epoch for e in longer.history] == [1, 2, 3]
 
 
+# The new families and options through the same resume / determinism checks (fewer rows: fast).
+FAMILY_RUNS = {
+    "transformer_dcnv2": dict(family="transformer_dcnv2", transformer_dim=8, transformer_ff_dim=16, last_k=4,
+                              cross_rank=4, use_user_embedding=True, user_buckets=50),
+    "din": dict(family="din", use_id_embedding=True, id_embedding_dim=4, embedding_regularizer=1e-3),
+}
+
+
+@pytest.fixture(scope="module")
+def small_data(data):
+    return data | {"train": data["train"].slice(0, 1500), "valid": data["valid"].slice(0, 500)}
+
+
+@pytest.mark.parametrize("family", FAMILY_RUNS)
+def test_new_families_are_deterministic_and_resume_exactly(small_data, tmp_path, family):
+    model = ModelConfig(
+        embedding_dim=DIM, max_len=MAX_LEN, deep_units=(16,), **FAMILY_RUNS[family])
+    whole = _train(small_data, tmp_path, "whole", model=model)
+    again = _train(small_data, tmp_path, "again", model=model)
+    np.testing.assert_array_equal(whole.valid_predictions, again.valid_predictions)
+    assert whole.best_valid_auc > 0.6  # learns the planted topic signal
+    with pytest.raises(Kill):
+        _train(small_data, tmp_path, "killed", model=model, on_epoch_end=_kill_after(1))
+    resumed = _train(small_data, tmp_path, "killed", model=model)
+    assert resumed.resumed_from_epoch == 1
+    for k in whole.best_state_dict:
+        assert torch.equal(whole.best_state_dict[k], resumed.best_state_dict[k]), k
+    np.testing.assert_array_equal(whole.valid_predictions, resumed.valid_predictions)
+    assert load_model(resumed.best_model_path).config == model
+
+
+def test_user_embedding_needs_user_ids_and_max_len_must_fit_the_histories(data, tmp_path):
+    users = ModelConfig(embedding_dim=DIM, max_len=MAX_LEN, use_user_embedding=True, use_item_frequency=False)
+    no_users = dataclasses.replace(data["train"], user_id=None)
+    with pytest.raises(ValueError, match="train_tensors has no user_id"):
+        train(users, FAST, no_users, data["valid"], data["emb"], checkpoint_dir=tmp_path)
+    longer = dataclasses.replace(MODEL, max_len=MAX_LEN + 1)
+    with pytest.raises(ValueError, match=f"max_len={MAX_LEN + 1} is longer than the histories of train_tensors "
+                                         f"\\({MAX_LEN} positions\\); allowed: 1..{MAX_LEN}"):
+        _train(data, tmp_path, model=longer)
+
+
 def test_changed_config_or_data_starts_fresh_and_says_why(data, tmp_path):
     _train(data, tmp_path, "run")
     lr = _train(data, tmp_path, "run", cfg=dataclasses.replace(FAST, lr=2e-3))

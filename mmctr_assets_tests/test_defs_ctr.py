@@ -280,3 +280,46 @@ def test_two_cold_runs_give_the_same_fused_table_and_auc(task2_outputs, tiny_dat
     for name in ("item2vec_embeddings/embeddings.parquet", "item_info_updated.parquet"):
         assert (out / name).read_bytes() == (first_out / name).read_bytes(), name
     assert model_metadata(result)["best_valid_auc"].value == model_metadata(first)["best_valid_auc"].value
+
+
+def _failure(result) -> str:
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    return str(failure.event_specific_data.error)
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"family": "deepfm"}, "family must be one of ('dcn_din', 'transformer_dcnv2', 'din'), got 'deepfm'"),
+    ({"family": "din", "position": "key"}, "position for family 'din' must be one of ['none'], got 'key'"),
+    ({"family": "din", "cross_layers": 2}, "cross_layers is not an option of family 'din'"),
+    ({"use_user_embedding": True, "user_buckets": 0}, "user_buckets must be >= 1, got 0"),
+    ({"max_len": 21}, "model.max_len=21 is longer than the training histories (20 positions in raw_train's "
+                      "item_seq); allowed: 1..20"),
+])
+def test_bad_model_config_fails_before_training_naming_field_and_allowed_values(
+        outputs, tiny_data, make_resources, instance, model, message):
+    result = dg.materialize(
+        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
+        run_config=train_config(model=model), raise_on_error=False,
+    )
+    assert message in _failure(result)
+    assert "section model" in _failure(result) or "max_len" in message
+    assert not (outputs / "dcn_din_model" / "checkpoints-fused").exists()  # no training started
+
+
+def test_transformer_family_with_user_embedding_trains_tracks_and_predicts(outputs, tiny_data, make_resources, instance):
+    model = {"family": "transformer_dcnv2", "transformer_dim": 16, "last_k": 4, "cross_rank": 8,
+             "use_user_embedding": True, "user_buckets": 64, "use_id_embedding": True,
+             "embedding_regularizer": 2e-4}
+    res = make_resources(tiny_data, outputs)
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config(model=model, epochs=2))
+    meta = model_metadata(result)
+    assert meta["family"].value == "transformer_dcnv2" and meta["best_valid_auc"].value > 0.5
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs.parent / 'mlflow.db'}")
+    run = client.get_run(meta["mlflow_run_id"].value)
+    assert run.data.tags["family"] == "transformer_dcnv2" and run.info.run_name == "transformer_dcnv2_fused"
+    assert run.data.params["model.max_len"] == "20"  # unset: the data's full history width
+    assert run.data.params["model.use_user_embedding"] == "True"
+    pred = pl.read_csv(outputs / "prediction.csv")
+    assert pred.height == pl.read_parquet(microlens.table_path(tiny_data, "test")).height
+    assert pred.get_column("probability").is_between(0, 1).all()

@@ -1,4 +1,5 @@
-"""Task 2: the DCN-DIN CTR model (tracked in MLflow), test-set predictions and the submission zip."""
+"""Task 2: the CTR model (tracked in MLflow; family dcn_din by default, transformer_dcnv2 or din by
+config), test-set predictions and the submission zip."""
 
 import dataclasses
 import json
@@ -39,6 +40,8 @@ def _config_section(name: str, cls) -> type[dg.Config]:
         hint, default = hints[f.name], _SETTINGS_DEFAULTS.get(f.name, f.default)
         if typing.get_origin(hint) is tuple:  # tuples of layer sizes arrive as JSON lists
             hint, default = list[int], list(default)
+        if cls is ModelConfig and f.name == "max_len":  # the data decides (see library_configs)
+            hint, default = int | None, None
         fields[f.name] = (hint, default)
     return pydantic.create_model(name, __base__=dg.Config, __doc__=f"Fields of {cls.__name__}.", **fields)
 
@@ -56,8 +59,12 @@ class DcnDinConfig(dg.PermissiveConfig):
     model: ModelSection = ModelSection()
     train: TrainSection = TrainSection()
 
-    def library_configs(self) -> tuple[ModelConfig, dict]:
-        """-> (ModelConfig, TrainConfig fields without precision), after refusing unknown keys."""
+    def library_configs(self, history_width: int) -> tuple[ModelConfig, dict]:
+        """-> (ModelConfig, TrainConfig fields without precision), after refusing unknown keys.
+
+        ``model.max_len`` unset reads every position the data holds (``history_width``, the
+        training histories' width: 100 on MicroLens); a longer one is refused.
+        """
         extra = sorted(set(self.model_dump()) - {"embedding_source", "model", "train"})
         if extra:
             model_keys = set(ModelSection.model_fields)
@@ -70,7 +77,18 @@ class DcnDinConfig(dg.PermissiveConfig):
             )
         if self.embedding_source not in EMBEDDING_SOURCES:
             raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {self.embedding_source!r}")
-        return ModelConfig(**self.model.model_dump()), self.train.model_dump()
+        model_values = self.model.model_dump()
+        if model_values["max_len"] is None:
+            model_values["max_len"] = history_width
+        elif model_values["max_len"] > history_width:
+            raise ValueError(f"dcn_din_model config: model.max_len={model_values['max_len']} is longer than the "
+                             f"training histories ({history_width} positions in raw_train's item_seq); "
+                             f"allowed: 1..{history_width}, or leave max_len unset to read them all")
+        try:
+            model_config = ModelConfig(**model_values)
+        except ValueError as e:
+            raise ValueError(f"dcn_din_model config, section model: {e}") from None
+        return model_config, self.train.model_dump()
 
 
 def _item_tags(storage: ProjectStorage) -> np.ndarray:
@@ -94,26 +112,30 @@ def dcn_din_model(
     compute: ComputeResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    """DCN-DIN CTR model: DIN target attention over the history, a cross network and a deep
-    network with Dice. Selected on validation AUC; every run is an MLflow run. An interrupted
-    materialisation resumes from its last completed epoch."""
+    """The CTR model of config model.family: dcn_din (default; DIN target attention with a recency
+    embedding, a cross network and a deep network with Dice), transformer_dcnv2 (Transformer over
+    the real history items + DCN-V2) or din (the organisers' baseline). Selected on validation AUC;
+    every run is an MLflow run. An interrupted materialisation resumes from its last completed
+    epoch."""
     import mlflow as mlflow_api
 
     from ..lib.ctr import artifacts, tensors, trainer
     from ..lib.metrics import auc
     from ..lib.plots import plot_roc, plot_training_curves
 
-    model_config, train_values = config.library_configs()
+    frames = {t: storage.read_raw(t) for t in ("train", "valid")}
+    model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
     train_config = TrainConfig(**train_values, precision=compute.precision)
     device = compute.torch_device()
     source = config.embedding_source
     emb = item_embedding_table(storage, source, train_config.seed)
     n_items = emb.shape[0] - 1
     train_t, valid_t = (
-        tensors.to_tensors(storage.read_raw(t), model_config.max_len, n_items=n_items,
+        tensors.to_tensors(frame, model_config.max_len, n_items=n_items,
                            level_vocab_size=model_config.level_vocab_size)
-        for t in ("train", "valid")
+        for frame in frames.values()
     )
+    del frames
     fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")),
                                    file_fingerprint(storage.raw("valid")), array_fingerprint(emb), source)
     checkpoints = storage.model_dir() / f"checkpoints-{source}"
@@ -123,7 +145,8 @@ def dcn_din_model(
         | {f"train.{k}": v for k, v in train_config.to_dict().items()}
         | {"train_rows": len(train_t), "valid_rows": len(valid_t), "n_items": n_items}
     )
-    with mlflow.start_run(f"dcn_din_{source}", tags=run_tags(context) | {"stage": "task2"}) as run:
+    tags = run_tags(context) | {"stage": "task2", "family": model_config.family}
+    with mlflow.start_run(f"{model_config.family}_{source}", tags=tags) as run:
         mlflow_api.log_params(params)
         logged: set[int] = set()
 
@@ -163,10 +186,13 @@ def dcn_din_model(
             # recomputed from the saved best model's predictions: equal to best_valid_auc
             "valid_auc_check": dg.MetadataValue.float(auc(valid_t.label.numpy(), result.valid_predictions)),
             "best_epoch": result.best_epoch,
+            # training + evaluation wall time of the epochs up to the best one
+            "seconds_to_best": round(sum(e.seconds for e in result.history if e.epoch <= result.best_epoch), 1),
             "epochs_run": len(result.history),
             "stopped_early": result.stopped_early,
             "resume": result.resume_note,
             "embedding_source": source,
+            "family": model_config.family,
             "data_fingerprint": fingerprint,
             "device": str(device),
             "samples_per_s": round(float(np.mean([e.samples_per_s for e in result.history])), 1),

@@ -30,6 +30,7 @@ SCORER_VERSION = 1
 # The organisers' baseline is a DIN: target attention with unbounded (linear) weights over the
 # frozen item table, likes/views levels, a deep network; no cross network, no extra features.
 SCORER_MODEL = ModelConfig(
+    position="none",  # history as a set, as in the organisers' DIN (the model default reads order)
     attention_output_activation="linear",
     history_match_features=False,
     use_item_frequency=False,

@@ -8,15 +8,16 @@ from pathlib import Path
 
 import torch
 
-from mmctr_assets.lib.ctr.model import DCNDIN
+from mmctr_assets.lib.ctr.model import CTRModel
 from mmctr_assets.lib.io import atomic_path
 
 # /2: sigmoid attention, history-match features and the item-frequency buffer
 # /3: max_len moved into the model config (the file says which history positions it reads)
-MODEL_FORMAT = "mmctr.dcn_din.model/3"
+# /4: ModelConfig.family (dcn_din with recency, transformer_dcnv2, din) and the user embedding
+MODEL_FORMAT = "mmctr.dcn_din.model/4"
 
 
-def save_model(model: DCNDIN, path: str | Path) -> Path:
+def save_model(model: CTRModel, path: str | Path) -> Path:
     """Atomically write weights plus architecture (config and table shapes) to ``path``."""
     return save_weights(model.to_dict(), model.state_dict(), path)
 
@@ -30,8 +31,8 @@ def save_weights(architecture: dict, state_dict: dict[str, torch.Tensor], path: 
     return Path(path)
 
 
-def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> DCNDIN:
-    """Rebuild a :func:`save_model` artifact as a :class:`DCNDIN` in eval mode."""
+def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") -> CTRModel:
+    """Rebuild a :func:`save_model` artifact as a :class:`CTRModel` in eval mode."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no model file at {path}; train the model first (train() writes "
@@ -47,6 +48,6 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     if found != MODEL_FORMAT:
         raise ValueError(f"{path} is not a DCN-DIN model written by save_model "
                          f"(expected format {MODEL_FORMAT!r})")
-    model = DCNDIN.from_dict(artifact["architecture"])
+    model = CTRModel.from_dict(artifact["architecture"])
     model.load_state_dict(artifact["state_dict"])
     return model.to(map_location).eval()

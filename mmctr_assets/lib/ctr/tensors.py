@@ -31,6 +31,7 @@ class CTRTensors:
     likes_level: torch.Tensor  # [N] int64
     views_level: torch.Tensor  # [N] int64
     label: torch.Tensor | None = None  # [N] float32, None for the test set
+    user_id: torch.Tensor | None = None  # [N] int64 raw user ids (the model hashes them), None if absent
 
     def __len__(self) -> int:
         return self.item_id.shape[0]
@@ -71,6 +72,15 @@ class CTRTensors:
 
     def arrays(self) -> tuple[torch.Tensor, ...]:
         return tuple(t for t in self._fields() if t is not None)
+
+    def model_inputs(self) -> tuple[torch.Tensor | None, ...]:
+        """The model's forward arguments: ``(item_id, item_seq, likes_level, views_level, user_id)``."""
+        return self.item_id, self.item_seq, self.likes_level, self.views_level, self.user_id
+
+    @property
+    def history_width(self) -> int:
+        """History positions held per row (the data's width, or the max_len it was cut to)."""
+        return self.item_seq.shape[1]
 
 
 def _check_range(column: str, values: torch.Tensor, lo: int, hi: int, table: str, fix: str) -> None:
@@ -148,7 +158,8 @@ def to_tensors(frame: pl.DataFrame, max_len: int, *, n_items: int | None = None,
                level_vocab_size: int = MAX_LEVEL + 1) -> CTRTensors:
     """Convert a train/valid/test frame to :class:`CTRTensors` in one columnar pass.
 
-    Histories keep their last ``max_len`` items. ``label`` is optional (test). With ``n_items``
+    Histories keep their last ``max_len`` items. ``label`` is optional (test); ``user_id`` is read
+    when the frame has it (the user embedding needs it). With ``n_items``
     (rows of the item-embedding table minus padding) ids and levels are range-checked here too.
     """
     if max_len < 1:
@@ -172,6 +183,7 @@ def to_tensors(frame: pl.DataFrame, max_len: int, *, n_items: int | None = None,
         likes_level=torch.from_numpy(_int_column(frame, "likes_level")),
         views_level=torch.from_numpy(_int_column(frame, "views_level")),
         label=label,
+        user_id=torch.from_numpy(_int_column(frame, "user_id")) if "user_id" in frame.columns else None,
     )
     if n_items is not None:
         tensors.validate(n_items, level_vocab_size)
@@ -188,3 +200,12 @@ def item_frequency(tensors: CTRTensors, n_items: int) -> np.ndarray:
     counts = torch.bincount(tensors.item_id, minlength=n_items + 1)
     counts += torch.bincount(seq[seq != 0].long(), minlength=n_items + 1)
     return counts.cpu().numpy().astype(np.int64)
+
+
+def history_width(frame: pl.DataFrame) -> int:
+    """Longest ``item_seq`` list of ``frame``: the history positions the data holds (100 on
+    MicroLens_1M_x1), so the most a model's ``max_len`` can read."""
+    s = frame.get_column("item_seq")
+    if isinstance(s.dtype, pl.Array):
+        return int(s.dtype.size)
+    return int(s.list.len().max() or 0)

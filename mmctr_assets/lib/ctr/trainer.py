@@ -22,14 +22,14 @@ import numpy as np
 import torch
 
 from mmctr_assets.lib.ctr.artifacts import save_weights
-from mmctr_assets.lib.ctr.inference import predict_batches
-from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss
+from mmctr_assets.lib.ctr.inference import check_user_ids, predict_batches
+from mmctr_assets.lib.ctr.model import CTRModel, ModelConfig, bce_loss
 from mmctr_assets.lib.ctr.tensors import CTRTensors, check_labels, item_frequency
 from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss
 from mmctr_assets.lib.precision import autocast, check_precision
 
-CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/3"
+CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/4"  # /4: model families, user_id input
 # TrainConfig fields that may change between a run and its resume (extend a finished run).
 _RESUMABLE_CHANGES = {"epochs"}
 
@@ -102,7 +102,7 @@ class TrainResult:
     resumed_from_epoch: int | None  # last completed epoch found in last.pt, None if started fresh
     stopped_early: bool
     resume_note: str  # why the run resumed or started fresh
-    model: DCNDIN = field(repr=False)  # best weights, eval mode
+    model: CTRModel = field(repr=False)  # best weights, eval mode
     best_model_path: Path | None = None  # checkpoint_dir/best.pt, readable with load_model
 
 
@@ -168,7 +168,7 @@ def _batch_bounds(n: int, batch_size: int) -> list[int]:
 class _Run:
     """Everything an epoch changes, hence everything ``last.pt`` holds."""
 
-    model: DCNDIN
+    model: CTRModel
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     scaler: torch.amp.GradScaler
@@ -222,6 +222,7 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
     """One pass over ``data`` in a seeded random order; returns the mean training loss."""
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    regularise = model.config.embedding_regularizer > 0
     bounds = _batch_bounds(len(data), cfg.batch_size)
     perm = torch.randperm(len(data), generator=run.generator).to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no per-step host sync
@@ -229,8 +230,10 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
     for step in range(len(bounds) - 1):
         b = data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
         with autocast(device, cfg.precision):
-            logits = model(b.item_id, b.item_seq, b.likes_level, b.views_level)
+            logits = model(*b.model_inputs())
         loss = bce_loss(logits, b.label)
+        if regularise:
+            loss = loss + model.embedding_penalty(b.item_id, b.item_seq, b.user_id)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip_norm:
@@ -267,8 +270,13 @@ def _save_checkpoint(run: _Run, run_key: dict, last_path: Path) -> None:
 
 
 def _check_train_inputs(train_tensors: CTRTensors, valid_tensors: CTRTensors, n_items: int,
-                        level_vocab_size: int) -> None:
+                        model_config: ModelConfig) -> None:
+    level_vocab_size = model_config.level_vocab_size
     for name, t in (("train_tensors", train_tensors), ("valid_tensors", valid_tensors)):
+        check_user_ids(model_config, t, name)
+        if t.history_width < model_config.max_len:
+            raise ValueError(f"ModelConfig.max_len={model_config.max_len} is longer than the histories of "
+                             f"{name} ({t.history_width} positions); allowed: 1..{t.history_width}")
         if t.label is None:
             raise ValueError(f"{name} has no labels; train() needs labelled train and valid data")
         if len(t) == 0:
@@ -296,8 +304,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
     device = torch.device(device)
     check_precision(cfg.precision, device)
     item_embeddings = np.asarray(item_embeddings, dtype=np.float32)
-    _check_train_inputs(train_tensors, valid_tensors, item_embeddings.shape[0] - 1,
-                        model_config.level_vocab_size)
+    _check_train_inputs(train_tensors, valid_tensors, item_embeddings.shape[0] - 1, model_config)
     train_data = train_tensors.truncate(model_config.max_len)
     valid_data = valid_tensors.truncate(model_config.max_len)
     if data_fingerprint is None:
@@ -316,7 +323,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         torch.manual_seed(cfg.seed)
         counts = (item_frequency(train_data, item_embeddings.shape[0] - 1)
                   if model_config.use_item_frequency else None)
-        model = DCNDIN(model_config, item_embeddings, item_tags, item_frequency=counts).to(device)
+        model = CTRModel(model_config, item_embeddings, item_tags, item_frequency=counts).to(device)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=cfg.lr, weight_decay=cfg.weight_decay)
         run = _Run(model=model, optimizer=optimizer,
