@@ -4,7 +4,6 @@ condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 import base64
 import contextlib
 import fcntl
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,9 @@ SINGLE_RUN = dg.BackfillPolicy.single_run()
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}
 # asset arguments of a step that uses the GPU: one such step per pool slot, a GPU pod on Kubernetes
 ON_GPU = {"pool": "gpu", "op_tags": GPU_TAGS}
+# asset arguments of a model trained on the fused item table (dcn_din_model, task1_score)
+TRAINED_ON_FUSED = {"kinds": {"pytorch", "mlflow"}, "owners": OWNERS, "backfill_policy": SINGLE_RUN, **ON_GPU,
+                    "deps": ["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"]}
 # refresh once after an upstream update, never on data that failed a blocking check
 REFRESH_AFTER_UPSTREAM = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 

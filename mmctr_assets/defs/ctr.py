@@ -18,9 +18,9 @@ from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import array_fingerprint, atomic_path, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, cpu_cores, png_metadata,
-                     run_tags, torch_threads)
-from .embeddings import EMBEDDING_SOURCES, fused_item_embeddings, item_embedding_table
+from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, TRAINED_ON_FUSED, ProgressLog, cpu_cores,
+                     png_metadata, run_tags, torch_threads)
+from .embeddings import EMBEDDING_SOURCES, item_embedding_table
 
 GROUP = "task2_ctr"
 # set by the compute resource or the item table, so not run config
@@ -96,15 +96,7 @@ def _item_tags(storage: ProjectStorage) -> np.ndarray:
     return tags.list.to_array(tags.list.len().max()).to_numpy()
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"pytorch", "mlflow"},
-    owners=OWNERS,
-    backfill_policy=SINGLE_RUN,
-    **ON_GPU,
-    deps=[fused_item_embeddings, "raw_train", "raw_valid", "raw_item_info"],
-    automation_condition=REFRESH_AFTER_UPSTREAM,
-)
+@dg.asset(group_name=GROUP, **TRAINED_ON_FUSED, automation_condition=REFRESH_AFTER_UPSTREAM)
 def dcn_din_model(
     context: dg.AssetExecutionContext,
     config: DcnDinConfig,

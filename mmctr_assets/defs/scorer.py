@@ -22,8 +22,8 @@ from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ON_GPU, OWNERS, SINGLE_RUN, run_tags
-from .embeddings import EMBEDDING_SOURCES, GROUP, fused_item_embeddings, item_embedding_table
+from .common import TRAINED_ON_FUSED, run_tags
+from .embeddings import EMBEDDING_SOURCES, GROUP, item_embedding_table
 
 # Bump when SCORER_MODEL or SCORER_TRAIN change: scores of different versions are not comparable.
 SCORER_VERSION = 1
@@ -73,14 +73,7 @@ def score_item_table(storage: ProjectStorage, emb: np.ndarray, device, *, log=No
     return result, time.perf_counter() - started
 
 
-@dg.asset(
-    group_name=GROUP,
-    kinds={"pytorch", "mlflow"},
-    owners=OWNERS,
-    backfill_policy=SINGLE_RUN,
-    **ON_GPU,
-    deps=[fused_item_embeddings, "raw_train", "raw_valid", "raw_item_info"],
-)
+@dg.asset(group_name=GROUP, **TRAINED_ON_FUSED)
 def task1_score(
     context: dg.AssetExecutionContext,
     config: Task1ScoreConfig,
