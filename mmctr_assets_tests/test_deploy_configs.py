@@ -40,7 +40,7 @@ from mmctr_assets.resources import MlflowResource
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 PROD = DEPLOY / "dagster.prod.yaml"
-GPU_ASSETS = ("clip_embeddings", "dcn_din_model", "predictions")
+GPU_ASSETS = ("clip_embeddings", "dcn_din_model", "predictions", "task1_score")
 # the keys dagster-k8s accepts under the dagster-k8s/config tag (USER_DEFINED_K8S_JOB_CONFIG_SCHEMA
 # in dagster_k8s/job.py, 0.29.x)
 K8S_TAG_KEYS = {"container_config", "pod_template_spec_metadata", "pod_spec_config", "job_config",
@@ -313,6 +313,6 @@ def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
 
     config = yaml.safe_load((settings.PACKAGE_DIR / "deploy" / name).read_text())
     assert set(config["ops"]) == {"dcn_din_model"}
-    _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs()
+    _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs(history_width=100)
     if name.startswith("full"):
         assert train["batch_size"] == 4096 and train["epochs"] == 10

@@ -272,7 +272,7 @@ def test_asset_graph_in_chromium(server):
         try:
             # a viewport large enough for full asset nodes; groups expanded, top-to-bottom layout,
             # and the community pop-up marked as seen, as a returning user has them
-            context = browser.new_context(viewport={"width": 2300, "height": 1500})
+            context = browser.new_context(viewport={"width": 3000, "height": 2400})
             groups = ",".join(f"global@global:{g}" for g in sorted(GROUPS))
             context.add_init_script(
                 "localStorage.setItem('communityNux', '\"1\"');"
