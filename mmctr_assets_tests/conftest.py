@@ -1,6 +1,12 @@
 """Shared fixtures: one tiny generated dataset and one tiny random-weight CLIP per test session."""
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +17,7 @@ from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.defs.raw import raw_assets
 from mmctr_assets.lib.data import demo as demo_data
 from mmctr_assets.lib.embeddings import tiny_clip
+from mmctr_assets import settings
 from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
 
 SHARDS = clip_shards.get_partition_keys()
@@ -86,3 +93,32 @@ def task1_outputs(tiny_data, tiny_clip_dir, tmp_path_factory, make_resources):
         assert result.success
         loads = sum("RANDOM WEIGHTS" in (e.user_message or "") for e in instance.all_logs(result.run_id))
     return out, result, loads
+
+
+@contextlib.contextmanager
+def mlflow_server_process(env: dict, log: Path, timeout_s: float):
+    """deploy/mlflow-server.sh with ``env`` (MLFLOW_PORT set); yields its URL once /health answers,
+    and stops the server's whole process group afterwards."""
+    url = f"http://127.0.0.1:{env['MLFLOW_PORT']}"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(settings.PACKAGE_DIR / "deploy" / "mlflow-server.sh")], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

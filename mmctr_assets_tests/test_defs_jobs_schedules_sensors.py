@@ -13,7 +13,7 @@ from mmctr_assets import settings
 from mmctr_assets.defs import jobs, schedules, sensors
 from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.definitions import defs
-from mmctr_assets.lib.data import images, microlens
+from mmctr_assets.lib.data import microlens
 from mmctr_assets.lib.io import file_fingerprint
 from mmctr_assets.resources import ProjectStorage
 
@@ -176,6 +176,16 @@ def report_materialized(instance, graph, keys, partition=None):
             )
 
 
+def report_everything_materialized(instance):
+    """Every asset (every CLIP shard) materialised once with passing checks; returns the graph."""
+    graph = defs.resolve_asset_graph()
+    for key in graph.toposorted_asset_keys:
+        name = key.to_user_string()
+        for partition in SHARDS if name == "clip_embeddings" else [None]:
+            report_materialized(instance, graph, [name], partition)
+    return graph
+
+
 def requested(result) -> dict[str, set]:
     return {
         r.key.to_user_string(): {ap.partition_key for ap in r.true_subset.expensively_compute_asset_partitions()}
@@ -192,11 +202,7 @@ def test_nothing_starts_by_itself_on_a_fresh_instance(instance):
 
 
 def test_one_rematerialised_clip_shard_refreshes_downstream_once_and_no_other_shard(instance):
-    graph = defs.resolve_asset_graph()
-    for key in graph.toposorted_asset_keys:
-        name = key.to_user_string()
-        for partition in SHARDS if name == "clip_embeddings" else [None]:
-            report_materialized(instance, graph, [name], partition)
+    graph = report_everything_materialized(instance)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     assert result.total_requested == 0  # everything is fresh
 
@@ -209,11 +215,7 @@ def test_one_rematerialised_clip_shard_refreshes_downstream_once_and_no_other_sh
 
 
 def test_downstream_waits_for_passing_blocking_checks(instance):
-    graph = defs.resolve_asset_graph()
-    for key in graph.toposorted_asset_keys:
-        name = key.to_user_string()
-        for partition in SHARDS if name == "clip_embeddings" else [None]:
-            report_materialized(instance, graph, [name], partition)
+    report_everything_materialized(instance)
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance)
     # fused embeddings re-materialised outside automation, and their blocking check failed
     instance.report_runless_asset_event(dg.AssetMaterialization("fused_item_embeddings"))

@@ -7,12 +7,9 @@ test_prod_instance.py runs the production instance's Postgres storage against a 
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -37,6 +34,8 @@ from mmctr_assets.defs.schedules import build_retrain_schedule
 from mmctr_assets.definitions import defs
 from mmctr_assets.postgres_storage import PG_ENV
 from mmctr_assets.resources import MlflowResource
+
+from conftest import mlflow_server_process
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 PROD = DEPLOY / "dagster.prod.yaml"
@@ -232,40 +231,27 @@ def test_mlflow_server_command_tracks_runs_in_a_database(tmp_path, monkeypatch):
         "MLFLOW_PORT": str(port),  # MLFLOW_HOST unset: the loopback default
         "MLFLOW_WORKERS": "1",
     }
-    log = tmp_path / "mlflow-server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(DEPLOY / "mlflow-server.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        tracking = MlflowResource(tracking_uri=f"http://127.0.0.1:{port}", experiment_name="deploy-check")
-        with tracking.start_run("probe", tags={"dagster.run_id": "r1"}) as run:
-            mlflow.log_metric("valid_auc", 0.75)
-            (tmp_path / "roc.png").write_bytes(b"png")
-            mlflow.log_artifact(str(tmp_path / "roc.png"), artifact_path="plots")
-        assert tracking.run_url(run).startswith(f"http://127.0.0.1:{port}/#/experiments/")
-        stored = mlflow.MlflowClient(f"http://127.0.0.1:{port}").get_run(run.info.run_id)
-        assert stored.data.metrics == {"valid_auc": 0.75} and stored.data.tags["dagster.run_id"] == "r1"
-        # runs live in the database, artifacts behind the server in the destination folder
-        assert (tmp_path / "mlflow.db").stat().st_size > 0
-        assert [p.name for p in (tmp_path / "artifacts").rglob("roc.png")] == ["roc.png"]
+        with mlflow_server_process(env, tmp_path / "mlflow-server.log", timeout_s=120):
+            _probe_mlflow_server(tmp_path, port)
     finally:
         mlflow.set_tracking_uri(None)  # later tests must not talk to this server
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+
+
+def _probe_mlflow_server(tmp_path: Path, port: int) -> None:
+    """A run logged through MlflowResource is stored: metric and tags in the database, the artifact
+    behind the server."""
+    tracking = MlflowResource(tracking_uri=f"http://127.0.0.1:{port}", experiment_name="deploy-check")
+    with tracking.start_run("probe", tags={"dagster.run_id": "r1"}) as run:
+        mlflow.log_metric("valid_auc", 0.75)
+        (tmp_path / "roc.png").write_bytes(b"png")
+        mlflow.log_artifact(str(tmp_path / "roc.png"), artifact_path="plots")
+    assert tracking.run_url(run).startswith(f"http://127.0.0.1:{port}/#/experiments/")
+    stored = mlflow.MlflowClient(f"http://127.0.0.1:{port}").get_run(run.info.run_id)
+    assert stored.data.metrics == {"valid_auc": 0.75} and stored.data.tags["dagster.run_id"] == "r1"
+    # runs live in the database, artifacts behind the server in the destination folder
+    assert (tmp_path / "mlflow.db").stat().st_size > 0
+    assert [p.name for p in (tmp_path / "artifacts").rglob("roc.png")] == ["roc.png"]
 
 
 def test_mlflow_server_command_says_what_is_missing(tmp_path):

@@ -15,13 +15,10 @@ k8s executor with dagster-k8s and renders their Jobs without a cluster.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -33,6 +30,7 @@ from conftest import SHARDS
 from mmctr_assets import settings
 from mmctr_assets.definitions import defs
 from mmctr_assets.postgres_storage import PG_ENV, PostgresStorageUnavailable, check_connection
+from conftest import mlflow_server_process
 from pg_server import PostgresServer, free_port, postgres_server
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
@@ -81,28 +79,8 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path):
         # MLflow 3's GenAI job runner (its own worker processes): not used by tracking
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(DEPLOY / "mlflow-server.sh")], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with mlflow_server_process(env, log, timeout_s=180) as url:
+        yield url
 
 
 @pytest.mark.slow
