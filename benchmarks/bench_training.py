@@ -103,7 +103,7 @@ def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarr
     for b in batches:
         loss = bce_loss(model(*b.model_inputs()), b.label)
         if regularise:
-            loss = loss + model.embedding_penalty(b.item_id, b.item_seq, b.user_id)
+            loss = loss + model.embedding_penalty()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)

@@ -241,12 +241,11 @@ def test_hashed_embedding_maps_any_user_id_to_a_bucket_deterministically():
         HashedEmbedding(0, 3)
 
 
-def test_embedding_l2_counts_each_used_row_once_and_skips_padding():
+def test_embedding_l2_is_the_whole_table_without_the_padding_row():
     table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    ids = torch.tensor([[0, 2, 2], [3, 0, 2]])
-    expected = table[2].pow(2).sum() + table[3].pow(2).sum()
-    assert embedding_l2(table, ids) == expected
-    assert embedding_l2(table, ids, padding_row=None) == expected + table[0].pow(2).sum()
+    expected = table[1:].pow(2).sum()
+    assert embedding_l2(table) == expected
+    assert embedding_l2(table, padding_row=None) == expected + table[0].pow(2).sum()
 
 
 def _encoder_inputs(batch=4, length=6, dim=8):

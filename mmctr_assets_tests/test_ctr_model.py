@@ -237,7 +237,7 @@ def test_every_family_gives_finite_logits_and_gradients_and_round_trips(family):
     users = torch.arange(B) * 1000
     logits = model(item_id, seq, likes, views, users)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
-    penalty = model.embedding_penalty(item_id, seq, users)
+    penalty = model.embedding_penalty()
     assert penalty > 0
     (bce_loss(logits, torch.tensor([0.0, 1.0] * (B // 2))) + penalty).backward()
     for name, p in model.named_parameters():
@@ -314,15 +314,20 @@ def test_user_embedding_hashes_unseen_users_and_needs_user_id():
         model(*batch)
 
 
-def test_embedding_penalty_covers_only_the_trainable_rows_the_batch_uses():
-    model = _family("din", use_id_embedding=True, use_tag_embedding=True, embedding_regularizer=0.5)
-    item_id, seq, likes, views = _batch()
-    used = torch.unique(torch.cat([item_id, seq.flatten()]))
-    used = used[used != 0]
-    tags = torch.unique(model.item_tags[used])
-    tags = tags[tags != 0]
-    expected = 0.5 * (model.id_embedding.weight[used].pow(2).sum() + model.tag_embedding.weight[tags].pow(2).sum())
-    torch.testing.assert_close(model.embedding_penalty(item_id, seq), expected)
+def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_frozen_rows():
+    model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
+                    user_buckets=7, embedding_regularizer=0.5)
+    with torch.no_grad():  # a padding row that is not zero must still not be penalised
+        model.id_embedding.weight[0] = 3.0
+        model.tag_embedding.weight[0] = 3.0
+    expected = 0.5 * (model.id_embedding.weight[1:].pow(2).sum() + model.tag_embedding.weight[1:].pow(2).sum()
+                      + model.user_embedding.embedding.weight.pow(2).sum())
+    torch.testing.assert_close(model.embedding_penalty(), expected)
+    # every row is paid for every step, whether or not the batch uses it (rare ids included)
+    model.embedding_penalty().backward()
+    assert (model.id_embedding.weight.grad[1:] != 0).all(dim=1).all()
+    assert (model.id_embedding.weight.grad[0] == 0).all()
+    assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
 
 
 @pytest.mark.parametrize("options,message", [

@@ -271,14 +271,14 @@ class HashedEmbedding(nn.Module):
         return self.embedding(self.bucket(ids))
 
 
-def embedding_l2(table: torch.Tensor, ids: torch.Tensor, *, padding_row: int | None = 0) -> torch.Tensor:
-    """Sum of squared L2 norms of the rows of ``table`` that ``ids`` uses, each row counted once,
-    ``padding_row`` excluded. The FuxiCTR-style embedding regulariser, applied only to the rows a
-    batch touches, so its cost does not grow with the table."""
-    rows = torch.unique(ids.reshape(-1))
-    if padding_row is not None:
-        rows = rows[rows != padding_row]
-    return table.index_select(0, rows).pow(2).sum()
+def embedding_l2(table: torch.Tensor, *, padding_row: int | None = 0) -> torch.Tensor:
+    """Squared L2 norm of the whole ``table`` (``padding_row`` excluded): FuxiCTR's embedding
+    regulariser, paid every step. Regularising only the rows a batch uses lets a rare id (a user
+    seen three times) escape it between its visits, and Adam's per-row scaling then fits its few
+    labels; measured on demo medium, user embeddings: 0.836 valid AUC per-batch rows vs 0.863
+    whole table at 2e-4, 0.8675 at 2e-3 (benchmarks/README.md)."""
+    norm = table.pow(2).sum()
+    return norm - table[padding_row].pow(2).sum() if padding_row is not None else norm
 
 
 class TransformerHistory(nn.Module):

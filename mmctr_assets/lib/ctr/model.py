@@ -376,22 +376,16 @@ class CTRModel(nn.Module):
             return self.output(self.deep(features)).squeeze(-1)
         return self.output(torch.cat([self.cross(features), self.deep(features)], dim=-1)).squeeze(-1)
 
-    def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor,
-                          user_id: torch.Tensor | None = None) -> torch.Tensor:
-        """``embedding_regularizer`` x the squared L2 norm of the trainable embedding rows this batch
-        uses (item ids, their tags, user buckets; each row once), to add to the loss."""
+    def embedding_penalty(self) -> torch.Tensor:
+        """``embedding_regularizer`` x the squared L2 norm of every trainable embedding table (item
+        ids, tags, user buckets; padding rows excluded), to add to each step's loss."""
         cfg = self.config
-        ids = torch.cat([item_id.reshape(-1), item_seq.reshape(-1).long()])
-        total = item_id.new_zeros((), dtype=torch.float32)
-        if cfg.finetune_item_embeddings:
-            total = total + embedding_l2(self.item_embedding.weight, ids)
-        if cfg.use_id_embedding:
-            total = total + embedding_l2(self.id_embedding.weight, ids)
-        if cfg.use_tag_embedding:
-            total = total + embedding_l2(self.tag_embedding.weight, self.item_tags[torch.unique(ids)])
-        if cfg.use_user_embedding and user_id is not None:
-            total = total + embedding_l2(self.user_embedding.embedding.weight,
-                                         self.user_embedding.bucket(user_id), padding_row=None)
+        tables = [(self.item_embedding.weight, 0)] if cfg.finetune_item_embeddings else []
+        tables += [(self.id_embedding.weight, 0)] if cfg.use_id_embedding else []
+        tables += [(self.tag_embedding.weight, 0)] if cfg.use_tag_embedding else []
+        tables += [(self.user_embedding.embedding.weight, None)] if cfg.use_user_embedding else []
+        total = sum((embedding_l2(table, padding_row=pad) for table, pad in tables),
+                    start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer * total
 
     def to_dict(self) -> dict[str, Any]:

@@ -233,7 +233,7 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
             logits = model(*b.model_inputs())
         loss = bce_loss(logits, b.label)
         if regularise:
-            loss = loss + model.embedding_penalty(b.item_id, b.item_seq, b.user_id)
+            loss = loss + model.embedding_penalty()
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg.grad_clip_norm:
