@@ -360,3 +360,18 @@ def test_family_defaults_are_filled_in_and_survive_a_round_trip():
     assert (tr.position, tr.cross_version, tr.history_match_features) == ("token", "v2", None)
     for config in (din, dcn, tr):
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_every_preset_is_a_valid_config_of_its_family_and_unknown_names_are_refused():
+    from mmctr_assets.lib.ctr.presets import PRESETS, preset
+    from mmctr_assets.lib.ctr.trainer import TrainConfig
+
+    assert set(PRESETS) == set(FAMILIES)
+    for name in PRESETS:
+        p = preset(name)
+        assert ModelConfig(**p["model"]).family == name
+        TrainConfig(**p["train"])
+        p["model"]["family"] = "changed"  # a copy: the registry stays as it was
+        assert PRESETS[name]["model"]["family"] == name
+    with pytest.raises(ValueError, match=r"unknown preset 'dcn'; presets: \['dcn_din', 'din', 'transformer_dcnv2'\]"):
+        preset("dcn")

@@ -91,7 +91,7 @@ class ModelConfig:
     use_user_embedding: bool = False  # user_id hashed into user_buckets rows (unseen users too)
     user_buckets: int = 100_000
     user_embedding_dim: int = 16
-    embedding_regularizer: float = 0.0  # L2 weight on the trainable embedding rows a batch uses
+    embedding_regularizer: float = 0.0  # L2 weight on every trainable embedding table
     level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
     level_embedding_dim: int = 16
     # "key": a learned embedding of each history item's distance from the most recent click
