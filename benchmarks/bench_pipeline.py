@@ -7,7 +7,8 @@ through Dagster once per embedding source (content, item2vec, fused, organisers)
 seed, config and epoch budget. One JSON line per training: valid AUC, the ceiling
 ``best_valid_auc`` of the generator's true click probabilities, the gap (goal for fused: <= 0.02),
 epochs, seconds and the MLflow run id. A first line gives a same-data reference: a model told
-every item's true topic, i.e. how much of the gap one row's features leave unexplainable.
+every item's true topic (and, second line, each user's true click bias), i.e. how much of the
+gap one row's features leave unexplainable.
 ``--variants`` adds a table of model/training variants (trainable id/tag embeddings, fine-tuning,
 lr, batch size, history length, width) on chosen sources so defaults can be picked from
 measurements. Training settings: TrainConfig defaults with seed 0 and at most 10 epochs.
@@ -164,32 +165,48 @@ def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool) -> None:
          fused_s=round(fused_s, 1), clip_shards=len(keys), **fit)
 
 
-def topic_oracle_auc(data_dir: Path) -> float:
+def topic_oracle_aucs(data_dir: Path) -> dict[str, float]:
     """Valid AUC of a model told every item's TRUE topic (ground_truth/items.parquet): what one row's
-    history, levels and item popularity allow, so the ceiling gap splits into data vs model."""
+    history (share in the target's topic, and that share weighted by the world's recency decay),
+    levels and item popularity allow, so the ceiling gap splits into data vs model. The second
+    figure also gets each user's TRUE click bias, which no model can learn from a few rows."""
     import numpy as np
     import polars as pl
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     from mmctr_assets.lib.metrics import auc
 
-    items = pl.read_parquet(data_dir / "ground_truth" / "items.parquet").sort("item_id")
+    truth = data_dir / "ground_truth"
+    items = pl.read_parquet(truth / "items.parquet").sort("item_id")
     topic = np.concatenate([[-1], items.get_column("topic").to_numpy()])
+    decay = json.loads((truth / "manifest.json").read_text()).get("click_model", {}).get("recency_decay", 1.0)
+    users = pl.read_parquet(truth / "users.parquet") if (truth / "users.parquet").exists() else None
     train, valid = (pl.read_parquet(data_dir / "MicroLens_1M_x1" / f"{t}.parquet") for t in ("train", "valid"))
     count = np.bincount(train.get_column("item_id").to_numpy(), minlength=len(topic))
 
-    def features(frame: pl.DataFrame) -> np.ndarray:
+    def features(frame: pl.DataFrame, user_bias: bool) -> np.ndarray:
         seq = frame.get_column("item_seq")
-        hist = topic[seq.list.to_array(seq.list.len().max()).to_numpy()]
+        hist = topic[seq.list.to_array(seq.list.len().max()).to_numpy()]  # left-padded, newest last
         target = frame.get_column("item_id").to_numpy()
         real = (hist >= 0).sum(axis=1)
-        in_topic = (hist == topic[target][:, None]).sum(axis=1)
-        return np.column_stack([topic[target], in_topic / np.maximum(real, 1), real, np.log1p(count[target]),
-                                frame.get_column("likes_level").to_numpy(), frame.get_column("views_level").to_numpy()])
+        match = hist == topic[target][:, None]
+        weights = decay ** np.arange(hist.shape[1])[::-1]
+        columns = [topic[target], match.sum(axis=1) / np.maximum(real, 1), real, match @ weights,
+                   np.log1p(count[target]), frame.get_column("likes_level").to_numpy(),
+                   frame.get_column("views_level").to_numpy()]
+        if user_bias:
+            bias = frame.select("user_id").join(users, on="user_id", how="left", maintain_order="left")
+            columns.append(bias.get_column("click_bias").fill_null(0.0).to_numpy())
+        return np.column_stack(columns)
 
-    model = HistGradientBoostingClassifier(max_iter=300, categorical_features=[0], random_state=0)
-    model.fit(features(train), train.get_column("label").to_numpy())
-    return auc(valid.get_column("label").to_numpy(), model.predict_proba(features(valid))[:, 1])
+    out = {}
+    for name, user_bias in (("topic_oracle", False), ("topic_oracle_with_user_bias", True)):
+        if user_bias and users is None:
+            continue
+        model = HistGradientBoostingClassifier(max_iter=300, categorical_features=[0], random_state=0)
+        model.fit(features(train, user_bias), train.get_column("label").to_numpy())
+        out[name] = auc(valid.get_column("label").to_numpy(), model.predict_proba(features(valid, user_bias))[:, 1])
+    return out
 
 
 def train_once(res: dict, source: str, variant: str, overrides: dict, best: float,
@@ -222,9 +239,10 @@ def bench_quality(args, work: Path) -> None:
         demo_data.generate(data_dir, "medium", seed=0, overwrite=True, progress=False)
         emit(bench="generate", size="medium", seconds=round(time.perf_counter() - t0, 1))
     best = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())["best_valid_auc"]
-    oracle = topic_oracle_auc(data_dir) if not args.no_oracle else float("nan")
-    emit(bench="topic_oracle", valid_auc=round(oracle, 4), best_valid_auc=round(best, 4), gap=round(best - oracle, 4),
-         model="gradient boosting on true item topics: history share in the target's topic, levels, popularity")
+    for name, oracle in ({} if args.no_oracle else topic_oracle_aucs(data_dir)).items():
+        emit(bench=name, valid_auc=round(oracle, 4), best_valid_auc=round(best, 4), gap=round(best - oracle, 4),
+             model="gradient boosting on true item topics: history share and recency-weighted matches in the "
+                   "target's topic, levels, popularity" + (", the user's true click bias" if "user" in name else ""))
     manifest = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())
     res = resources(data_dir, work)
     sources = {s for s in args.sources.split(",") if s} | (
