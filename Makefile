@@ -9,6 +9,11 @@ STATE  := $(CURDIR)/.mmctr
 #   make install TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 DEMO_SIZE  ?= small
+# `make demo-full` is `make demo` at full size, in this make: a recursive `$(MAKE) demo
+# DEMO_SIZE=full` would inherit the small demo's exported paths below (MMCTR_DATA_DIR, ...).
+ifneq ($(filter demo-full,$(MAKECMDGOALS)),)
+DEMO_SIZE := full
+endif
 # Each demo size keeps its own data, stand-in CLIP and outputs (small: the names without a suffix).
 SUFFIX     := $(if $(filter small,$(DEMO_SIZE)),,-$(DEMO_SIZE))
 # full-size data trains at the production batch size; the small demo needs smaller batches
@@ -53,8 +58,7 @@ demo: demo-inputs
 	@echo "Outputs in $(MMCTR_OUTPUT_DIR); open the UI with 'make dev'."
 
 ## The whole graph at full size (91,717 items, 3.6M training rows, 10 epochs), its own data/outputs.
-demo-full:
-	$(MAKE) demo DEMO_SIZE=full
+demo-full: demo
 
 ## The UI (webserver + daemon) on http://127.0.0.1:3000 with the same instance and data.
 dev: install

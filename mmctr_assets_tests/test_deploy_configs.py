@@ -302,3 +302,19 @@ def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
     _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs(history_width=100)
     if name.startswith("full"):
         assert train["batch_size"] == 4096 and train["epochs"] == 10
+
+
+@pytest.mark.parametrize(("goal", "suffix", "config"), [("demo", "", "demo"), ("demo-full", "-full", "full")])
+def test_make_demo_targets_use_their_own_data_clip_and_outputs(tmp_path, goal, suffix, config):
+    """`make demo-full` once ran the small demo's paths (a recursive make inherited its exports):
+    full-size data over the small demo's and a CLIP that did not exist. Dry-run both targets."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MMCTR_", "DAGSTER_", "MAKE"))}
+    state = tmp_path / "state"
+    out = subprocess.run(["make", "-n", goal, f"STATE={state}", f"VENV={tmp_path / 'venv'}"], env=env,
+                         cwd=settings.PACKAGE_DIR.parent, capture_output=True, text=True, check=True).stdout
+    size = "full" if suffix else "small"
+    assert f"mmctr-demo-data --out {state}/demo_data{suffix} --size {size}" in out
+    assert f"mmctr-tiny-clip {state}/models/tiny-clip{suffix} --fit-on {state}/demo_data{suffix}" in out
+    assert f"--config mmctr_assets/deploy/{config}_run_config.yaml" in out
+    assert f"Outputs in {state}/outputs{suffix};" in out
+    assert "demo_data " not in out.replace(f"demo_data{suffix} ", "")  # no other size's data
