@@ -9,8 +9,8 @@ data) and ViT-B/32 shapes (``build_tiny_clip(full_size=True)``, random weights, 
 Each result is one JSON line; ``ratio_vs_bound_*`` is items/s relative to the bound: best-of-rounds
 on both sides, and the median of per-round pairs. On a CPU the model and the prep threads share
 the same cores, so ``ratio_vs_shared_core_bound_best`` also compares with (a) + (b) run back to
-back: the most a CPU-only run can reach when neither part is negligible. Modes run interleaved so a busy (shared)
-machine slows them alike; ``cpu_ms_per_item`` counts every thread of the process.
+back: the most a CPU-only run can reach when neither part is negligible. Modes run interleaved
+so a busy (shared) machine slows them alike; ``cpu_ms_per_item`` counts every thread of the process.
 
     .venv/bin/python benchmarks/bench_clip.py [--models tiny,full] [--tiny-items 2048] [--full-items 128]
         [--batch-size 64] [--workers auto,0] [--combine image,mean] [--rounds 3]

@@ -238,12 +238,12 @@ def bench_quality(args, work: Path) -> None:
         t0 = time.perf_counter()
         demo_data.generate(data_dir, "medium", seed=0, overwrite=True, progress=False)
         emit(bench="generate", size="medium", seconds=round(time.perf_counter() - t0, 1))
-    best = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())["best_valid_auc"]
+    manifest = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())
+    best = manifest["best_valid_auc"]
     for name, oracle in ({} if args.no_oracle else topic_oracle_aucs(data_dir)).items():
         emit(bench=name, valid_auc=round(oracle, 4), best_valid_auc=round(best, 4), gap=round(best - oracle, 4),
              model="gradient boosting on true item topics: history share and recency-weighted matches in the "
                    "target's topic, levels, popularity" + (", the user's true click bias" if "user" in name else ""))
-    manifest = json.loads((data_dir / "ground_truth" / "manifest.json").read_text())
     res = resources(data_dir, work)
     sources = {s for s in args.sources.split(",") if s} | (
         set(args.variant_sources.split(",")) if args.variants else set())

@@ -275,8 +275,8 @@ def embedding_l2(table: torch.Tensor, *, padding_row: int | None = 0) -> torch.T
     """Squared L2 norm of the whole ``table`` (``padding_row`` excluded): FuxiCTR's embedding
     regulariser, paid every step. Regularising only the rows a batch uses lets a rare id (a user
     seen three times) escape it between its visits, and Adam's per-row scaling then fits its few
-    labels; measured on demo medium, user embeddings: 0.836 valid AUC per-batch rows vs 0.863
-    whole table at 2e-4, 0.8675 at 2e-3 (benchmarks/README.md)."""
+    labels: on demo medium the dcn_din preset's user embedding reaches 0.8327 valid AUC without a
+    regulariser and 0.8672 with this one at 2e-3 (README, dcn_din_model)."""
     norm = table.pow(2).sum()
     return norm - table[padding_row].pow(2).sum() if padding_row is not None else norm
 

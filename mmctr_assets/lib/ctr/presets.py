@@ -11,7 +11,8 @@ from __future__ import annotations
 _HALVING = {"lr_factor": 0.5, "lr_patience": 1, "early_stopping_patience": 3, "epochs": 20}
 
 # A user seen a handful of times overfits its row without a regulariser (best epoch 1-3); the
-# whole-table L2 at 2e-3 keeps it near zero unless many rows agree (demo medium: 0.8675 vs 0.833).
+# whole-table L2 at 2e-3 keeps it near zero unless many rows agree (demo medium: 0.8672 vs 0.8327,
+# README).
 _USER = {"use_user_embedding": True, "embedding_regularizer": 2e-3}
 
 PRESETS: dict[str, dict[str, dict]] = {
