@@ -141,7 +141,7 @@ def train_config(source: str, overrides: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ quality
 
-def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool) -> None:
+def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool, item2vec_config: dict | None = None) -> None:
     from mmctr_assets.defs import embeddings as task1
     from mmctr_assets.defs.common import clip_shards
     from mmctr_assets.defs.raw import raw_assets
@@ -159,10 +159,11 @@ def build_task1(data_dir: Path, work: Path, res: dict, fit_clip: bool) -> None:
     _, clip_s = materialise(
         [task1.clip_embeddings], res, run_config={"ops": {"clip_embeddings": {"config": {"model": str(clip_dir)}}}},
         tags={"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
-    _, i2v_s = materialise([task1.item2vec_embeddings], res)
+    _, i2v_s = materialise([task1.item2vec_embeddings], res,
+                           run_config={"ops": {"item2vec_embeddings": {"config": item2vec_config or {}}}})
     _, fused_s = materialise([task1.fused_item_embeddings], res)
     emit(bench="task1_build", raw_s=round(raw_s, 1), clip_s=round(clip_s, 1), item2vec_s=round(i2v_s, 1),
-         fused_s=round(fused_s, 1), clip_shards=len(keys), **fit)
+         fused_s=round(fused_s, 1), clip_shards=len(keys), item2vec_config=item2vec_config or {}, **fit)
 
 
 def topic_oracle_aucs(data_dir: Path) -> dict[str, float]:

@@ -41,6 +41,8 @@ def main() -> None:
     ap.add_argument("--world", default="v2", choices=("v1", "v2"), help="demo world when creating the data")
     ap.add_argument("--sources", default=",".join(SOURCES))
     ap.add_argument("--no-fit-clip", action="store_true", help="keep the tiny CLIP's random weights")
+    ap.add_argument("--item2vec-corpus", default="user", choices=("user", "row"),
+                    help="item2vec corpus: one line per user timeline (default) or per training row")
     ap.add_argument("--work-dir", type=Path, help="outputs and mlflow.db (default: a temp dir)")
     args = ap.parse_args()
     unknown = [s for s in args.sources.split(",") if s not in SOURCES]
@@ -61,7 +63,8 @@ def main() -> None:
     if "best_valid_auc_without_user_bias" in manifest:
         ceilings["best_valid_auc_without_user_bias"] = round(manifest["best_valid_auc_without_user_bias"], 4)
     res = resources(data_dir, work)
-    build_task1(data_dir, work, res, fit_clip=not args.no_fit_clip)
+    build_task1(data_dir, work, res, fit_clip=not args.no_fit_clip,
+                item2vec_config={"one_line_per_user": args.item2vec_corpus == "user"})
     fused_auc = None
     for source in args.sources.split(","):
         line = score(res, source)

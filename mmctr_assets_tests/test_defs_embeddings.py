@@ -75,6 +75,24 @@ def test_one_partition_recomputes_only_that_shard(outputs, tiny_data, tiny_clip_
     assert shard_bytes(outputs) == before  # same model, same items: same embeddings
 
 
+def test_clip_leaves_a_core_for_item2vec_in_the_same_run(outputs, tiny_data, tiny_clip_dir, instance, make_resources,
+                                                        monkeypatch):
+    """item2vec's one worker is a whole-graph run's critical path: CLIP beside it takes all cores
+    but one, and all of them when it runs without item2vec."""
+    from mmctr_assets.lib.embeddings import clip
+
+    monkeypatch.setattr(clip, "available_cpus", lambda: 3)
+
+    def clip_cores(assets) -> int:
+        result = dg.materialize(assets, resources=make_resources(tiny_data, outputs), instance=instance, tags=RANGE,
+                                run_config=clip_config(tiny_clip_dir))
+        assert result.success
+        return result.asset_materializations_for_node("clip_embeddings")[0].metadata["cpu_cores"].value
+
+    assert clip_cores([task1.clip_embeddings]) == 3
+    assert clip_cores([task1.clip_embeddings, task1.item2vec_embeddings]) == 2
+
+
 def test_failed_shard_leaves_other_shards_untouched(outputs, tiny_data, tiny_clip_dir, instance, make_resources, monkeypatch):
     before = shard_bytes(outputs)
     for k in SHARDS:  # mark every file so we can tell which were rewritten

@@ -318,3 +318,6 @@ def test_make_demo_targets_use_their_own_data_clip_and_outputs(tmp_path, goal, s
     assert f"--config mmctr_assets/deploy/{config}_run_config.yaml" in out
     assert f"Outputs in {state}/outputs{suffix};" in out
     assert "demo_data " not in out.replace(f"demo_data{suffix} ", "")  # no other size's data
+    # the submission path first, the Task 1 scorer (which would hold the gpu slot) in a run after it
+    submission, scorer = out.index("--select 'not key:task1_score'"), out.index("--select task1_score")
+    assert submission < scorer

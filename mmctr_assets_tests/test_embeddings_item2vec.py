@@ -18,7 +18,7 @@ SMALL = pl.DataFrame(
 
 
 def planted_clusters(n_clusters=4, per=10, rows=3000, width=10, seed=0) -> pl.DataFrame:
-    """Histories drawn from one cluster each, left-padded with 0 to a fixed width."""
+    """Histories drawn from one cluster each, left-padded with 0 to a fixed width; a user per row."""
     rng = np.random.default_rng(seed)
     cluster = rng.integers(0, n_clusters, rows)
     items = cluster[:, None] * per + rng.integers(0, per, (rows, width)) + 1
@@ -26,6 +26,7 @@ def planted_clusters(n_clusters=4, per=10, rows=3000, width=10, seed=0) -> pl.Da
     seq = np.where(np.arange(width)[None, :] >= (width - lengths)[:, None], items, 0)
     return pl.DataFrame(
         {
+            "user_id": np.arange(rows),
             "item_seq": seq.tolist(),
             "item_id": cluster * per + rng.integers(0, per, rows) + 1,
             "label": rng.integers(0, 2, rows).astype(np.float32),
@@ -33,37 +34,88 @@ def planted_clusters(n_clusters=4, per=10, rows=3000, width=10, seed=0) -> pl.Da
     )
 
 
-def test_corpus_lines_drop_padding_and_append_clicked_targets(tmp_path):
-    stats = i2v.build_corpus(SMALL, tmp_path / "c.txt")
+def user_timelines(users=60, width=12, seed=0) -> pl.DataFrame:
+    """A click log: each user's rows (shuffled among all rows) are prefixes of one timeline, and a
+    few rows hold a history that is no prefix of it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for user in range(users):
+        timeline = rng.integers(1, 50, width)
+        for n in sorted(rng.choice(np.arange(0, width + 1), rng.integers(1, 5), replace=False)):
+            history = timeline[:n] if rng.random() > 0.1 else rng.integers(1, 50, n)
+            rows.append((user, [0] * (width - n) + history.tolist(), int(rng.integers(1, 50)), float(rng.random() < 0.5)))
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_seq": pl.List(pl.Int64), "item_id": pl.Int64,
+                                      "label": pl.Float64}, orient="row")
+
+
+def test_row_lines_drop_padding_and_append_clicked_targets(tmp_path):
+    stats = i2v.build_corpus(SMALL, tmp_path / "c.txt", one_line_per_user=False)  # needs no user_id
     # row 3: only the clicked target (one token) -> dropped; row 5: [2, 11]
     assert (tmp_path / "c.txt").read_text().splitlines() == ["3 4 7", "3 4", "6 7 8 9 10", "2 11"]
     assert (stats.n_rows, stats.n_sentences, stats.n_tokens, stats.n_items, stats.n_targets_appended) == (6, 4, 12, 9, 4)
+    assert stats.n_rows_merged == 0
     assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]  # atomic: no temp file left
 
 
-def test_corpus_without_targets_and_from_parquet(tmp_path):
+def test_row_lines_without_targets_and_from_parquet(tmp_path):
     SMALL.write_parquet(tmp_path / "train.parquet")
-    stats = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "c.txt", include_clicked_target=False)
+    stats = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "c.txt", include_clicked_target=False,
+                             one_line_per_user=False)
     assert (tmp_path / "c.txt").read_text().splitlines() == ["3 4", "3 4", "6 7 8 9"]
     assert stats.n_targets_appended == 0 and stats.n_tokens == 8
 
 
+TIMELINES = pl.DataFrame(
+    {
+        "user_id": [1, 2, 1, 1, 2, 3],
+        "item_seq": [[0, 0, 5, 6], [0, 0, 8, 9], [0, 5, 6, 7], [0, 0, 0, 5], [0, 0, 9, 8], [0, 0, 0, 0]],
+        "item_id": [7, 1, 3, 6, 2, 4],
+        "label": [1.0, 1.0, 1.0, 0.0, 1.0, 1.0],
+    }
+)
+
+
+def test_user_lines_fold_prefix_rows_into_one_timeline(tmp_path):
+    stats = i2v.build_corpus(TIMELINES, tmp_path / "c.txt")
+    # user 1: the longest history 5 6 7; row 0's clicked 7 is already next in it, row 2's clicked 3
+    # follows it. User 2: 9 8 is no prefix of 8 9 (the longest, first of equal length): own line.
+    # User 3: only a clicked target, one token: dropped.
+    assert (tmp_path / "c.txt").read_text().splitlines() == ["5 6 7 3", "8 9 1", "9 8 2"]
+    assert (stats.n_rows, stats.n_sentences, stats.n_tokens, stats.n_items) == (6, 3, 10, 8)
+    assert stats.n_rows_merged == 5 and stats.n_targets_appended == 4
+    i2v.build_corpus(TIMELINES, tmp_path / "c.txt", include_clicked_target=False)
+    assert (tmp_path / "c.txt").read_text().splitlines() == ["5 6 7", "8 9", "9 8"]
+
+
+def test_user_line_places_a_click_where_its_history_ends(tmp_path):
+    log = pl.DataFrame({"user_id": [4, 4], "item_seq": [[0, 0, 1, 2], [1, 2, 3, 5]], "item_id": [9, 8],
+                        "label": [1.0, 0.0]})
+    i2v.build_corpus(log, tmp_path / "c.txt")
+    assert (tmp_path / "c.txt").read_text().splitlines() == ["1 2 9 3 5"]
+
+
 def test_corpus_is_the_same_in_small_batches(tmp_path):
-    frame = planted_clusters(rows=500)
-    frame.write_parquet(tmp_path / "train.parquet", row_group_size=128)
+    frame = user_timelines()
+    frame.write_parquet(tmp_path / "train.parquet", row_group_size=16)
     one = i2v.build_corpus(frame, tmp_path / "one.txt", batch_rows=1 << 16)
-    many = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "many.txt", batch_rows=37)
-    lazy = i2v.build_corpus(frame.lazy(), tmp_path / "lazy.txt", batch_rows=100)
+    many = i2v.build_corpus(tmp_path / "train.parquet", tmp_path / "many.txt", batch_rows=7)
+    lazy = i2v.build_corpus(frame.lazy(), tmp_path / "lazy.txt", batch_rows=10)
     text = (tmp_path / "one.txt").read_text()
     assert text == (tmp_path / "many.txt").read_text() == (tmp_path / "lazy.txt").read_text()
-    assert len(text.splitlines()) == one.n_sentences == 500
-    fields = lambda s: (s.n_rows, s.n_sentences, s.n_tokens, s.n_items, s.n_targets_appended)  # noqa: E731
+    assert len(text.splitlines()) == one.n_sentences
+    fields = lambda s: (s.n_rows, s.n_sentences, s.n_tokens, s.n_items, s.n_targets_appended, s.n_rows_merged)  # noqa: E731
     assert fields(one) == fields(many) == fields(lazy)
+    rows = i2v.build_corpus(frame, tmp_path / "rows.txt", one_line_per_user=False)
+    assert 0 < one.n_rows_merged < one.n_rows and one.n_tokens < rows.n_tokens
+    assert one.n_sentences < rows.n_sentences and one.n_items == rows.n_items
 
 
 def test_corpus_input_errors(tmp_path):
     with pytest.raises(ValueError, match=r"missing \['label'\]"):
-        i2v.build_corpus(SMALL.drop("label"), tmp_path / "c.txt")
+        i2v.build_corpus(TIMELINES.drop("label"), tmp_path / "c.txt")
+    with pytest.raises(ValueError, match=r"missing \['user_id'\].*one_line_per_user=False"):
+        i2v.build_corpus(SMALL, tmp_path / "c.txt")
     with pytest.raises(FileNotFoundError, match="raw_train"):
         i2v.build_corpus(tmp_path / "nope.parquet", tmp_path / "c.txt")
     assert not (tmp_path / "c.txt").exists()

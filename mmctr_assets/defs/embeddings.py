@@ -35,6 +35,12 @@ class ClipConfig(dg.Config):
     benchmarks/gpu_check.py measures which is faster there)."""
 
 
+def leaves_core_for_item2vec(context: dg.AssetExecutionContext) -> int:
+    """1 when this run also materialises item2vec_embeddings (and so runs it beside CLIP), else 0."""
+    keys = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
+    return int(dg.AssetKey("item2vec_embeddings") in keys)
+
+
 @dg.asset(
     group_name=GROUP,
     kinds={"pytorch", "parquet"},
@@ -68,9 +74,11 @@ def clip_embeddings(
             "carry no semantic content. Set MMCTR_CLIP_MODEL to real ViT-B/32 weights for real use."
         )
     encoded, text_only, seconds = 0, [], 0.0
-    # the free CPU cores (item2vec may run beside this step): torch threads and decode threads;
-    # one set of decode threads for every shard of the run (no start-up per shard)
-    with cpu_cores(context.log, storage.cpu_lock_dir(), compute.cpu_threads or None, what="clip_embeddings") as cores, \
+    # the free CPU cores, less one when this run also trains item2vec: its one worker is the
+    # critical path of a whole-graph run and would otherwise wait for this step (README.md, Full
+    # size); torch threads and decode threads; one set of decode threads for every shard of the run
+    want = compute.cpu_threads or max(1, clip_encoder.available_cpus() - leaves_core_for_item2vec(context))
+    with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="clip_embeddings") as cores, \
             torch_threads(cores), clip_encoder.ImagePipeline(compute.decode_workers(cores)) as pipeline:
         for key in context.partition_keys:
             shard = items.filter(pl.col("item_id") % n_shards == int(key))
@@ -131,6 +139,9 @@ class Item2VecConfig(dg.Config):
     seed: int = settings.seed()
     include_clicked_target: bool = True
     """Append the target to its history when clicked: the strongest co-occurrence signal."""
+    one_line_per_user: bool = True
+    """One corpus line per user timeline (the rows' histories are its prefixes), not one per row,
+    which repeats a user's early clicks once per later row (README.md, item2vec corpus)."""
 
 
 @dg.asset(
@@ -160,8 +171,10 @@ def item2vec_embeddings(
     # a core per gensim worker, shared with clip_embeddings when it runs beside this step
     with cpu_cores(context.log, storage.cpu_lock_dir(), config.workers, need=config.workers, what="item2vec"), \
             tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target)
-        context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens in {corpus.seconds:.1f}s")
+        corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target,
+                                       one_line_per_user=config.one_line_per_user)
+        context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens "
+                         f"({corpus.n_rows_merged} of {corpus.n_rows} rows in user timelines) in {corpus.seconds:.1f}s")
         result = item2vec.train_item2vec(
             corpus.path,
             dim=config.dim,
@@ -182,6 +195,7 @@ def item2vec_embeddings(
             "sentences": corpus.n_sentences,
             "tokens": corpus.n_tokens,
             "targets_appended": corpus.n_targets_appended,
+            "rows_in_user_timelines": corpus.n_rows_merged,
             "seconds_corpus": round(corpus.seconds, 2),
             "seconds_train": round(result.seconds_train, 2),
             "params": dg.MetadataValue.json(result.params),
