@@ -2,9 +2,9 @@
 
 Items clicked by the same users end up close together, which is the collaborative signal CLIP's
 content vectors lack. The corpus (one line per user timeline, see build_corpus) is written as a
-LineSentence text file by polars (columnar, no Python loop over rows) and gensim trains on it in ``corpus_file``
-mode (C++ reader, all workers busy, no Python iteration); the vocabulary comes from polars counts
-instead of gensim's Python scan of the file.
+LineSentence text file by polars (columnar, no Python loop over rows) and gensim trains on it in
+``corpus_file`` mode (C++ reader, all workers busy, no Python iteration); the vocabulary comes
+from polars counts instead of gensim's Python scan of the file.
 
 Reproducibility: with ``workers=1`` the vectors are bit-identical for the same corpus, arguments
 and seed, in any process (gensim 4 seeds weights from ``seed`` and the vocabulary is built in a
@@ -93,8 +93,8 @@ def build_corpus(
     ``one_line_per_user`` (default): in a click log a user's rows are successive prefixes of one
     timeline (each row's history is what the user clicked before that impression). One line per
     row would repeat a user's early clicks once per later row, weighting co-occurrences by how
-    often the user was shown something, and costs tokens: 28.7M instead of 12.2M on the full-size
-    demo data. So every row whose history is a prefix of its user's longest history is folded
+    often the user was shown something, and costs tokens: 29.6M instead of 13.1M on the full-size
+    demo data (gensim's time is proportional to them). So every row whose history is a prefix of its user's longest history is folded
     into one line per user: that longest history, with each clicked target placed where its
     row's history ends (not written twice when the timeline already continues with it). A
     history that is no such prefix (a truncated window, a reordered log) stays a line of its own.
@@ -104,8 +104,8 @@ def build_corpus(
     co-occurrence signal there is, and without it items that only ever appear as targets (common
     for new items) would get no vector. Non-clicked targets are left out: an impression the user
     skipped says they do not belong with the history. Lines with fewer than two items are
-    dropped (no context to learn from). Rows are read ``batch_rows`` at a time; the padded
-    histories are never all in memory (full size: ~1.5 GB peak instead of ~3 GB).
+    dropped (no context to learn from). Rows are read ``batch_rows`` at a time and kept without
+    their padding (full size: 3.1 GB peak; the padded histories alone would be 2.9 GB).
     """
     started = time.perf_counter()
     history = pl.col("item_seq").cast(pl.List(pl.Int64)).list.eval(pl.element().filter(pl.element() != 0))
