@@ -133,23 +133,26 @@ def build_corpus(
     with atomic_path(out_path) as tmp, open(tmp, "wb") as out:
         lines.select(pl.col("tokens").list.eval(pl.element().cast(pl.String)).list.join(" ")).write_csv(
             out, include_header=False, quote_style="never")
-    tokens = lines["tokens"].explode()
     return CorpusStats(
         path=out_path,
         n_rows=n_rows,
         n_sentences=lines.height,
-        n_tokens=int(tokens.len()) if lines.height else 0,
-        n_items=tokens.drop_nulls().n_unique() if lines.height else 0,
+        n_tokens=int(lines["tokens"].list.len().sum()),
+        n_items=lines["tokens"].explode().n_unique() if lines.height else 0,
         n_targets_appended=n_targets,
         seconds=time.perf_counter() - started,
         n_rows_merged=n_merged,
     )
 
 
+# a row's own line: its history, then its target when clicked
+_ROW_LINE = (pl.when("clicked").then(pl.concat_list("history", "target")).otherwise("history").alias("tokens"),
+             pl.col("clicked").cast(pl.Int64).alias("n_targets"))
+
+
 def _row_lines(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
-    """One line per row: its history, then its target when clicked (in row order)."""
-    tokens = pl.when("clicked").then(pl.concat_list("history", "target")).otherwise("history")
-    return frame.select(tokens.alias("tokens"), pl.col("clicked").cast(pl.Int64).alias("n_targets")), 0
+    """One line per row, in row order."""
+    return frame.select(*_ROW_LINE), 0
 
 
 def _user_lines(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
@@ -173,7 +176,11 @@ def _user_lines(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     ).explode("token", "key").drop_nulls("token").with_columns(pl.lit(-1, pl.Int64).alias("row"))
     next_item = pl.col("timeline").list.get(pl.col("n"), null_on_oob=True)
     targets = merged.filter(pl.col("clicked") & (next_item.is_null() | (next_item != pl.col("target")))).select(
-        pl.col("first_row").alias("order"), pl.col("target").alias("token"), (2 * pl.col("n").cast(pl.Int64) - 1).alias("key"), "row")
+        pl.col("first_row").alias("order"),
+        pl.col("target").alias("token"),
+        (2 * pl.col("n").cast(pl.Int64) - 1).alias("key"),
+        "row",
+    )
     timelines = (
         pl.concat([timeline_items, targets])
         .sort("order", "key", "row")
@@ -181,12 +188,7 @@ def _user_lines(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
         .agg(pl.col("token").alias("tokens"), (pl.col("row") >= 0).sum().cast(pl.Int64).alias("n_targets"))
         .with_columns(pl.lit(0).alias("kind"))
     )
-    own = alone.select(
-        pl.col("row").alias("order"),
-        pl.when("clicked").then(pl.concat_list("history", "target")).otherwise("history").alias("tokens"),
-        pl.col("clicked").cast(pl.Int64).alias("n_targets"),
-        pl.lit(1).alias("kind"),
-    )
+    own = alone.select(pl.col("row").alias("order"), *_ROW_LINE, pl.lit(1).alias("kind"))
     lines = pl.concat([timelines, own]).sort("order", "kind").select("tokens", "n_targets")
     return lines, merged.height
 
