@@ -28,15 +28,28 @@ TINY_CLIP  := $(STATE)/models/tiny-clip$(SUFFIX)
 export MMCTR_CLIP_MODEL ?= $(TINY_CLIP)
 SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
-.PHONY: install demo-inputs demo demo-full dev browser postgres test mlflow-ui clean-outputs
+.PHONY: install constraints demo-inputs demo demo-full dev browser postgres test mlflow-ui clean-outputs
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
-$(VENV)/.installed: pyproject.toml setup.py
+# constraints.txt holds every other package at the version the suite last passed with, so a
+# release made since cannot change what CI tests; `make constraints` re-resolves them (README).
+$(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/pip install --quiet -e ".[dev,prod]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,prod]"
 	touch $@
+
+# torch stays out: TORCH_SPEC picks its build (CPU or CUDA, with the nvidia-* and triton it pulls)
+LOCK_VENV := $(VENV)-constraints
+constraints:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet $(TORCH_SPEC)
+	$(LOCK_VENV)/bin/pip install --quiet -e ".[dev,prod]"
+	{ echo "# Versions \`make test\` passed with; refresh with \`make constraints\`, then run \`make test\`."; \
+	  $(LOCK_VENV)/bin/pip freeze --exclude-editable | grep -v -E '^(torch|triton|nvidia-[a-z0-9-]+)=='; } > constraints.txt.tmp
+	mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
 
 $(DAGSTER_HOME)/dagster.yaml: mmctr_assets/deploy/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
