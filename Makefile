@@ -32,7 +32,7 @@ SHARDS := $(shell echo $${MMCTR_CLIP_SHARDS:-4})
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml
 
-# constraints.txt holds every other package at the version the suite last passed with, so a
+# constraints.txt holds every package but torch at the version the suite last passed with, so a
 # release made since cannot change what CI tests; `make constraints` re-resolves them (README).
 $(VENV)/.installed: pyproject.toml setup.py constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

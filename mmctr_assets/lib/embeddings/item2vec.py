@@ -55,7 +55,7 @@ class Item2VecResult:
 
 
 def _train_batches(train, batch_rows: int, needed: tuple[str, ...]) -> Iterator[pl.DataFrame]:
-    """The train split in row batches: bounded memory however long the file (3.6M x 100 ids)."""
+    """The train split in row batches, so its padded histories (3.6M x 100 ids) are never held whole."""
     if isinstance(train, pl.LazyFrame):
         train = train.collect()
     if isinstance(train, pl.DataFrame):
@@ -94,10 +94,11 @@ def build_corpus(
     timeline (each row's history is what the user clicked before that impression). One line per
     row would repeat a user's early clicks once per later row, weighting co-occurrences by how
     often the user was shown something, and costs tokens: 29.6M instead of 13.1M on the full-size
-    demo data (gensim's time is proportional to them). So every row whose history is a prefix of its user's longest history is folded
-    into one line per user: that longest history, with each clicked target placed where its
-    row's history ends (not written twice when the timeline already continues with it). A
-    history that is no such prefix (a truncated window, a reordered log) stays a line of its own.
+    demo data (gensim's time is proportional to them). So every row whose history is a prefix of
+    its user's longest history is folded into one line per user: that longest history, with each
+    clicked target placed where its row's history ends (not written twice when the timeline
+    already continues with it). A history that is no such prefix (a truncated window, a reordered
+    log) stays a line of its own.
     ``one_line_per_user=False``: one line per row, as the notebook did.
 
     ``include_clicked_target`` adds the target when label == 1: a click is the strongest
