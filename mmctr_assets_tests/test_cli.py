@@ -14,10 +14,21 @@ import dagster as dg
 from conftest import SHARDS
 
 DAGSTER = str(Path(sys.executable).parent / "dagster")
+DG = str(Path(sys.executable).parent / "dg")
+# `dg` finds the project by its pyproject.toml ([tool.dg]) in the working directory
+REPO = Path(__file__).parents[1]
 
 
 def run(args: list[str], env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([DAGSTER, *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def run_dg(args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([DG, *args], env=env, capture_output=True, text=True, timeout=900, cwd=REPO)
+
+
+def framework_warnings(text: str) -> list[str]:
+    return [line for line in text.splitlines() if "Warning:" in line]
 
 
 @pytest.mark.slow
@@ -58,8 +69,39 @@ def test_cold_start_then_rebuild_zip_from_cli(tiny_data, tiny_clip_dir, tmp_path
     with zipfile.ZipFile(out / "submission.zip") as zf, zf.open("prediction.csv") as f:
         assert pl.read_csv(f).columns == ["ID", "Task2"]
 
-    # the runs persist in DAGSTER_HOME: what `dagster dev` shows afterwards
+    # the same rebuild with Dagster's current CLI, from the project's [tool.dg] settings; quiet
+    second_zip = (out / "submission.zip").stat().st_mtime_ns
+    launched = run_dg(["launch", "--assets", "submission_zip"], env)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert (out / "submission.zip").stat().st_mtime_ns > second_zip
+    assert framework_warnings(launched.stdout + launched.stderr) == []
+
+    # the runs persist in DAGSTER_HOME: what `dagster dev` / `dg dev` show afterwards
     instance = dg.DagsterInstance.from_config(str(home))
-    assert len(instance.get_runs()) == 2
+    assert len(instance.get_runs()) == 3
     status = instance.get_status_by_partition(dg.AssetKey("clip_embeddings"), SHARDS, dg.StaticPartitionsDefinition(SHARDS))
     assert set(status.values()) == {dg.AssetPartitionStatus.MATERIALIZED}
+
+
+@pytest.mark.slow
+def test_dg_checks_and_lists_the_project(tmp_path):
+    """`dg check defs` and `dg list defs` load the same code location as `dagster dev`, print no
+    framework warnings (the project's venv need not be activated), and list the card's assets."""
+    import json
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    env = os.environ | {"DAGSTER_HOME": str(home), "MMCTR_STATE_DIR": str(tmp_path / "state"),
+                        "MMCTR_OUTPUT_DIR": str(tmp_path / "outputs")}
+    env.pop("VIRTUAL_ENV", None)
+    checked = run_dg(["check", "defs"], env)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "All definitions loaded successfully" in checked.stdout + checked.stderr
+    assert framework_warnings(checked.stdout + checked.stderr) == []
+    listed = run_dg(["list", "defs", "--json"], env)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    defs = json.loads(listed.stdout)
+    assets = {a["asset_key"] for a in defs["assets"]}
+    assert {"raw_train", "clip_embeddings", "item2vec_embeddings", "fused_item_embeddings", "dcn_din_model",
+            "predictions", "submission_zip"} <= assets
+    assert {"retrain_job", "full_refresh_job"} <= {j["name"] for j in defs["jobs"]}

@@ -158,6 +158,7 @@ def test_model_learns_the_planted_signal(data, tmp_path):
     assert all(h.samples_per_s > 0 and h.seconds > 0 and np.isfinite(h.train_loss) for h in result.history)
 
 
+@pytest.mark.float_repro
 def test_training_is_deterministic(data, tmp_path):
     a = _train(data, tmp_path, "a")
     b = _train(data, tmp_path, "b")
@@ -180,6 +181,7 @@ def _kill_after(epoch):
     return hook
 
 
+@pytest.mark.float_repro
 def test_interrupted_and_resumed_run_equals_uninterrupted(data, tmp_path):
     whole = _train(data, tmp_path, "whole")
     with pytest.raises(Kill):
@@ -223,6 +225,7 @@ def small_data(data):
     return data | {"train": data["train"].slice(0, 1500), "valid": data["valid"].slice(0, 500)}
 
 
+@pytest.mark.float_repro
 @pytest.mark.parametrize("family", FAMILY_RUNS)
 def test_new_families_are_deterministic_and_resume_exactly(small_data, tmp_path, family):
     model = ModelConfig(

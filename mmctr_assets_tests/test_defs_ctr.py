@@ -257,6 +257,7 @@ def test_empty_test_table_is_blocked_at_raw_test(outputs, data_copy, make_resour
 # ---- issue 9, part 6: reproducible end to end --------------------------------------------------------
 
 
+@pytest.mark.float_repro
 def test_two_cold_runs_give_the_same_fused_table_and_auc(task2_outputs, tiny_data, tiny_clip_dir, tmp_path,
                                                          make_resources):
     """A second cold run, in a fresh output folder and instance, of everything up to the model

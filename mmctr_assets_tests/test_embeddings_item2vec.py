@@ -143,6 +143,7 @@ def test_learns_planted_co_occurrence(cluster_corpus):
     assert res.n_tokens == cluster_corpus.n_tokens and res.n_sentences == cluster_corpus.n_sentences
 
 
+@pytest.mark.float_repro
 def test_single_worker_is_bit_reproducible_across_processes(cluster_corpus):
     a = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=7)
     b = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=7)
