@@ -160,11 +160,19 @@ class ComputeResource(dg.ConfigurableResource):
 
 
 class MlflowResource(dg.ConfigurableResource):
-    """MLflow tracking: one run per training, tagged with the Dagster run and asset."""
+    """MLflow tracking and the model registry: one run per training, tagged with the Dagster run and
+    asset; every dcn_din_model run registers a version of ``registered_model`` (lib/ctr/registry.py).
+    The one place the assets reach MLflow through."""
 
     tracking_uri: str = Field(description="sqlite:///... by default; http://host:5000 for a tracking server.")
     experiment_name: str = Field(default="mmctr", description="MLflow experiment that holds the runs.")
+    registered_model: str = Field(default="mmctr-ctr", description="Registered model whose alias "
+                                  "'champion' serves predictions; every dcn_din_model run adds a version.")
+    promotion_tolerance: float = Field(default=0.001, ge=0.0, description="A retrained version becomes "
+                                       "champion when its valid AUC >= the champion's (scored on the same "
+                                       "validation data) minus this.")
 
+    # ------------------------------------------------------------------------------ tracking
     @contextlib.contextmanager
     def start_run(self, run_name: str, tags: dict[str, str] | None = None):
         import mlflow
@@ -173,6 +181,21 @@ class MlflowResource(dg.ConfigurableResource):
         mlflow.set_experiment(self.experiment_name)
         with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
             yield run
+
+    def log_params(self, params: dict) -> None:
+        import mlflow
+
+        mlflow.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        import mlflow
+
+        mlflow.log_metrics(metrics)
+
+    def set_tag(self, key: str, value: str) -> None:
+        import mlflow
+
+        mlflow.set_tag(key, value)
 
     def log_epochs(self, history, already_logged: set[int]) -> None:
         """Per-epoch metrics at step = epoch, each epoch once (a resumed run replays the epochs it
@@ -207,6 +230,35 @@ class MlflowResource(dg.ConfigurableResource):
         if base.startswith("http"):
             return f"{base}/{path}"
         return f"mlflow ui --backend-store-uri {self.tracking_uri} -> {path}"
+
+    # ------------------------------------------------------------------------------ registry
+    def registry(self):
+        from .lib.ctr.registry import Registry
+
+        return Registry(self.tracking_uri, self.registered_model)
+
+    def check_reachable(self) -> None:
+        """Raise RegistryUnavailable in seconds when the tracking store does not answer."""
+        from .lib.ctr.registry import check_reachable
+
+        check_reachable(self.tracking_uri)
+
+    def register_model(self, run, model_file: Path, config_file: Path, tags: dict[str, str]) -> str:
+        """Log ``model_file`` + ``config_file`` as a pyfunc model of the active run (lib/ctr/serving.py,
+        explicit signature and requirements) and register it as a new version; -> the version."""
+        import mlflow
+
+        from .lib.ctr import serving
+
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=serving.__file__, artifacts={"model": str(model_file), "config": str(config_file)},
+            signature=serving.signature(),
+            # given, not inferred: inference loads the model in a subprocess; mmctr_assets itself
+            # must be importable where the model is served (pip install this project)
+            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "polars", "numpy", "pandas"],
+        )
+        return self.registry().register(info.model_uri, run.info.run_id, model_file, tags,
+                                         description=config_file.read_text(), model_id=info.model_id)
 
 
 def default_resources() -> dict:

@@ -3,30 +3,48 @@ config), test-set predictions and the submission zip."""
 
 import dataclasses
 import json
-import shutil
 import typing
 import zipfile
 
 import numpy as np
 import polars as pl
 import pydantic
+from pydantic import Field
 
 import dagster as dg
 
 from .. import settings
+from ..lib.ctr import model as model_module
 from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
-from ..lib.io import array_fingerprint, atomic_path, file_fingerprint, text_fingerprint
+from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, TRAINED_ON_FUSED, ProgressLog, cpu_cores,
-                     png_metadata, run_tags, torch_threads)
+from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN
 from .embeddings import EMBEDDING_SOURCES, item_embedding_table
+from .training import NOT_WORSE, champion_model_file, read_train_valid, register_and_gate, train_tracked
 
 GROUP = "task2_ctr"
 # set by the compute resource or the item table, so not run config
 _NOT_CONFIG = {"precision", "embedding_dim"}
 # run config defaults that come from settings (environment variables)
 _SETTINGS_DEFAULTS = {"seed": settings.seed(), "level_vocab_size": settings.max_level() + 1}
+# the item tables a model can read (checked by Dagster at launch: a Literal becomes an enum)
+EmbeddingSource = typing.Literal[EMBEDDING_SOURCES]
+EMBEDDING_SOURCE_HELP = ("Item table the model reads: fused (Task 1's deliverable), content (PCA of CLIP), "
+                         "item2vec, or organisers (item_info's own item_emb_d128).")
+# launchpad descriptions; a field without one points at its dataclass
+_HELP = {
+    "family": "Model family: dcn_din (default), transformer_dcnv2, or din (the organisers' baseline).",
+    "max_len": "History positions read (the most recent ones); unset: every position the data holds.",
+    "lr": "AdamW learning rate.", "weight_decay": "AdamW weight decay.", "batch_size": "Training batch size.",
+    "epochs": "Most epochs; early stopping on valid AUC may end sooner.",
+    "grad_clip_norm": "Gradient norm clip (null: none).", "lr_factor": "LR multiplier on a valid-AUC plateau.",
+    "lr_patience": "Non-improving epochs before the LR is cut.",
+    "early_stopping_patience": "Non-improving epochs before training stops.",
+    "seed": "Seed of initialisation and batch order (default: MMCTR_SEED).",
+    "eval_batch_size": "Batch size of validation scoring.", "num_threads": "torch threads (null: default).",
+    "deterministic": "Deterministic torch kernels.",
+}
 
 
 def _config_section(name: str, cls) -> type[dg.Config]:
@@ -42,7 +60,10 @@ def _config_section(name: str, cls) -> type[dg.Config]:
             hint, default = list[int], list(default)
         if cls is ModelConfig and f.name == "max_len":  # the data decides (see library_configs)
             hint, default = int | None, None
-        fields[f.name] = (hint, default)
+        if cls is ModelConfig and f.name == "family" and hasattr(model_module, "FAMILIES"):
+            hint = typing.Literal[model_module.FAMILIES]  # refused at launch, with the choices
+        help_ = _HELP.get(f.name, f"{cls.__name__}.{f.name} (lib/ctr/).")
+        fields[f.name] = (hint, Field(default=default, description=help_))
     return pydantic.create_model(name, __base__=dg.Config, __doc__=f"Fields of {cls.__name__}.", **fields)
 
 
@@ -55,9 +76,9 @@ class DcnDinConfig(dg.PermissiveConfig):
     (lib/ctr/trainer.py TrainConfig). Extra keys are accepted only to be refused with the shape
     that works (the flat keys of earlier versions)."""
 
-    embedding_source: str = "fused"
-    model: ModelSection = ModelSection()
-    train: TrainSection = TrainSection()
+    embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
+    model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig).")
+    train: TrainSection = Field(default=TrainSection(), description="Optimisation (TrainConfig).")
 
     def library_configs(self, history_width: int) -> tuple[ModelConfig, dict]:
         """-> (ModelConfig, TrainConfig fields without precision), after refusing unknown keys.
@@ -75,8 +96,6 @@ class DcnDinConfig(dg.PermissiveConfig):
                 f"two sections, e.g. {json.dumps({k: v for k, v in shape.items() if v})} "
                 "(ops: dcn_din_model: config: model: ... train: ...; README.md, dcn_din_model)."
             )
-        if self.embedding_source not in EMBEDDING_SOURCES:
-            raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {self.embedding_source!r}")
         model_values = self.model.model_dump()
         if model_values["max_len"] is None:
             model_values["max_len"] = history_width
@@ -96,105 +115,42 @@ def _item_tags(storage: ProjectStorage) -> np.ndarray:
     return tags.list.to_array(tags.list.len().max()).to_numpy()
 
 
-@dg.asset(group_name=GROUP, **TRAINED_ON_FUSED, automation_condition=REFRESH_AFTER_UPSTREAM)
-def dcn_din_model(
-    context: dg.AssetExecutionContext,
-    config: DcnDinConfig,
-    storage: ProjectStorage,
-    compute: ComputeResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
+          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"],
+          automation_condition=REFRESH_AFTER_UPSTREAM, check_specs=[dg.AssetCheckSpec(NOT_WORSE, asset="dcn_din_model", blocking=True,
+                                         description="Validation AUC >= the champion's (scored now on the "
+                                         "same validation data) - MlflowResource.promotion_tolerance")])
+def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, storage: ProjectStorage,
+                  compute: ComputeResource, mlflow: MlflowResource):
     """The CTR model of config model.family: dcn_din (default; DIN target attention with a recency
     embedding, a cross network and a deep network with Dice), transformer_dcnv2 (Transformer over
-    the real history items + DCN-V2) or din (the organisers' baseline). Selected on validation AUC;
-    every run is an MLflow run. An interrupted materialisation resumes from its last completed
-    epoch."""
-    import mlflow as mlflow_api
+    the real history items + DCN-V2) or din (the organisers' baseline). Every run is an MLflow run
+    and a new version of the registered model; it replaces model.pt (and so feeds predictions) only
+    when the champion gate promotes it. An interrupted materialisation resumes from its last epoch."""
+    from . import publish
+    from ..lib.ctr import tensors
 
-    from ..lib.ctr import artifacts, tensors, trainer
-    from ..lib.metrics import auc
-    from ..lib.plots import plot_roc, plot_training_curves
-
-    frames = {t: storage.read_raw(t) for t in ("train", "valid")}
+    mlflow.check_reachable()  # before hours of training, not after
+    frames = read_train_valid(storage)
     model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
     train_config = TrainConfig(**train_values, precision=compute.precision)
-    device = compute.torch_device()
     source = config.embedding_source
     emb = item_embedding_table(storage, source, train_config.seed)
-    n_items = emb.shape[0] - 1
-    train_t, valid_t = (
-        tensors.to_tensors(frame, model_config.max_len, n_items=n_items,
-                           level_vocab_size=model_config.level_vocab_size)
-        for frame in frames.values()
-    )
-    del frames
-    fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")),
-                                   file_fingerprint(storage.raw("valid")), array_fingerprint(emb), source)
-    checkpoints = storage.model_dir() / f"checkpoints-{source}"
-    params = (
-        {"embedding_source": source, "device": str(device), "data_fingerprint": fingerprint}
-        | {f"model.{k}": v for k, v in model_config.to_dict().items()}
-        | {f"train.{k}": v for k, v in train_config.to_dict().items()}
-        | {"train_rows": len(train_t), "valid_rows": len(valid_t), "n_items": n_items}
-    )
-    tags = run_tags(context) | {"stage": "task2", "family": model_config.family}
-    with mlflow.start_run(f"{model_config.family}_{source}", tags=tags) as run:
-        mlflow_api.log_params(params)
-        logged: set[int] = set()
-
-        def on_epoch_end(e) -> None:
-            mlflow.log_epochs([e], logged)
-            context.log.info(f"epoch {e.epoch}: loss {e.train_loss:.4f}, valid AUC {e.valid_auc:.4f}, "
-                             f"logloss {e.valid_logloss:.4f}, lr {e.lr:g}, {e.samples_per_s:,.0f} samples/s")
-
-        progress = ProgressLog(context.log, "training steps", every_s=30)
-        # the free CPU cores as torch threads (one on a GPU), shared with steps running beside it
-        want = (compute.cpu_threads or None) if device.type == "cpu" else 1
-        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="dcn_din_model") as cores, torch_threads(cores):
-            result = trainer.train(
-                model_config, train_config, train_t, valid_t, emb,
-                item_tags=_item_tags(storage) if model_config.use_tag_embedding else None,
-                device=device, checkpoint_dir=checkpoints, data_fingerprint=fingerprint,
-                on_epoch_end=on_epoch_end, progress=lambda epoch, step, steps: progress(step, steps),
-            )
-        context.log.info(result.resume_note)
-        mlflow.log_epochs(result.history, logged)  # epochs trained before a resume
-        mlflow_api.log_metric("best_valid_auc", result.best_valid_auc)
-        mlflow_api.set_tag("resume", result.resume_note)
-        model_path = artifacts.save_model(result.model, storage.model())
-        config_path = storage.model_dir() / "model_config.json"
-        with atomic_path(config_path) as tmp:
-            tmp.write_text(json.dumps({"model": model_config.to_dict(), "train": train_config.to_dict(),
-                                       "embedding_source": source, "data_fingerprint": fingerprint}, indent=2))
-        mlflow.log_files([model_path, config_path], "model")
-        curves = plot_training_curves(result.history)
-        roc = plot_roc(valid_t.label.numpy(), result.valid_predictions)
-        mlflow.log_png(curves, "training_curves.png")
-        mlflow.log_png(roc, "valid_roc.png")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # finished: the next materialisation trains anew
-    return dg.MaterializeResult(
-        metadata={
-            "best_valid_auc": dg.MetadataValue.float(result.best_valid_auc),
-            # recomputed from the saved best model's predictions: equal to best_valid_auc
-            "valid_auc_check": dg.MetadataValue.float(auc(valid_t.label.numpy(), result.valid_predictions)),
-            "best_epoch": result.best_epoch,
-            # training + evaluation wall time of the epochs up to the best one
-            "seconds_to_best": round(sum(e.seconds for e in result.history if e.epoch <= result.best_epoch), 1),
-            "epochs_run": len(result.history),
-            "stopped_early": result.stopped_early,
-            "resume": result.resume_note,
-            "embedding_source": source,
-            "family": model_config.family,
-            "data_fingerprint": fingerprint,
-            "device": str(device),
-            "samples_per_s": round(float(np.mean([e.samples_per_s for e in result.history])), 1),
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_run": mlflow.run_url(run),
-            "model_path": dg.MetadataValue.path(str(model_path)),
-            "training_curves": png_metadata(curves, "training curves"),
-            "valid_roc": png_metadata(roc, "validation ROC"),
-        }
-    )
+    item_tags = _item_tags(storage) if model_config.use_tag_embedding else None
+    with train_tracked(context, storage, compute, mlflow, frames=frames, model_config=model_config,
+                       train_config=train_config, source=source, emb=emb, item_tags=item_tags, plots=True,
+                       run_name=f"{model_config.family}_{source}", tags={"stage": "task2", "family": model_config.family},
+                       checkpoint_dir=storage.model_dir() / f"checkpoints-{source}") as trained:
+        check = register_and_gate(context, storage, mlflow, trained)
+    if not check.passed:
+        yield from publish.refuse(context, "dcn_din_model", [storage.model()], [check])
+    yield dg.MaterializeResult(check_results=[check], metadata=trained.metadata() | trained.plots | {
+        "best_valid_auc": dg.MetadataValue.float(trained.result.best_valid_auc),
+        "data_fingerprint": trained.fingerprints.run,
+        "registered_version": check.metadata["version"].value,
+        "resume": trained.result.resume_note, "stopped_early": trained.result.stopped_early,
+        "model_path": dg.MetadataValue.path(str(storage.model())),
+    })
 
 
 @dg.asset(
@@ -207,15 +163,20 @@ def dcn_din_model(
     automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
-def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource):
-    """Click probability of every test row, keyed by test's own ID column (prediction.csv). The
-    new file is checked under a temporary name and replaces the old one only when it passes."""
+def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource,
+                mlflow: MlflowResource):
+    """Click probability of every test row, keyed by test's own ID column (prediction.csv), by the
+    registered model's champion (models:/<registered_model>@champion, read from its verified local
+    copy). The new file is checked under a temporary name and replaces the old one only when it
+    passes."""
     import time
 
     from ..lib.ctr import artifacts, inference, tensors
     from . import publish
 
-    model = artifacts.load_model(storage.require(storage.model(), "dcn_din_model"))
+    model_file, champion = champion_model_file(storage, mlflow)
+    context.log.info(f"serving {mlflow.registered_model} version {champion.version} (champion) from {model_file}")
+    model = artifacts.load_model(model_file)
     test = storage.read_raw("test")
     test_t = tensors.to_tensors(test, model.config.max_len, n_items=model.n_items,
                                 level_vocab_size=model.config.level_vocab_size)
@@ -243,6 +204,9 @@ def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, comp
             "path": dg.MetadataValue.path(str(dest)),
             "mean_probability": float(written.get_column("probability").mean() or 0.0),
             "rows_per_s": round(len(probs) / max(seconds, 1e-9), 1),
+            "model_version": champion.version,
+            "model_uri": f"models:/{mlflow.registered_model}@champion",
+            "model_mlflow_run_id": champion.run_id,
         },
         check_results=[check],
     )
@@ -265,8 +229,9 @@ def _prediction_problems(pred: pl.DataFrame, test_ids: pl.Series) -> list[str]:
 
 
 class SubmissionConfig(dg.Config):
-    column: str = "Task2"
-    """Probability column name: Task2 for a CTR submission, Task1 when scoring Task 1 embeddings."""
+    column: typing.Literal["Task2", "Task1"] = Field(
+        default="Task2", description="Probability column of prediction.csv: Task2 for a CTR submission, "
+        "Task1 when scoring Task 1 embeddings (the scorer reads no other name).")
 
 
 @dg.asset(

@@ -10,20 +10,17 @@ a fused refresh retrains dcn_din_model only. It runs when selected (`--select ta
 and in full_refresh_job, the whole graph (README.md, "Task 1 scorer").
 """
 
-import tempfile
-import time
-from pathlib import Path
-
-import numpy as np
+from pydantic import Field
 
 import dagster as dg
 
 from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
-from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import TRAINED_ON_FUSED, run_tags
-from .embeddings import EMBEDDING_SOURCES, GROUP, item_embedding_table
+from .common import ON_GPU, OWNERS, SINGLE_RUN
+from .ctr import EMBEDDING_SOURCE_HELP, EmbeddingSource
+from .embeddings import GROUP, item_embedding_table
+from .training import read_train_valid, train_tracked
 
 # Bump when SCORER_MODEL or SCORER_TRAIN change: scores of different versions are not comparable.
 SCORER_VERSION = 1
@@ -49,82 +46,33 @@ SCORER_TRAIN = TrainConfig(
 
 
 class Task1ScoreConfig(dg.Config):
-    embedding_source: str = "fused"
-    """Item table to score: fused (Task 1's deliverable), content (PCA of CLIP), item2vec, or
-    organisers (item_info's own item_emb_d128)."""
+    embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
 
 
-def score_item_table(storage: ProjectStorage, emb: np.ndarray, device, *, log=None):
-    """Train the fixed scorer on ``emb`` [n_items + 1, 128] -> (TrainResult, seconds)."""
-    from ..lib.ctr import tensors, trainer
-
-    n_items = emb.shape[0] - 1
-    train_t, valid_t = (
-        tensors.to_tensors(storage.read_raw(t), SCORER_MODEL.max_len, n_items=n_items,
-                           level_vocab_size=SCORER_MODEL.level_vocab_size)
-        for t in ("train", "valid")
-    )
-    started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="task1-score-") as tmp:
-        result = trainer.train(
-            SCORER_MODEL, SCORER_TRAIN, train_t, valid_t, emb, device=device, checkpoint_dir=Path(tmp),
-            on_epoch_end=(lambda e: log.info(f"epoch {e.epoch}: valid AUC {e.valid_auc:.4f}")) if log else None,
-        )
-    return result, time.perf_counter() - started
-
-
-@dg.asset(group_name=GROUP, **TRAINED_ON_FUSED)
-def task1_score(
-    context: dg.AssetExecutionContext,
-    config: Task1ScoreConfig,
-    storage: ProjectStorage,
-    compute: ComputeResource,
-    mlflow: MlflowResource,
-) -> dg.MaterializeResult:
+@dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
+          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"])
+def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, storage: ProjectStorage,
+                compute: ComputeResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validation AUC of one fixed DIN (seed, budget and architecture fixed: SCORER_MODEL /
     SCORER_TRAIN in defs/scorer.py) trained on the chosen item table: the Task 1 number. The same
     table on the same device gives the same score. Not refreshed by automation or the weekly job."""
-    import mlflow as mlflow_api
-
     source = config.embedding_source
-    if source not in EMBEDDING_SOURCES:
-        raise ValueError(
-            f"task1_score config embedding_source={source!r} is not an item table; choose one of "
-            f"{list(EMBEDDING_SOURCES)} (ops: task1_score: config: embedding_source: ...)."
-        )
     emb = item_embedding_table(storage, source, SCORER_TRAIN.seed)
-    table_fingerprint = array_fingerprint(emb)
-    data_fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")),
-                                        file_fingerprint(storage.raw("valid")))
-    device = compute.torch_device()
-    params = (
-        {"embedding_source": source, "table_fingerprint": table_fingerprint, "data_fingerprint": data_fingerprint,
-         "scorer_version": SCORER_VERSION, "device": str(device), "n_items": emb.shape[0] - 1}
-        | {f"model.{k}": v for k, v in SCORER_MODEL.to_dict().items()}
-        | {f"train.{k}": v for k, v in SCORER_TRAIN.to_dict().items()}
-    )
-    with mlflow.start_run(f"task1_score_{source}", tags=run_tags(context) | {"stage": "task1_score"}) as run:
-        mlflow_api.log_params(params)
-        result, seconds = score_item_table(storage, emb, device, log=context.log)
-        mlflow.log_epochs(result.history, set())
-        mlflow_api.log_metrics({"best_valid_auc": result.best_valid_auc, "seconds": seconds})
-    context.log.info(f"task1_score ({source}): valid AUC {result.best_valid_auc:.4f} in {seconds:.1f}s")
-    return dg.MaterializeResult(
-        metadata={
-            "valid_auc": dg.MetadataValue.float(result.best_valid_auc),
-            "embedding_source": source,
-            "table_fingerprint": table_fingerprint,
-            "data_fingerprint": data_fingerprint,
-            "scorer_version": SCORER_VERSION,
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history),
-            "seconds": round(seconds, 1),
-            "device": str(device),
-            "scorer_config": dg.MetadataValue.json({"model": SCORER_MODEL.to_dict(), "train": SCORER_TRAIN.to_dict()}),
-            "mlflow_run_id": run.info.run_id,
-            "mlflow_run": mlflow.run_url(run),
-        }
-    )
+    # torch's default threads, not a claim of the free cores: the score must not depend on what runs beside it
+    with train_tracked(context, storage, compute, mlflow, frames=read_train_valid(storage), model_config=SCORER_MODEL,
+                       train_config=SCORER_TRAIN, source=source, emb=emb, run_name=f"task1_score_{source}",
+                       tags={"stage": "task1_score"}, params={"scorer_version": SCORER_VERSION},
+                       claim_cores=False) as trained:
+        pass
+    auc, fp = trained.result.best_valid_auc, trained.fingerprints
+    context.log.info(f"task1_score ({source}): valid AUC {auc:.4f} in {trained.seconds:.1f}s")
+    return dg.MaterializeResult(metadata=trained.metadata() | {
+        "valid_auc": dg.MetadataValue.float(auc),
+        "table_fingerprint": fp.table,
+        "data_fingerprint": fp.data,
+        "scorer_version": SCORER_VERSION,
+        "scorer_config": dg.MetadataValue.json({"model": SCORER_MODEL.to_dict(), "train": SCORER_TRAIN.to_dict()}),
+    })
 
 
 defs = dg.Definitions(assets=[task1_score])

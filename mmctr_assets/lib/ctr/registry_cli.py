@@ -1,0 +1,79 @@
+"""`mmctr-model`: the operator's view of the CTR model registry (docs/registry.md).
+
+    mmctr-model list                 every version: AUC, aliases, run, the item table it was trained on
+    mmctr-model promote VERSION      make VERSION the champion
+    mmctr-model rollback [VERSION]   champion back to the one that served before (or to VERSION)
+
+A promotion or rollback to a version trained on other item tables than the current raw_item_info
+snapshot is refused with the reason. Afterwards re-materialise predictions and submission_zip
+(`dg launch --assets predictions,submission_zip`): they serve the new champion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import socket
+import sys
+from pathlib import Path
+
+from mmctr_assets import settings
+from mmctr_assets.lib.ctr.registry import (CHAMPION, TAG_AUC, TAG_ITEMS, TAG_PROMOTED, TAG_ROLLED_BACK,
+                                           PromotionRefused, Registry, RegistryUnavailable, check_reachable)
+from mmctr_assets.lib.io import file_fingerprint
+
+
+def _current_item_fingerprint(output_dir: Path) -> str | None:
+    """raw_item_info's fingerprint in this deployment's output folder (None before the first run)."""
+    path = output_dir / "raw" / "item_info.parquet"
+    return file_fingerprint(path) if path.exists() else None
+
+
+def _table(registry: Registry) -> str:
+    rows = [("version", "aliases", "valid_auc", "item_info", "run_id", "state")]
+    for v in registry.versions():
+        state = "rolled back" if TAG_ROLLED_BACK in v.tags else ("served" if TAG_PROMOTED in v.tags else "")
+        rows.append((v.version, ",".join(v.aliases), v.tags.get(TAG_AUC, "?")[:8], v.tags.get(TAG_ITEMS, "?")[:12],
+                     v.run_id or "", state))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mmctr-model", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tracking-uri", default=settings.mlflow_tracking_uri(),
+                        help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI or the local sqlite store)")
+    parser.add_argument("--model", default="mmctr-ctr", help="registered model name (MlflowResource.registered_model)")
+    parser.add_argument("--output-dir", type=Path, default=settings.output_dir(),
+                        help="the deployment's output folder, whose raw_item_info a promotion must match")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="every registered version")
+    promote = sub.add_parser("promote", help="make VERSION the champion")
+    promote.add_argument("version")
+    rollback = sub.add_parser("rollback", help="champion back to the previous champion (or VERSION)")
+    rollback.add_argument("version", nargs="?")
+    args = parser.parse_args(argv)
+    owner = f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
+    try:
+        check_reachable(args.tracking_uri)
+        registry = Registry(args.tracking_uri, args.model)
+        items = _current_item_fingerprint(args.output_dir)
+        if args.command == "list":
+            print(_table(registry))
+        elif args.command == "promote":
+            before = registry.promote(args.version, items, owner)
+            print(f"{args.model} version {args.version} is now {CHAMPION} (was: {before or 'none'})")
+        else:
+            before, after = registry.rollback(items, owner, to=args.version)
+            print(f"{args.model}: {CHAMPION} rolled back from version {before} to {after}")
+    except (PromotionRefused, RegistryUnavailable) as e:
+        print(f"mmctr-model: {e}", file=sys.stderr)
+        return 2
+    if args.command != "list":
+        print("Now re-materialise predictions and submission_zip: dg launch --assets predictions,submission_zip")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
