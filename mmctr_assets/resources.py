@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from pathlib import Path
 
 import dagster as dg
@@ -178,9 +179,28 @@ class MlflowResource(dg.ConfigurableResource):
         import mlflow
 
         mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_experiment(self.experiment_name)
+        self._ensure_experiment()
         with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
             yield run
+
+    def _ensure_experiment(self) -> None:
+        """Select the experiment, creating it first. With a sqlite store its artifacts (the model
+        versions' files among them) go beside the database: MLflow's default is ./mlruns under
+        whatever folder the process started in, which scatters a deployment's models."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        if mlflow.get_experiment_by_name(self.experiment_name) is None:
+            location = None
+            if self.tracking_uri.startswith("sqlite:///"):
+                db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+                location = (db.parent / "mlartifacts").resolve().as_uri()
+            try:
+                mlflow.create_experiment(self.experiment_name, artifact_location=location)
+            except MlflowException as e:  # created meanwhile by a step beside this one
+                if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        mlflow.set_experiment(self.experiment_name)
 
     def log_params(self, params: dict) -> None:
         import mlflow
@@ -249,14 +269,21 @@ class MlflowResource(dg.ConfigurableResource):
         import mlflow
 
         from .lib.ctr import serving
+        from .lib.ctr.registry import quiet_transfers
 
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=serving.__file__, artifacts={"model": str(model_file), "config": str(config_file)},
-            signature=serving.signature(),
-            # given, not inferred: inference loads the model in a subprocess; mmctr_assets itself
-            # must be importable where the model is served (pip install this project)
-            pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "polars", "numpy", "pandas"],
-        )
+        quiet_transfers()
+        with warnings.catch_warnings():
+            # the signature is given explicitly: MLflow's hints to derive one from type hints or an
+            # input example do not apply
+            warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
+            warnings.filterwarnings("ignore", ".*An input example was not provided", UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=serving.__file__,
+                artifacts={"model": str(model_file), "config": str(config_file)}, signature=serving.signature(),
+                # given, not inferred: inference loads the model in a subprocess; mmctr_assets itself
+                # must be importable where the model is served (pip install this project)
+                pip_requirements=[f"mlflow=={mlflow.__version__}", "torch", "polars", "numpy", "pandas"],
+            )
         return self.registry().register(info.model_uri, run.info.run_id, model_file, tags,
                                          description=config_file.read_text(), model_id=info.model_id)
 

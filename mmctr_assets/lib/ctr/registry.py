@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -56,6 +57,11 @@ def sha256(path: str | Path) -> str:
         while block := f.read(1 << 22):
             h.update(block)
     return h.hexdigest()
+
+
+def quiet_transfers() -> None:
+    """No tqdm bars for artifact up/downloads: step logs and the CLI are read, not watched."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
@@ -104,6 +110,7 @@ class Registry:
     def __init__(self, tracking_uri: str, name: str):
         from mlflow import MlflowClient
 
+        quiet_transfers()
         self.tracking_uri, self.name = tracking_uri, name
         self.client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
 
@@ -140,7 +147,7 @@ class Registry:
         try:
             return self.client.get_model_version(self.name, str(version))
         except MlflowException:
-            known = ", ".join(v.version for v in self.versions()) or "none"
+            known = ", ".join(str(v.version) for v in self.versions()) or "none"
             raise PromotionRefused(f"{self.name} has no version {version} (registered: {known}; "
                                    "`mmctr-model list` shows them)") from None
 
@@ -233,12 +240,12 @@ class Registry:
                 try:
                     champion_auc = float(score(champion))
                 except ChampionUnusable as e:
-                    decision = GateDecision(version, True, new_auc, champion.version, None, tolerance,
+                    decision = GateDecision(version, True, new_auc, str(champion.version), None, tolerance,
                                             f"the champion cannot be scored ({e}); the new version replaces it")
                 else:
                     passed = new_auc >= champion_auc - tolerance
                     decision = GateDecision(
-                        version, passed, new_auc, champion.version, champion_auc, tolerance,
+                        version, passed, new_auc, str(champion.version), champion_auc, tolerance,
                         f"valid AUC {new_auc:.6f} {'>=' if passed else '<'} champion v{champion.version}'s "
                         f"{champion_auc:.6f} - tolerance {tolerance:g} on the same validation data")
             if decision.promoted:
@@ -262,7 +269,7 @@ class Registry:
         with self.promotion_lock(owner):
             previous = self.champion()
             self._set_champion(str(version))
-        return previous.version if previous else ""
+        return str(previous.version) if previous else ""
 
     def rollback(self, item_fingerprint: str | None, owner: str, to: str | None = None) -> tuple[str, str]:
         """Champion back to the version that served before it (or ``to``); the current champion is
@@ -271,7 +278,7 @@ class Registry:
         if current is None:
             raise PromotionRefused(f"{self.name} has no champion to roll back from")
         if to is None:
-            earlier = [v for v in self.versions() if TAG_PROMOTED in v.tags and v.version != current.version
+            earlier = [v for v in self.versions() if TAG_PROMOTED in v.tags and str(v.version) != str(current.version)
                        and TAG_ROLLED_BACK not in v.tags
                        and float(v.tags[TAG_PROMOTED]) < float(current.tags.get(TAG_PROMOTED, "inf"))]
             if not earlier:
@@ -279,5 +286,5 @@ class Registry:
                                        "earlier champion to roll back to (`mmctr-model promote VERSION` picks any)")
             to = max(earlier, key=lambda v: float(v.tags[TAG_PROMOTED])).version
         self.promote(to, item_fingerprint, owner, reason="rollback")
-        self.client.set_model_version_tag(self.name, current.version, TAG_ROLLED_BACK, f"{time.time():.3f}")
-        return current.version, str(to)
+        self.client.set_model_version_tag(self.name, str(current.version), TAG_ROLLED_BACK, f"{time.time():.3f}")
+        return str(current.version), str(to)

@@ -34,7 +34,7 @@ def _table(registry: Registry) -> str:
     rows = [("version", "aliases", "valid_auc", "item_info", "run_id", "state")]
     for v in registry.versions():
         state = "rolled back" if TAG_ROLLED_BACK in v.tags else ("served" if TAG_PROMOTED in v.tags else "")
-        rows.append((v.version, ",".join(v.aliases), v.tags.get(TAG_AUC, "?")[:8], v.tags.get(TAG_ITEMS, "?")[:12],
+        rows.append((str(v.version), ",".join(v.aliases), v.tags.get(TAG_AUC, "?")[:8], v.tags.get(TAG_ITEMS, "?")[:12],
                      v.run_id or "", state))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)

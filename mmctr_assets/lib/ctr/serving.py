@@ -9,6 +9,7 @@ views_level; output: the click probability of each row, in row order.
 from __future__ import annotations
 
 import mlflow.pyfunc
+import pandas as pd
 
 INPUT_COLUMNS = (("user_id", "long"), ("item_id", "long"), ("likes_level", "long"), ("views_level", "long"))
 
@@ -28,7 +29,7 @@ class CTRPyfunc(mlflow.pyfunc.PythonModel):
 
         self.model = load_model(context.artifacts["model"])
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         import numpy as np
         import polars as pl
 
