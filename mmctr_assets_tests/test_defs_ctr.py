@@ -17,6 +17,7 @@ import pytest
 import dagster as dg
 from mmctr_assets.defs import ctr as task2
 from mmctr_assets.lib.data import microlens
+from mmctr_assets.resources import MlflowResource
 
 # small batches: the tiny training table has 2,000 rows
 TRAIN = {"batch_size": 128, "epochs": 4, "lr": 2e-3, "seed": 7}
@@ -43,7 +44,16 @@ def task2_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
 
 @pytest.fixture
 def outputs(task2_outputs, tmp_path) -> Path:
+    """A private copy of the session's outputs and of its MLflow database (the registry whose
+    champion is the session's model; artifacts stay where the session wrote them: read only)."""
+    shutil.copy(task2_outputs[0].parent / "mlflow.db", tmp_path / "mlflow.db")
     return Path(shutil.copytree(task2_outputs[0], tmp_path / "outputs"))
+
+
+def lenient(resources: dict, tolerance: float = 1.0) -> dict:
+    """Resources whose gate promotes any version (tests of training, not of the gate)."""
+    mlflow_resource = resources["mlflow"]
+    return resources | {"mlflow": MlflowResource(tracking_uri=mlflow_resource.tracking_uri, promotion_tolerance=tolerance)}
 
 
 def model_metadata(result):
@@ -55,7 +65,9 @@ def test_model_learns_planted_signal(task2_outputs):
     # 500 valid rows: chance is 0.5 +- 0.025. The tiny world's weak item table (300 items, 2,000
     # rows) suits the default model less than medium's (README, dcn_din_model): 0.649 here.
     assert meta["best_valid_auc"].value > 0.6
-    assert meta["valid_auc_check"].value == pytest.approx(meta["best_valid_auc"].value, abs=1e-6)
+    check = task2_outputs[1].get_asset_check_evaluations()[0]
+    assert check.check_name == "not_worse_than_champion" and check.passed  # the first version is promoted
+    assert "first version" in check.description and meta["registered_version"].value == "1"
     assert meta["training_curves"].value.startswith("![") and meta["valid_roc"].value.startswith("![")
     assert (task2_outputs[0] / "dcn_din_model" / "model.pt").exists()
     assert not (task2_outputs[0] / "dcn_din_model" / "checkpoints-fused").exists()
@@ -74,23 +86,27 @@ def test_training_run_is_logged_to_mlflow(task2_outputs):
     for metric in ("train_loss", "valid_auc", "valid_logloss", "lr"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, metric)]
         assert steps == list(range(1, meta["epochs_run"].value + 1)), metric
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")} | {
-        a.path for a in client.list_artifacts(run.info.run_id, "plots")
-    }
-    assert artifacts == {"model/model.pt", "model/model_config.json", "plots/training_curves.png", "plots/valid_roc.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/training_curves.png",
+                                                                                  "plots/valid_roc.png"}
+    # the model is a registered version: signature, config, fingerprints and the Dagster run
+    (version,) = client.search_model_versions("name = 'mmctr-ctr'")
+    assert version.run_id == run.info.run_id and version.tags["dagster.run_id"] == result.run_id
+    assert version.tags["data_fingerprint"] == meta["data_fingerprint"].value
+    assert float(version.tags["valid_auc"]) == pytest.approx(meta["best_valid_auc"].value)
+    assert json.loads(version.description) == json.loads((out / "dcn_din_model" / "model_config.json").read_text())
+    assert client.get_model_version_by_alias("mmctr-ctr", "champion").version == version.version
+    info = mlflow.models.get_model_info(f"models:/mmctr-ctr/{version.version}")
+    assert "item_seq" in info.signature.inputs.input_names() and info.signature.outputs.input_names() == ["probability"]
 
 
 def test_same_config_same_auc(outputs, tiny_data, make_resources, instance):
     earlier = json.loads((outputs / "dcn_din_model" / "model_config.json").read_text())
-    result = dg.materialize(
-        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance, run_config=train_config(epochs=2)
-    )
+    resources = lenient(make_resources(tiny_data, outputs))
+    result = dg.materialize([task2.dcn_din_model], resources=resources, instance=instance, run_config=train_config(epochs=2))
     again = model_metadata(result)
     assert again["data_fingerprint"].value == earlier["data_fingerprint"]  # same data, same fingerprint
     with dg.instance_for_test() as other:
-        rerun = dg.materialize(
-            [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=other, run_config=train_config(epochs=2)
-        )
+        rerun = dg.materialize([task2.dcn_din_model], resources=resources, instance=other, run_config=train_config(epochs=2))
     assert model_metadata(rerun)["best_valid_auc"].value == again["best_valid_auc"].value
 
 
@@ -142,13 +158,12 @@ def test_failed_submission_keeps_previous_zip(outputs, tiny_data, make_resources
     assert sorted(p.name for p in outputs.iterdir() if p.name.startswith(".")) == []
 
 
-def test_unknown_embedding_source_is_a_clear_error(outputs, tiny_data, make_resources, instance):
-    result = dg.materialize(
-        [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
-        run_config=train_config(embedding_source="clip"), raise_on_error=False,
-    )
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    assert "embedding_source must be one of" in str(failure.event_specific_data.error)
+def test_unknown_embedding_source_is_refused_at_launch_with_the_choices(outputs, tiny_data, make_resources, instance):
+    with pytest.raises(dg.DagsterInvalidConfigError, match=r"embedding_source not in enum type "
+                                                            r"Literal\['fused', 'content', 'item2vec', 'organisers'\] got clip"):
+        dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
+                       run_config=train_config(embedding_source="clip"))
+    assert not instance.get_runs()  # nothing started
 
 
 def _cli(args: list[str], env: dict, **kwargs) -> subprocess.Popen:
@@ -288,8 +303,14 @@ def _failure(result) -> str:
     return str(failure.event_specific_data.error)
 
 
+def test_unknown_family_is_refused_at_launch(outputs, tiny_data, make_resources, instance):
+    with pytest.raises(dg.DagsterInvalidConfigError, match=r"family not in enum type Literal\['dcn_din', "
+                                                            r"'transformer_dcnv2', 'din'\] got deepfm"):
+        dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
+                       run_config=train_config(model={"family": "deepfm"}))
+
+
 @pytest.mark.parametrize("model,message", [
-    ({"family": "deepfm"}, "family must be one of ('dcn_din', 'transformer_dcnv2', 'din'), got 'deepfm'"),
     ({"family": "din", "position": "key"}, "position for family 'din' must be one of ['none'], got 'key'"),
     ({"family": "din", "cross_layers": 2}, "cross_layers is not an option of family 'din'"),
     ({"use_user_embedding": True, "user_buckets": 0}, "user_buckets must be >= 1, got 0"),
@@ -311,7 +332,7 @@ def test_transformer_family_with_user_embedding_trains_tracks_and_predicts(outpu
     model = {"family": "transformer_dcnv2", "transformer_dim": 16, "last_k": 4, "cross_rank": 8,
              "use_user_embedding": True, "user_buckets": 64, "use_id_embedding": True,
              "embedding_regularizer": 2e-4}
-    res = make_resources(tiny_data, outputs)
+    res = lenient(make_resources(tiny_data, outputs))
     result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
                             run_config=train_config(model=model, epochs=2))
     meta = model_metadata(result)
@@ -324,3 +345,146 @@ def test_transformer_family_with_user_embedding_trains_tracks_and_predicts(outpu
     pred = pl.read_csv(outputs / "prediction.csv")
     assert pred.height == pl.read_parquet(microlens.table_path(tiny_data, "test")).height
     assert pred.get_column("probability").is_between(0, 1).all()
+
+
+# ---- issue 20: champion / challenger -------------------------------------------------------------
+
+TASK2 = [task2.dcn_din_model, task2.predictions, task2.submission_zip]
+SERVED = ("dcn_din_model/model.pt", "dcn_din_model/model_config.json", "prediction.csv", "submission.zip")
+
+
+def _served(out: Path) -> dict[str, bytes]:
+    return {name: (out / name).read_bytes() for name in SERVED}
+
+
+def _check(result) -> "dg.AssetCheckEvaluation":
+    return next(e.asset_check_evaluation_data for e in result.all_events
+                if e.event_type_value == "ASSET_CHECK_EVALUATION" and e.asset_check_evaluation_data.check_name
+                == "not_worse_than_champion")
+
+
+def _registry(uri: str):
+    from mmctr_assets.lib.ctr.registry import Registry
+
+    return Registry(uri, "mmctr-ctr")
+
+
+def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_byte(outputs, tiny_data,
+                                                                                      make_resources, instance):
+    before = _served(outputs)
+    train = outputs / "raw" / "train.parquet"  # a bad week: the labels no longer belong to their rows
+    pl.read_parquet(train).with_columns(pl.col("label").shuffle(seed=0)).write_parquet(train)
+    resources = make_resources(tiny_data, outputs)
+    result = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(), raise_on_error=False)
+    assert not result.success
+    check = _check(result)
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert "version 2 -> alias challenger" in check.description and "< champion v1's" in check.description
+    assert not result.asset_materializations_for_node("dcn_din_model")
+    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"dcn_din_model"}
+    assert "dcn_din_model was NOT materialised" in _failure_message(result, "dcn_din_model")
+    assert _served(outputs) == before  # model, its config, prediction.csv, the zip
+    registry = _registry(resources["mlflow"].tracking_uri)
+    assert str(registry.champion().version) == "1"
+    assert str(registry.client.get_model_version_by_alias("mmctr-ctr", "challenger").version) == "2"
+    # the UI's view: the failed check is recorded on the asset
+    record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("dcn_din_model"), "not_worse_than_champion")])
+    assert not next(iter(record.values())).event.asset_check_evaluation.passed
+    # predictions and the zip on their own still serve the champion, byte for byte
+    again = dg.materialize(TASK2[1:], resources=resources, instance=instance)
+    assert _served(outputs) == before
+    meta = again.asset_materializations_for_node("predictions")[0].metadata
+    assert meta["model_version"].value == "1" and meta["model_uri"].value == "models:/mmctr-ctr@champion"
+
+
+def test_better_model_is_promoted_and_rollback_serves_the_previous_champion_again(outputs, tiny_data, make_resources,
+                                                                                  tmp_path, instance):
+    from mmctr_assets.lib.ctr import registry_cli
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # a registry whose first champion is weak
+    resources = make_resources(tiny_data, outputs, uri)
+    weak = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(epochs=1, lr=1e-5))
+    weak_served = _served(outputs)
+    good = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config())
+    assert _check(good).passed and "version 2 -> alias champion" in _check(good).description
+    assert model_metadata(good)["best_valid_auc"].value > model_metadata(weak)["best_valid_auc"].value
+    assert _served(outputs)["prediction.csv"] != weak_served["prediction.csv"]
+    assert good.asset_materializations_for_node("predictions")[0].metadata["model_version"].value == "2"
+
+    cli = ["--tracking-uri", uri, "--output-dir", str(outputs)]
+    assert registry_cli.main(cli + ["rollback"]) == 0
+    assert str(_registry(uri).champion().version) == "1"
+    again = dg.materialize(TASK2[1:], resources=resources, instance=instance)
+    assert again.asset_materializations_for_node("predictions")[0].metadata["model_version"].value == "1"
+    for name in ("prediction.csv", "submission.zip"):  # the weak champion's files, read from the registry
+        assert (outputs / name).read_bytes() == weak_served[name], name
+
+    # item tables changed since version 2 was trained: promoting it back is refused
+    item_info = outputs / "raw" / "item_info.parquet"
+    pl.read_parquet(item_info).write_parquet(item_info, compression="gzip")
+    assert registry_cli.main(cli + ["promote", "2"]) == 2
+    assert str(_registry(uri).champion().version) == "1"
+
+
+def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outputs, tiny_data, make_resources, instance):
+    from pg_server import free_port
+
+    before = _served(outputs)
+    uri = f"http://127.0.0.1:{free_port()}"
+    result = dg.materialize(TASK2, resources=make_resources(tiny_data, outputs, uri), instance=instance,
+                            run_config=train_config(), raise_on_error=False)
+    message = _failure(result)
+    assert f"MLflow tracking server {uri} does not answer {uri}/health" in message
+    assert "nothing was trained or overwritten" in message
+    assert not any("epoch 1" in (e.user_message or "") for e in instance.all_logs(result.run_id))
+    assert not (outputs / "dcn_din_model" / "checkpoints-fused").exists()
+    assert _served(outputs) == before
+
+
+def test_champion_whose_files_are_missing_says_how_to_fix(outputs, tiny_data, make_resources, tmp_path, instance):
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    resources = make_resources(tiny_data, outputs, uri)
+    assert dg.materialize([task2.dcn_din_model], resources=resources, instance=instance,
+                          run_config=train_config(epochs=1)).success
+    champion = _registry(uri).champion()
+    (outputs / "dcn_din_model" / "model.pt").unlink()  # the local copy and the registry's files are gone
+    stored = _registry(uri).client.get_logged_model(champion.source.removeprefix("models:/")).artifact_location
+    shutil.rmtree(stored.removeprefix("file://"))
+    before = {n: (outputs / n).read_bytes() for n in ("prediction.csv", "submission.zip")}
+    result = dg.materialize(TASK2[1:], resources=resources, instance=instance, raise_on_error=False)
+    message = _failure(result)
+    assert f"mmctr-ctr version {champion.version} (alias champion" in message and "no readable model.pt" in message
+    assert "Fix: `mmctr-model rollback`" in message and "materialise dcn_din_model" in message
+    assert {n: (outputs / n).read_bytes() for n in before} == before
+
+
+# ---- issue 19 part 3, issue 22 item 4: typed configs ----------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["", "ID"])
+def test_bad_submission_column_is_refused_at_launch_and_the_zip_is_unchanged(outputs, tiny_data, make_resources,
+                                                                               instance, column):
+    before = (outputs / "submission.zip").read_bytes()
+    with pytest.raises(dg.DagsterInvalidConfigError,
+                       match=rf"column not in enum type Literal\['Task2', 'Task1'\] got {column}"):
+        dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance,
+                       run_config={"ops": {"submission_zip": {"config": {"column": column}}}})
+    assert (outputs / "submission.zip").read_bytes() == before
+    assert not instance.get_runs()
+
+
+def test_config_fields_carry_descriptions_to_the_launchpad():
+    from mmctr_assets.defs import scorer
+
+    def fields(asset):
+        return asset.op.config_schema.as_field().config_type.fields
+
+    dcn = fields(task2.dcn_din_model)
+    assert "fused (Task 1's deliverable)" in dcn["embedding_source"].description
+    assert "dcn_din (default)" in dcn["model"].config_type.fields["family"].description
+    assert "learning rate" in dcn["train"].config_type.fields["lr"].description
+    assert all(f.description for f in dcn["train"].config_type.fields.values())
+    assert all(f.description for f in dcn["model"].config_type.fields.values())
+    assert "Task2 for a CTR submission" in fields(task2.submission_zip)["column"].description
+    assert fields(scorer.task1_score)["embedding_source"].description == dcn["embedding_source"].description
