@@ -204,7 +204,7 @@ def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, comp
             "path": dg.MetadataValue.path(str(dest)),
             "mean_probability": float(written.get_column("probability").mean() or 0.0),
             "rows_per_s": round(len(probs) / max(seconds, 1e-9), 1),
-            "model_version": champion.version,
+            "model_version": str(champion.version),
             "model_uri": f"models:/{mlflow.registered_model}@champion",
             "model_mlflow_run_id": champion.run_id,
         },
@@ -255,7 +255,9 @@ def submission_zip(context: dg.AssetExecutionContext, config: SubmissionConfig, 
     out = storage.submission()
     with atomic_path(out) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            zf.writestr("prediction.csv", frame.write_csv())
+            # a fixed entry time: the same predictions give the same zip, byte for byte
+            member = zipfile.ZipInfo("prediction.csv", date_time=(1980, 1, 1, 0, 0, 0))
+            zf.writestr(member, frame.write_csv(), compress_type=zipfile.ZIP_DEFLATED)
     context.log.info(f"wrote {out} ({out.stat().st_size:,} bytes)")
     return dg.MaterializeResult(
         metadata={
