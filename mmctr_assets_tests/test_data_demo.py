@@ -508,3 +508,23 @@ def test_cli_v3(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["world"] == "v3"
     assert summary["best_valid_auc"] > summary["best_valid_auc_without_item_appeal"]
+
+
+def test_no_model_or_asset_code_imports_the_generator():
+    """The generator is the world the models are measured on: a model that read its ground truth
+    (topics, appeal, user bias) would score well for nothing. Only tests, benchmarks and the
+    `mmctr-demo-data` command may import it."""
+    import ast
+
+    generator = Path(demo_data.__file__).resolve().parent  # mmctr_assets/lib/data/demo/
+    package = generator.parents[2]  # mmctr_assets/
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.parent == generator:
+            continue  # the generator's own modules
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     and node.module else [])
+            offenders += [f"{path.relative_to(package)}: {n}" for n in names if "lib.data.demo" in n]
+    assert not offenders, offenders
