@@ -13,7 +13,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from mmctr_assets.lib.data import demo as demo_data
-from mmctr_assets.lib.data.demo import SIZES, DemoSize, generate, main
+from mmctr_assets.lib.data.demo import SIZES, DemoSize, covers, generate, main
 
 TINY = SIZES["tiny"]
 ROW_SCHEMA = {"user_id": pl.Int64, "item_seq": pl.List(pl.Int64), "item_id": pl.Int64,
@@ -238,7 +238,7 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(demo_data, "_write_images", boom)
+    monkeypatch.setattr(covers, "_write_images", boom)
     with pytest.raises(RuntimeError, match="interrupted"):
         generate(tmp_path / "data", "tiny", seed=0, progress=False)
     assert list(tmp_path.iterdir()) == []
@@ -249,8 +249,8 @@ def test_bad_arguments_get_clear_errors(tmp_path):
         generate(tmp_path / "x", "huge")
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         generate(tmp_path / "x", "tiny", seed=-1)
-    with pytest.raises(ValueError, match=r"unknown demo world 'v3'; choose one of \['v1', 'v2'\]"):
-        generate(tmp_path / "x", "tiny", world="v3")
+    with pytest.raises(ValueError, match=r"unknown demo world 'v4'; choose one of \['v1', 'v2', 'v3'\]"):
+        generate(tmp_path / "x", "tiny", world="v4")
     with pytest.raises(ValueError, match="n_topics=40 must be in 2..32"):
         dataclasses.replace(TINY, n_topics=40)
     with pytest.raises(ValueError, match="n_users=9999 must be in"):
@@ -386,3 +386,145 @@ def test_v1_output_is_unchanged_from_before_v2(tmp_path):
     re-pinned from the older generator."""
     generate(tmp_path / "v1", "tiny", seed=0, progress=False, world="v1")
     assert _table_digest(tmp_path / "v1") == V1_TINY_DIGEST
+
+
+V2_TINY_DIGEST = "8c85aa9020b3ea9952960f4ddc949569a51073066dc762c3c2539941b9b8d1b2"
+
+
+@pytest.mark.float_repro
+def test_v2_output_is_unchanged_from_before_v3(tmp_path):
+    """Digest of `generate(tiny, seed 0, world v2)` as the single-module generator wrote it before
+    world v3 and the split into a package (main at 2a8d877); floats rounded as for v1."""
+    generate(tmp_path / "v2", "tiny", seed=0, progress=False, world="v2")
+    assert _table_digest(tmp_path / "v2") == V2_TINY_DIGEST
+
+
+# ---------------------------------------------------------------------------------------------
+# World v3: item appeal only ids reveal, a long exposure tail, long histories for active users.
+
+# the data's full 100-wide histories and enough rows per item for click rates to mean something
+WIDE = dataclasses.replace(TINY, n_items=1_000, n_train=20_000, n_valid=2_000, n_test=1_000, n_users=3_000,
+                           seq_len=100, image_size=8)
+
+
+@pytest.fixture(scope="module")
+def wide_worlds(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("wide")
+    for w in ("v2", "v3"):
+        generate(base / w, WIDE, seed=0, progress=False, world=w)
+    return {w: base / w for w in ("v2", "v3")}
+
+
+def _top_1pct_share(root: Path) -> float:
+    rows = pl.concat([_read(root, s).select("item_id") for s in ("train", "valid", "test")])
+    counts = np.sort(rows["item_id"].value_counts()["count"].to_numpy())[::-1]
+    return counts[:WIDE.n_items // 100].sum() / len(rows)
+
+
+def test_v3_has_a_long_exposure_tail(wide_worlds):
+    v2, v3 = _top_1pct_share(wide_worlds["v2"]), _top_1pct_share(wide_worlds["v3"])
+    assert v3 > 0.25, f"top 1% of items take only {v3:.1%} of v3's rows"
+    assert v3 > 1.5 * v2, f"v3's head ({v3:.1%}) is not clearly heavier than v2's ({v2:.1%})"
+    manifest = json.loads((wide_worlds["v3"] / "ground_truth/manifest.json").read_text())
+    assert manifest["exposure"]["top_1pct_items_row_share"] == pytest.approx(v3)
+
+
+def test_v3_active_users_have_long_histories(wide_worlds):
+    root = wide_worlds["v3"]
+    users = pl.read_parquet(root / "ground_truth/users.parquet")
+    assert users["long_history"].mean() == pytest.approx(demo_data.V3_HEAVY_USER_SHARE, abs=0.01)
+    rows = pl.concat([_read(root, s).drop("label") for s in ("train", "valid")]).join(users, on="user_id")
+    length = rows["item_seq"].list.eval(pl.element() > 0).list.sum()
+    long, short = length.filter(rows["long_history"]), length.filter(~rows["long_history"])
+    assert long.median() >= 50 and long.max() == WIDE.seq_len, "heavy users' histories should be long"
+    assert short.median() <= 8, "the other users keep the real data's short histories"
+    # they are the most active users, so their rows are more than their share of users
+    assert rows["long_history"].mean() > 1.3 * demo_data.V3_HEAVY_USER_SHARE
+    v2 = _read(wide_worlds["v2"], "train")["item_seq"].list.eval(pl.element() > 0).list.sum()
+    assert v2.median() <= 8  # v2 kept the real data's distribution (median 6)
+
+
+def _heldout_r2(x: np.ndarray, y: np.ndarray) -> float:
+    """R^2 on odd rows of a ridge regression fitted on even rows: how much of y x reveals."""
+    from sklearn.linear_model import Ridge
+
+    fit = Ridge(alpha=1.0).fit(x[::2], y[::2])
+    return fit.score(x[1::2], y[1::2])
+
+
+def test_v3_item_appeal_is_in_the_clicks_not_in_the_content(wide_worlds):
+    root = wide_worlds["v3"]
+    items = pl.read_parquet(root / "ground_truth/items.parquet").sort("item_id")
+    appeal = items["appeal"].to_numpy()
+    assert appeal.std() == pytest.approx(demo_data.V3_ITEM_APPEAL_SD, rel=0.1)
+
+    # no content shows it: organisers' embedding, tag ids (one-hot), levels (r ~ 0, R^2 ~ 0)
+    info = _read(root, "item_info").filter(pl.col("item_id") > 0).sort("item_id")
+    emb = np.stack(info["item_emb_d128"].to_numpy())
+    assert _heldout_r2(emb, appeal) < 0.03
+    tags = _seq_matrix(info.rename({"item_tags": "item_seq"}))
+    one_hot = np.zeros((len(tags), tags.max() + 1))
+    one_hot[np.arange(len(tags))[:, None], tags] = 1
+    assert _heldout_r2(one_hot[:, 1:], appeal) < 0.03
+    feat = _read(root, "item_feature").sort("item_id")
+    for col in ("likes_level", "views_level"):
+        assert abs(np.corrcoef(feat[col], appeal)[0, 1]) < 0.1
+    # ... but an item's click rate in training follows it: ids can learn it
+    rates = (_read(root, "train").group_by("item_id").agg(pl.col("label").mean().alias("rate"), pl.len().alias("n"))
+             .filter(pl.col("n") >= 20).join(items, on="item_id"))
+    assert len(rates) > 100
+    corr = np.corrcoef(rates["rate"], rates["appeal"])[0, 1]
+    assert corr > 0.3, f"items' click rates barely follow their appeal (r={corr:.3f})"
+
+
+def test_v3_manifest_ceilings_present_and_ordered(wide_worlds):
+    root = wide_worlds["v3"]
+    manifest = json.loads((root / "ground_truth/manifest.json").read_text())
+    assert manifest["world"] == "v3" and manifest["click_model"]["item_appeal_sd"] == demo_data.V3_ITEM_APPEAL_SD
+    valid, truth = _read(root, "valid"), pl.read_parquet(root / "ground_truth/valid.parquet")
+    for split in ("valid", "test"):
+        best = manifest[f"best_{split}_auc"]
+        assert best > manifest[f"best_{split}_auc_without_user_bias"] > 0.5
+        assert best > manifest[f"best_{split}_auc_without_item_appeal"] + 0.01 > 0.5
+    for column, key in [("click_prob", "best_valid_auc"),
+                        ("click_prob_without_user_bias", "best_valid_auc_without_user_bias"),
+                        ("click_prob_without_item_appeal", "best_valid_auc_without_item_appeal")]:
+        assert roc_auc_score(valid["label"], truth[column]) == pytest.approx(manifest[key])
+    # v2 has no appeal term and no such ceiling
+    v2 = json.loads((wide_worlds["v2"] / "ground_truth/manifest.json").read_text())
+    assert "best_valid_auc_without_item_appeal" not in v2 and "exposure" not in v2
+
+
+@pytest.mark.float_repro
+def test_v3_same_seed_same_data_other_seed_differs(tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        generate(tmp_path / name, "tiny", seed=seed, progress=False, world="v3")
+    assert _table_digest(tmp_path / "a") == _table_digest(tmp_path / "b")
+    assert _table_digest(tmp_path / "a") != _table_digest(tmp_path / "c")
+
+
+def test_cli_v3(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "v3"), "--size", "tiny", "--world", "v3", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["world"] == "v3"
+    assert summary["best_valid_auc"] > summary["best_valid_auc_without_item_appeal"]
+
+
+def test_no_model_or_asset_code_imports_the_generator():
+    """The generator is the world the models are measured on: a model that read its ground truth
+    (topics, appeal, user bias) would score well for nothing. Only tests, benchmarks and the
+    `mmctr-demo-data` command may import it."""
+    import ast
+
+    generator = Path(demo_data.__file__).resolve().parent  # mmctr_assets/lib/data/demo/
+    package = generator.parents[2]  # mmctr_assets/
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.parent == generator:
+            continue  # the generator's own modules
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] if isinstance(node, ast.ImportFrom)
+                     and node.module else [])
+            offenders += [f"{path.relative_to(package)}: {n}" for n in names if "lib.data.demo" in n]
+    assert not offenders, offenders

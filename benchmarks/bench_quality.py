@@ -1,0 +1,286 @@
+"""Which config wins across worlds? Valid/test AUC of the default, every preset and given run
+configs on demo data, against the generator's ceilings and a logistic-regression reference line.
+
+For each world (``--worlds``, demo worlds v2/v3) and size (``--sizes``: small, medium): generate the
+demo data once into ``--cache`` (seed 0), then train each config with the library (not Dagster:
+``lib/ctr/trainer.train``, CPU, seed 0) on the organisers' ``item_emb_d128`` table (a fast stand-in
+for the fused table: no CLIP or item2vec step per world) and score valid and test rows (the test
+labels are the generator's ``ground_truth/test.parquet``). One JSON line per result: world, size,
+config, valid and test AUC, their gaps to the manifest's ceilings (the true click probabilities;
+without each user's bias; v3: without each item's appeal), wall time, epochs and the config.
+
+Configs: ``default`` (ModelConfig/TrainConfig defaults; ``max_len`` unset reads the whole history
+as ``dcn_din_model`` does), every preset in ``lib/ctr/presets.PRESETS`` and every YAML file in
+``mmctr_assets/deploy/presets/`` (if it exists), then each ``--config FILE.yaml`` (a run-config
+fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train}``; its name is the
+file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
+
+Reference line (``config: "logistic_regression"``): scikit-learn's LogisticRegression on nine
+features a user would fit first: user and item click rates (smoothed towards the mean rate;
+leave-one-out on training rows) and log counts from the training rows, likes/views levels, history
+length, and the share of the whole / the last 5 history items sharing a tag with the target.
+
+    .venv/bin/python benchmarks/bench_quality.py [--worlds v2,v3] [--sizes small,medium]
+        [--only default,dcn_din] [--config extra.yaml ...] [--no-lr] [--max-epochs N] [--threads N]
+        [--batch-size 512]
+
+Small data needs ``--batch-size 512`` (as ``make demo``'s run config): at the configs' own 4096 an
+epoch of its 20k training rows is 5 steps, and early stopping ends most runs before they learn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from _common import emit, peak_mb  # noqa: E402
+
+PRESET_DIR = REPO / "mmctr_assets" / "deploy" / "presets"
+CEILINGS = ("", "_without_user_bias", "_without_item_appeal")
+LR_SMOOTHING = 5.0  # pseudo-rows at the mean click rate in each user/item rate
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def demo_data(cache: Path, world: str, size: str, seed: int = 0) -> Path:
+    """The demo dataset of (world, size, seed), generated once into ``cache``."""
+    from mmctr_assets.lib.data import demo
+
+    root = cache / f"demo_{world}_{size}_seed{seed}"
+    if not (root / "ground_truth" / "manifest.json").exists():
+        t0 = time.perf_counter()
+        demo.generate(root, size, seed, overwrite=True, progress=False, world=world)
+        emit(bench="generate", world=world, size=size, seconds=round(time.perf_counter() - t0, 1))
+    return root
+
+
+@dataclasses.dataclass
+class Dataset:
+    frames: dict[str, pl.DataFrame]  # train, valid, test (test with its ground-truth label)
+    emb: np.ndarray                  # (N+1, 128) organisers' embedding, row 0 padding
+    tags: np.ndarray                 # (N+1, 5) item_info tags, left-padded 0
+    manifest: dict
+
+
+def load(root: Path) -> Dataset:
+    data = root / "MicroLens_1M_x1"
+    frames = {name: pl.read_parquet(data / f"{name}.parquet") for name in ("train", "valid", "test")}
+    truth = pl.read_parquet(root / "ground_truth" / "test.parquet").select("ID", "label")
+    frames["test"] = frames["test"].join(truth, on="ID", how="left", maintain_order="left")
+    info = pl.read_parquet(data / "item_info.parquet").sort("item_id")
+    emb = info.get_column("item_emb_d128").list.to_array(128).to_numpy().astype(np.float32)
+    tags = info.get_column("item_tags")
+    tags = tags.list.to_array(int(tags.list.len().max())).to_numpy().astype(np.int64)
+    manifest = json.loads((root / "ground_truth" / "manifest.json").read_text())
+    return Dataset(frames, emb, tags, manifest)
+
+
+def gaps(manifest: dict, valid_auc: float, test_auc: float) -> dict:
+    """The ceilings the manifest has and this result's distance below each."""
+    out = {}
+    for split, auc in (("valid", valid_auc), ("test", test_auc)):
+        for suffix in CEILINGS:
+            ceiling = manifest.get(f"best_{split}_auc{suffix}")
+            if ceiling is not None:
+                out[f"ceiling_{split}{suffix}"] = round(ceiling, 4)
+                out[f"gap_{split}{suffix}"] = round(ceiling - auc, 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+def _sections(doc: dict, source: str) -> dict[str, dict]:
+    """{model, train} from a run-config fragment (full ``ops:`` form or bare sections)."""
+    from mmctr_assets.lib.ctr.presets import preset
+
+    if "ops" in doc:
+        doc = doc["ops"].get("dcn_din_model", {}).get("config", {})
+    unknown = sorted(set(doc) - {"model", "train", "preset", "embedding_source"})
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown}; expected model:, train: (and optionally preset:)")
+    base = preset(doc["preset"]) if "preset" in doc else {"model": {}, "train": {}}
+    return {s: base.get(s, {}) | (doc.get(s) or {}) for s in ("model", "train")}
+
+
+def configs(extra_files: list[Path]) -> dict[str, dict[str, dict]]:
+    """name -> {model, train}: the default, the presets (module and YAML dir), then the files."""
+    import yaml
+
+    from mmctr_assets.lib.ctr.presets import PRESETS, preset
+
+    out = {"default": {"model": {}, "train": {}}}
+    out |= {name: preset(name) for name in PRESETS}
+    yaml_files = sorted(PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    for path in [*yaml_files, *extra_files]:
+        out[path.stem] = _sections(yaml.safe_load(path.read_text()) or {}, str(path))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
+              threads: int | None, batch_size: int | None = None) -> dict:
+    import torch
+
+    from mmctr_assets.lib.ctr.inference import predict
+    from mmctr_assets.lib.ctr.model import ModelConfig
+    from mmctr_assets.lib.ctr.tensors import to_tensors
+    from mmctr_assets.lib.ctr.trainer import TrainConfig, train
+    from sklearn.metrics import roc_auc_score
+
+    width = int(ds.frames["train"].get_column("item_seq").list.len().max())
+    model_values = {"max_len": width} | sections["model"]  # unset max_len: the whole history
+    train_values = {"seed": seed} | sections["train"]
+    if max_epochs:
+        train_values["epochs"] = min(train_values.get("epochs", TrainConfig.epochs), max_epochs)
+    if threads:
+        train_values["num_threads"] = threads
+    if batch_size:
+        train_values["batch_size"] = batch_size
+    model_config, train_config = ModelConfig(**model_values), TrainConfig(**train_values)
+    n_items = ds.emb.shape[0] - 1
+    tensors = {k: to_tensors(f, model_config.max_len, n_items=n_items) for k, f in ds.frames.items()}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train(model_config, train_config, tensors["train"], tensors["valid"], ds.emb,
+                       item_tags=ds.tags if model_config.use_tag_embedding else None, checkpoint_dir=tmp)
+    train_s = time.perf_counter() - t0
+    test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
+    test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))
+    valid_auc = float(result.best_valid_auc)
+    return {"valid_auc": round(valid_auc, 4), "test_auc": round(test_auc, 4),
+            **gaps(ds.manifest, valid_auc, test_auc),
+            "train_s": round(train_s, 1), "epochs": len(result.history), "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "valid_auc_per_epoch": [round(e.valid_auc, 4) for e in result.history],
+            "torch_threads": torch.get_num_threads(),
+            "model": {k: v for k, v in dataclasses.asdict(model_config).items() if k in model_values},
+            "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k in train_values}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Logistic-regression reference
+
+
+def _rate_features(train: pl.DataFrame, frame: pl.DataFrame, key: str, prior: float, is_train: bool) -> np.ndarray:
+    """Smoothed click rate and log count of ``key`` from the training rows (leave-one-out there)."""
+    stats = train.group_by(key).agg(pl.col("label").sum().alias("clicks"), pl.len().alias("n"))
+    joined = frame.select(key, "label" if is_train else pl.lit(0.0).alias("label")).join(
+        stats, on=key, how="left", maintain_order="left").fill_null(0)
+    clicks, n = joined["clicks"].to_numpy().astype(float), joined["n"].to_numpy().astype(float)
+    if is_train:  # the row's own label is not a feature of itself
+        clicks, n = clicks - joined["label"].to_numpy(), n - 1
+    rate = (clicks + LR_SMOOTHING * prior) / (n + LR_SMOOTHING)
+    return np.stack([rate, np.log1p(n)], axis=1)
+
+
+def _tag_overlap(frame: pl.DataFrame, tags: np.ndarray, last: int | None, chunk: int = 20_000) -> np.ndarray:
+    """Share of the (last ``last``) real history items that share a non-zero tag with the target."""
+    seq_all = np.stack(frame.get_column("item_seq").to_numpy()) if len(frame) else np.zeros((0, 1), int)
+    target_all = frame.get_column("item_id").to_numpy()
+    out = np.zeros(len(frame))
+    for a in range(0, len(frame), chunk):
+        seq = seq_all[a:a + chunk]
+        if last is not None:
+            seq = seq[:, -last:]
+        tt = tags[target_all[a:a + chunk]]                            # (B, T)
+        ht = tags[seq]                                                # (B, L, T)
+        shared = ((ht[:, :, :, None] == tt[:, None, None, :]) & (tt[:, None, None, :] > 0)).any(axis=(2, 3))
+        real = seq > 0
+        out[a:a + chunk] = (shared & real).sum(1) / np.maximum(real.sum(1), 1)
+    return out
+
+
+def lr_features(ds: Dataset, name: str) -> np.ndarray:
+    train, frame = ds.frames["train"], ds.frames[name]
+    prior = float(train["label"].mean())
+    is_train = name == "train"
+    return np.column_stack([
+        _rate_features(train, frame, "user_id", prior, is_train),
+        _rate_features(train, frame, "item_id", prior, is_train),
+        frame["likes_level"].to_numpy(), frame["views_level"].to_numpy(),
+        frame.get_column("item_seq").list.eval(pl.element() > 0).list.sum().to_numpy(),
+        _tag_overlap(frame, ds.tags, None), _tag_overlap(frame, ds.tags, 5),
+    ]).astype(np.float64)
+
+
+def logistic_regression(ds: Dataset) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    t0 = time.perf_counter()
+    x = {k: lr_features(ds, k) for k in ("train", "valid", "test")}
+    y = {k: ds.frames[k]["label"].to_numpy() for k in x}
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], y["train"])
+    auc = {k: float(roc_auc_score(y[k], model.predict_proba(x[k])[:, 1])) for k in ("valid", "test")}
+    return {"valid_auc": round(auc["valid"], 4), "test_auc": round(auc["test"], 4),
+            **gaps(ds.manifest, auc["valid"], auc["test"]), "train_s": round(time.perf_counter() - t0, 1),
+            "features": ["user_click_rate", "user_log_count", "item_click_rate", "item_log_count",
+                         "likes_level", "views_level", "history_length", "history_tag_overlap",
+                         "last5_tag_overlap"]}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worlds", default="v2,v3")
+    ap.add_argument("--sizes", default="small")
+    ap.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
+    ap.add_argument("--config", type=Path, action="append", default=[],
+                    help="a run-config fragment YAML (model:/train:, or ops: dcn_din_model: config:); repeatable")
+    ap.add_argument("--no-lr", action="store_true", help="skip the logistic-regression reference line")
+    ap.add_argument("--max-epochs", type=int, default=None, help="cap every config's epochs")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="every config's training batch size (small: 512, as `make demo` trains: at 4096 an "
+                         "epoch of 20k rows is 5 steps and nothing learns before early stopping)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0, help="data and training seed")
+    ap.add_argument("--cache", type=Path, default=REPO / ".mmctr" / "bench" / "quality")
+    args = ap.parse_args(argv)
+
+    todo = configs(args.config)
+    if args.only:
+        wanted = args.only.split(",")
+        missing = sorted(set(wanted) - set(todo))
+        if missing:
+            raise SystemExit(f"--only names {missing} are not configs; known: {sorted(todo)}")
+        todo = {k: todo[k] for k in wanted}
+    for world in args.worlds.split(","):
+        for size in args.sizes.split(","):
+            ds = load(demo_data(args.cache, world, size, args.seed))
+            head = {"bench": "quality", "world": world, "size": size,
+                    "history_median": ds.manifest["history_length"]["median"]}
+            if not args.no_lr:
+                emit(**head, config="logistic_regression", **logistic_regression(ds))
+            for name, sections in todo.items():
+                t0 = time.perf_counter()
+                result = train_one(ds, name, sections, args.seed, args.max_epochs, args.threads,
+                                   args.batch_size)
+                emit(**head, config=name, **result, wall_s=round(time.perf_counter() - t0, 1),
+                     peak_rss_mb=round(peak_mb()))
+
+
+if __name__ == "__main__":
+    main()
