@@ -410,6 +410,11 @@ def write_best_config(path: str | Path, study: optuna.Study, storage_url: str,
     return path
 
 
+def tuned_file(output_dir: str | Path) -> Path:
+    """Where ctr_tuning writes, and dcn_din_model's ``tuned: true`` reads, the best config."""
+    return Path(output_dir) / "ctr_tuning" / BEST_CONFIG_FILE
+
+
 def tuned_sections(path: str | Path, model: dict[str, Any], train: dict[str, Any],
                    keep_model: set[str] = frozenset(), keep_train: set[str] = frozenset()) -> tuple[dict, dict]:
     """dcn_din_model's ``tuned: true``: the best config in ``path`` over the run config's
