@@ -339,18 +339,20 @@ def run_study(study: optuna.Study, space: SearchSpace, runner: Runner, *, n_tria
             trial.set_user_attr(_ERROR_ATTR, f"{type(e).__name__}: {e}"[:2000])
             raise
 
+    ran = []
+
     def stop_at_budget(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        ran.append(trial.number)
         if on_trial_end is not None:
             on_trial_end(study, trial)
         if counted_trials(study) >= n_trials:  # other workers count too
             study.stop()
 
-    before = len(study.get_trials(deepcopy=False))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.optimize(objective, n_trials=remaining, timeout=timeout_minutes * 60 if timeout_minutes else None,
                        catch=(Exception,), callbacks=[stop_at_budget], gc_after_trial=True)
-    return len(study.get_trials(deepcopy=False)) - before
+    return len(ran)
 
 
 # --------------------------------------------------------------------------- results
