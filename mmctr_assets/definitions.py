@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from .defs import ctr, embeddings, jobs, raw, schedules, scorer, sensors
+from .defs import ctr, embeddings, jobs, raw, schedules, scorer, sensors, tuning
 from .resources import default_resources
 
 defs = dg.Definitions.merge(
@@ -10,6 +10,7 @@ defs = dg.Definitions.merge(
     embeddings.defs,
     scorer.defs,
     ctr.defs,
+    tuning.defs,
     jobs.defs,
     schedules.defs,
     sensors.defs,

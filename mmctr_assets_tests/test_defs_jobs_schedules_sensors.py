@@ -32,6 +32,8 @@ def test_retrain_job_runs_raw_through_submission_without_clip():
     assert job_assets("full_refresh_job") == job_assets("retrain_job") | {"clip_embeddings", "task1_score"}
     assert defs.resolve_job_def("full_refresh_job").partitions_def.get_partition_keys() == SHARDS
     assert job_assets("clip_shards_job") == {"clip_embeddings"}
+    # a tuning study (many trainings) runs only when a person asks for it
+    assert job_assets("ctr_tuning_job") == {"ctr_tuning"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def requested(result) -> dict[str, set]:
 
 def test_nothing_starts_by_itself_on_a_fresh_instance(instance):
     graph = defs.resolve_asset_graph()
-    manual = {"clip_embeddings", "item2vec_embeddings", "task1_score"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
+    manual = {"clip_embeddings", "item2vec_embeddings", "task1_score", "ctr_tuning"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
     assert {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition is None} == manual
     assert dg.evaluate_automation_conditions(defs=defs, instance=instance).total_requested == 0
 

@@ -79,6 +79,18 @@ class DcnDinConfig(dg.PermissiveConfig):
     embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
     model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig).")
     train: TrainSection = Field(default=TrainSection(), description="Optimisation (TrainConfig).")
+    tuned: bool = Field(default=False, description="Train ctr_tuning's best config (its best_run_config.yaml); "
+                        "keys set in model:/train: here win.")
+
+    def with_tuned(self, output_dir: str) -> "DcnDinConfig":
+        """This config with ctr_tuning's best model:/train: merged in when `tuned` (lib/ctr/tuning.py)."""
+        if not self.tuned:
+            return self
+        from ..lib.ctr.tuning import tuned_file, tuned_sections
+
+        model, train = tuned_sections(tuned_file(output_dir), self.model.model_dump(), self.train.model_dump(),
+                                      self.model.model_fields_set, self.train.model_fields_set)
+        return self.model_copy(update={"model": ModelSection(**model), "train": TrainSection(**train)})
 
     def library_configs(self, history_width: int) -> tuple[ModelConfig, dict]:
         """-> (ModelConfig, TrainConfig fields without precision), after refusing unknown keys.
@@ -86,7 +98,7 @@ class DcnDinConfig(dg.PermissiveConfig):
         ``model.max_len`` unset reads every position the data holds (``history_width``, the
         training histories' width: 100 on MicroLens); a longer one is refused.
         """
-        extra = sorted(set(self.model_dump()) - {"embedding_source", "model", "train"})
+        extra = sorted(set(self.model_dump()) - {"embedding_source", "model", "train", "tuned"})
         if extra:
             model_keys = set(ModelSection.model_fields)
             shape = {"model": {k: "..." for k in extra if k in model_keys},
@@ -132,6 +144,7 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
 
     mlflow.check_reachable()  # before hours of training, not after
     frames = read_train_valid(storage)
+    config = config.with_tuned(storage.output_dir)
     model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
     train_config = TrainConfig(**train_values, precision=compute.precision)
     source = config.embedding_source

@@ -49,10 +49,12 @@ RAW = dg.AssetSelection.groups(RAW_GROUP)
 CLIP = dg.AssetSelection.assets("clip_embeddings")
 # the Task 1 scorer trains a model: only a full refresh or a person runs it (defs/scorer.py)
 SCORER = dg.AssetSelection.assets("task1_score")
+# a study of many trainings (defs/tuning.py): it runs when a person asks (ctr_tuning_job), never in a refresh
+TUNING = dg.AssetSelection.assets("ctr_tuning")
 
 retrain_job = dg.define_asset_job(
     "retrain_job",
-    selection=(RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream()) - SCORER,
+    selection=(RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream()) - SCORER - TUNING,
     description="Fresh raw snapshots, then item2vec -> fused embeddings -> DCN-DIN -> predictions -> "
     "submission zip. Reuses the CLIP shards on disk (run full_refresh_job when item content changed).",
     tags={TRIGGER_TAG: "manual"},
@@ -60,7 +62,7 @@ retrain_job = dg.define_asset_job(
 
 full_refresh_job = dg.define_asset_job(
     "full_refresh_job",
-    selection=dg.AssetSelection.all(),
+    selection=dg.AssetSelection.all() - TUNING,
     description="The whole graph, every CLIP shard included, as one run: launch it with the tags "
     f"{RANGE_START_TAG}/{RANGE_END_TAG} spanning all shards (the raw-data sensor does).",
     tags={TRIGGER_TAG: "manual"},
@@ -74,10 +76,19 @@ clip_shards_job = dg.define_asset_job(
 )
 
 
+ctr_tuning_job = dg.define_asset_job(
+    "ctr_tuning_job",
+    selection=TUNING,
+    description="An Optuna study over dcn_din_model's config (docs/tuning.md); then dcn_din_model with "
+    "tuned: true trains the best one. Re-launching with the same study name resumes the study.",
+    tags={TRIGGER_TAG: "manual"},
+)
+
+
 def all_shards_tags() -> dict[str, str]:
     keys = clip_shards.get_partition_keys()
     return {RANGE_START_TAG: keys[0], RANGE_END_TAG: keys[-1]}
 
 
 
-defs = dg.Definitions(jobs=[retrain_job, full_refresh_job, clip_shards_job], executor=executor_from_env())
+defs = dg.Definitions(jobs=[retrain_job, full_refresh_job, clip_shards_job, ctr_tuning_job], executor=executor_from_env())

@@ -125,3 +125,30 @@ def plot_embedding_projection(
     ax.legend(loc="best", fontsize=7, markerscale=2, frameon=False)
     fig.tight_layout()
     return _png(fig)
+
+
+def plot_trial_aucs(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """Valid AUC per trial of a tuning study (a pruned trial at its last reported epoch), coloured
+    by state, with the best so far as a step line. ``rows``: dicts with number, state, auc."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
+    for state, colour in colours.items():
+        pts = [(r["number"], r["auc"]) for r in rows if r["state"] == state and r["auc"] is not None]
+        if pts:
+            ax.scatter(*zip(*pts), color=colour, label=state.lower(), zorder=3)
+    failed = [r["number"] for r in rows if r["state"] == "FAIL" and r["auc"] is None]
+    if failed:  # no AUC to place them at: ticks on the axis
+        ax.scatter(failed, [0] * len(failed), marker="x", color="tab:red", transform=ax.get_xaxis_transform(),
+                   clip_on=False, label="failed (no AUC)")
+    done = sorted((r["number"], r["auc"]) for r in rows if r["state"] == "COMPLETE")
+    if done:
+        best = np.maximum.accumulate([a for _, a in done])
+        ax.step([n for n, _ in done], best, where="post", color="grey", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("valid AUC")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _png(fig)

@@ -1,0 +1,198 @@
+"""Task 2, choose by validation: ctr_tuning runs an Optuna study over dcn_din_model's run config
+(lib/ctr/tuning.py, docs/tuning.md). Each trial is an MLflow child run under one parent run; the
+best trial becomes a run-config file that dcn_din_model trains with `tuned: true`."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from .. import settings
+from ..lib.ctr import tuning
+from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
+from ..resources import ComputeResource, MlflowResource, ProjectStorage
+from .common import TRAINED_ON_FUSED, cpu_cores, png_metadata, run_tags, torch_threads
+
+GROUP = "task2_ctr"
+DEFAULT_SEARCH_SPACE = settings.PACKAGE_DIR / "deploy" / "tuning" / "search_space.yaml"
+# Optuna's tables in the instance's Postgres database live in their own schema: both Optuna and
+# Dagster keep an `alembic_version` table, which would collide in one schema.
+PG_SCHEMA = "optuna"
+
+
+class TuningConfig(dg.Config):
+    n_trials: int = 12
+    """Trials the study should hold (finished, pruned or failed by their own error); a resumed study
+    counts its earlier ones, so re-running after a kill runs only the rest."""
+    timeout_minutes: float | None = None
+    """Stop starting trials after this long (a running trial finishes); unset: no limit."""
+    search_space: str = str(DEFAULT_SEARCH_SPACE)
+    """Search-space YAML (docs/tuning.md); deploy/tuning/search_space_demo.yaml is the demo's."""
+    study_name: str = "ctr_tuning"
+    """Same name and storage: the study resumes (load_if_exists); a new name starts a new study."""
+    storage: str = ""
+    """Optuna RDB storage URL; empty: the Dagster instance's own database (sqlite file in its
+    home, or its Postgres database, schema optuna, which workers on several pods share)."""
+    seed: int = settings.seed()
+    """Seeds the TPE sampler and every trial's training."""
+    pruning: bool = True
+    """Stop a trial whose valid AUC trails the median of earlier trials at the same epoch."""
+
+
+def instance_storage_url(instance: dg.DagsterInstance) -> str:
+    """The study's storage in the instance's own database (see TuningConfig.storage)."""
+    pg_url = getattr(instance.run_storage, "postgres_url", None)
+    if not pg_url:
+        return f"sqlite:///{Path(instance.root_directory).resolve() / 'optuna.db'}"
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sqlalchemy.text(f"CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"))
+    finally:
+        engine.dispose()
+    return f"{pg_url}{'&' if '?' in pg_url else '?'}options=-csearch_path%3D{PG_SCHEMA}"
+
+
+def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir: Path, parent_tags: dict):
+    """Trains one trial as an MLflow child run of the active (parent) run, reporting each epoch's
+    valid AUC to the pruner. MLflow calls here: start_run(nested), log_params, set_tag, end_run."""
+    import mlflow as mlflow_api
+    import optuna
+
+    from ..lib.ctr import trainer
+
+    def run(trial, model_config, train_config) -> float:
+        child = mlflow_api.start_run(run_name=f"trial-{trial.number}", nested=True,
+                                     tags=parent_tags | {"optuna.trial": str(trial.number)})
+        trial.set_user_attr("mlflow_run_id", child.info.run_id)
+        status, logged = "FAILED", set()
+        try:
+            mlflow_api.log_params({f"model.{k}": v for k, v in model_config.to_dict().items()}
+                                  | {f"train.{k}": v for k, v in train_config.to_dict().items()}
+                                  | {"data_fingerprint": data["fingerprint"]})
+
+            def on_epoch_end(e) -> None:
+                mlflow.log_epochs([e], logged)
+                context.log.info(f"trial {trial.number} epoch {e.epoch}: valid AUC {e.valid_auc:.4f}")
+                tuning.report_epoch(trial, e.epoch, e.valid_auc)
+
+            result = trainer.train(
+                model_config, train_config, data["train"], data["valid"], data["emb"],
+                item_tags=data["tags"] if model_config.use_tag_embedding else None, device=device,
+                checkpoint_dir=work_dir / f"trial-{trial.number}", data_fingerprint=data["fingerprint"],
+                on_epoch_end=on_epoch_end)
+            mlflow_api.log_metric("best_valid_auc", result.best_valid_auc)
+            status = "FINISHED"
+            return result.best_valid_auc
+        except optuna.TrialPruned as e:
+            mlflow_api.set_tag("optuna.state", "PRUNED")
+            mlflow_api.set_tag("optuna.pruned", str(e))
+            status = "KILLED"
+            raise
+        except Exception as e:
+            mlflow_api.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
+            raise
+        finally:
+            mlflow_api.end_run(status)  # the child only: the parent stays active
+            shutil.rmtree(work_dir / f"trial-{trial.number}", ignore_errors=True)
+
+    return run
+
+
+def _load_data(storage: ProjectStorage, seed: int) -> tuple[dict, int]:
+    """Train/valid tensors at the data's full history width (a trial's max_len truncates), the
+    fused item table, the tags; read once for all trials."""
+    from ..lib.ctr import tensors
+    from .ctr import _item_tags
+    from .embeddings import item_embedding_table
+
+    frames = {t: storage.read_raw(t) for t in ("train", "valid")}
+    width = tensors.history_width(frames["train"])
+    emb = item_embedding_table(storage, "fused", seed)
+    levels = settings.max_level() + 1
+    train_t, valid_t = (tensors.to_tensors(f, width, n_items=emb.shape[0] - 1, level_vocab_size=levels)
+                        for f in frames.values())
+    fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")), file_fingerprint(storage.raw("valid")),
+                                   array_fingerprint(emb), "fused")
+    return {"train": train_t, "valid": valid_t, "emb": emb, "tags": _item_tags(storage),
+            "fingerprint": fingerprint}, width
+
+
+@dg.asset(group_name=GROUP, **TRAINED_ON_FUSED)
+def ctr_tuning(
+    context: dg.AssetExecutionContext,
+    config: TuningConfig,
+    storage: ProjectStorage,
+    compute: ComputeResource,
+    mlflow: MlflowResource,
+) -> dg.MaterializeResult:
+    """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
+    the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
+    same name: a killed run leaves trials that are marked failed and retried."""
+    import mlflow as mlflow_api
+
+    from ..lib.plots import plot_trial_aucs
+
+    space = tuning.load_search_space(config.search_space)
+    if config.n_trials < 1:
+        raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")
+    url = config.storage or instance_storage_url(context.instance)
+    study = tuning.open_study(url, config.study_name, config.seed, config.n_trials, config.pruning)
+    done_before = tuning.counted_trials(study)
+    context.log.info(f"study {config.study_name!r} in {tuning.redact(url)}: {done_before} of {config.n_trials} "
+                     "trials done before this run")
+    data, width = _load_data(storage, config.seed)
+    tuning.check_max_len(space, width)
+    device = compute.torch_device()
+    work_dir = storage.out("ctr_tuning", "checkpoints", config.study_name)
+    tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
+    best_path = tuning.tuned_file(storage.output_dir)
+    with mlflow.start_run(f"ctr_tuning_{config.study_name}", tags=tags) as parent:
+        mlflow_api.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
+                               "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
+                               "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
+                               "search_space_fingerprint": file_fingerprint(config.search_space),
+                               "data_fingerprint": data["fingerprint"]})
+        mlflow.log_files([Path(config.search_space)], "search_space")
+        runner = _trial_runner(context, mlflow, data, device, work_dir,
+                               tags)
+
+        def on_trial_end(study, trial) -> None:
+            value = "" if trial.value is None else f", valid AUC {trial.value:.4f}"
+            context.log.info(f"trial {trial.number}: {trial.state.name}{value} {trial.params}")
+
+        want = (compute.cpu_threads or None) if device.type == "cpu" else 1
+        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
+            ran = tuning.run_study(
+                study, space, runner, n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
+                base_model={"max_len": width, "level_vocab_size": settings.max_level() + 1},
+                base_train={"seed": config.seed, "precision": compute.precision}, on_trial_end=on_trial_end)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        rows = tuning.trial_rows(study)
+        tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed
+        best = study.best_trial
+        mlflow_api.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+        mlflow_api.log_metric("best_valid_auc", best.value)
+        mlflow.log_files([best_path], "best_config")
+        plot = plot_trial_aucs(rows)
+        mlflow.log_png(plot, "trial_aucs.png")
+    states = [r["state"] for r in rows]
+    return dg.MaterializeResult(metadata={
+        "best_valid_auc": dg.MetadataValue.float(best.value),
+        "best_trial": best.number,
+        "best_params": dg.MetadataValue.json(best.params),
+        "best_config_path": dg.MetadataValue.path(str(best_path)),
+        "study_name": config.study_name,
+        "storage": tuning.redact(url),
+        "trials_run_now": ran,
+        "trials": dg.MetadataValue.md(tuning.trials_markdown(rows)),
+        **{f"trials_{s.lower()}": states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},
+        "trial_aucs": png_metadata(plot, "valid AUC per trial"),
+        "mlflow_run_id": parent.info.run_id,
+        "mlflow_run": mlflow.run_url(parent),
+    })
+
+
+defs = dg.Definitions(assets=[ctr_tuning])

@@ -1,0 +1,300 @@
+"""ctr_tuning: search-space validation, the Optuna study (crashing trials, resume after kill -9),
+MLflow parent/child runs, and dcn_din_model trained from the study's best config."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+import yaml
+
+import dagster as dg
+from mmctr_assets import settings
+from mmctr_assets.defs import ctr as task2
+from mmctr_assets.defs import tuning as tuning_defs
+from mmctr_assets.lib.ctr import tensors, trainer, tuning
+from mmctr_assets.lib.data import microlens
+
+SHIPPED = settings.PACKAGE_DIR / "deploy" / "tuning"
+# tiny data (2,000 training rows): small batches, one or two epochs per trial
+TINY_SPACE = {
+    "fixed": {"epochs": 2, "batch_size": 256, "early_stopping_patience": 1},
+    "params": {
+        "use_user_embedding": {"choices": [True, False]},
+        "embedding_regularizer": {"low": 1e-4, "high": 1e-2, "log": True, "when": {"use_user_embedding": True}},
+        "lr": {"low": 1e-3, "high": 5e-3, "log": True},
+        "dropout": {"low": 0.0, "high": 0.2},
+    },
+}
+
+
+def write_space(tmp_path: Path, space: dict, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(space))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# search-space validation
+
+
+@pytest.mark.parametrize("name", ["search_space.yaml", "search_space_demo.yaml"])
+def test_shipped_search_spaces_are_valid(name):
+    space = tuning.load_search_space(SHIPPED / name)
+    assert space.params and {p.section for p in space.params} == {"model", "train"}
+
+
+def test_unknown_parameter_names_it_the_allowed_keys_and_the_file(tmp_path):
+    path = write_space(tmp_path, {"params": {"learning_rate": {"low": 1e-4, "high": 1e-2}}})
+    with pytest.raises(tuning.SearchSpaceError) as e:
+        tuning.load_search_space(path)
+    assert "'learning_rate'" in str(e.value) and str(path) in str(e.value)
+    assert "'lr'" in str(e.value) and "'use_id_embedding'" in str(e.value)  # what is allowed
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"parms": {}}, r"unknown top-level key\(s\) \['parms'\]"),
+    ({"params": {"lr": {"low": 1e-4, "high": 1e-2, "scale": "log"}}}, r"unknown key\(s\) in params.lr \['scale'\]"),
+    ({"fixed": {"epochs": 3, "dropuot": 0.1}, "params": {"lr": {"choices": [1e-3]}}}, r"under fixed \['dropuot'\]"),
+    ({"params": {"lr": {"low": 1e-2, "high": 1e-4}}}, r"params.lr: low \(0.01\) must be below high"),
+    ({"params": {"lr": {"low": 0, "high": 1e-2, "log": True}}}, r"params.lr: a log-scale range needs low > 0"),
+    ({"params": {"batch_size": {"choices": []}}}, r"params.batch_size.choices must be a non-empty list"),
+    ({"params": {"lr": {"low": 1e-4}}}, r"params.lr needs choices"),
+    ({"params": {"id_embedding_dim": {"choices": [32], "when": {"use_id_embedding": True}}}},
+     r"when refers to 'use_id_embedding'"),
+    ({"params": {"lr": {"choices": [1e-3]}}, "fixed": {"lr": 1e-3}}, r"'lr' is both under fixed and under params"),
+])
+def test_bad_search_space_field_is_named(tmp_path, space, match):
+    path = write_space(tmp_path, space)
+    with pytest.raises(tuning.SearchSpaceError, match=match) as e:
+        tuning.load_search_space(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "params: {}\n", "fixed: {epochs: 2}\n"])
+def test_empty_search_space_is_refused(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    with pytest.raises(tuning.SearchSpaceError, match="the search space is empty") as e:
+        tuning.load_search_space(path)
+    assert str(path) in str(e.value)
+
+
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads `1e-4` as a string; a person writes it that way
+    path = tmp_path / "space.yaml"
+    path.write_text("params:\n  lr: {low: 1e-4, high: 1e-2, log: true}\n")
+    (lr,) = tuning.load_search_space(path).params
+    assert (lr.low, lr.high, lr.is_int) == (1e-4, 1e-2, False)
+
+
+def test_n_trials_below_one_is_refused(tmp_path):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with pytest.raises(ValueError, match="n_trials must be >= 1, got 0"):
+        tuning.open_study(url, "s", seed=0, n_trials=0)
+    study = tuning.open_study(url, "s", seed=0, n_trials=1)
+    with pytest.raises(ValueError, match="n_trials must be >= 1, got -1"):
+        tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), lambda *a: 0.5, n_trials=-1)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/no/such/folder/optuna.db", "nosuchdb://user:secret@host/db",
+                                 "sqlite:///{tmp}"])  # the last one is a folder, not a database file
+def test_unreachable_storage_names_the_url(tmp_path, url):
+    url = url.format(tmp=tmp_path)
+    with pytest.raises(tuning.StudyStorageError, match="is unreachable") as e:
+        tuning.open_study(url, "s", seed=0, n_trials=1)
+    assert "secret" not in str(e.value)  # the password is never printed
+    assert url.replace("secret", "***").split("/")[-1] in str(e.value)
+
+
+def test_tuned_without_a_study_says_to_run_ctr_tuning(tmp_path):
+    with pytest.raises(FileNotFoundError, match="materialise ctr_tuning first") as e:
+        tuning.tuned_sections(tuning.tuned_file(tmp_path), {}, {})
+    assert str(tuning.tuned_file(tmp_path)) in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# the study, on the library level: real training on the tiny data
+
+
+@pytest.fixture(scope="module")
+def tiny_tensors(tiny_data):
+    info = microlens.read_table(tiny_data, "item_info")
+    emb = np.asarray(info.get_column("item_emb_d128").to_list(), dtype=np.float32)
+    frames = {t: microlens.read_table(tiny_data, t) for t in ("train", "valid")}
+    width = tensors.history_width(frames["train"])
+    data = {t: tensors.to_tensors(f, width, n_items=len(emb) - 1) for t, f in frames.items()}
+    return data, emb, width
+
+
+@pytest.fixture
+def tiny_runner(tiny_tensors, tmp_path):
+    data, emb, _ = tiny_tensors
+
+    def run(trial, model_config, train_config):
+        result = trainer.train(model_config, train_config, data["train"], data["valid"], emb,
+                               checkpoint_dir=tmp_path / f"trial-{trial.number}",
+                               on_epoch_end=lambda e: tuning.report_epoch(trial, e.epoch, e.valid_auc))
+        return result.best_valid_auc
+
+    return run
+
+
+def test_crashing_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, tiny_tensors, tiny_runner):
+    width = tiny_tensors[2]
+    space = tuning.parse_search_space(TINY_SPACE)
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "crash", seed=3, n_trials=3)
+    # a regulariser with no trainable table is an invalid ModelConfig: this trial raises
+    study.enqueue_trial({"use_user_embedding": False, "embedding_regularizer": 1e-3, "lr": 2e-3, "dropout": 0.1},
+                        skip_if_exists=False)
+    study.enqueue_trial({"use_user_embedding": True, "embedding_regularizer": 1e-3, "lr": 2e-3, "dropout": 0.1})
+    # `when` makes embedding_regularizer inactive for use_user_embedding false: force it by fixing it
+    crash_space = tuning.parse_search_space({**TINY_SPACE, "fixed": {**TINY_SPACE["fixed"], "embedding_regularizer": 1e-3},
+                                             "params": {k: v for k, v in TINY_SPACE["params"].items()
+                                                        if k != "embedding_regularizer"}})
+    assert tuning.run_study(study, crash_space, tiny_runner, n_trials=1, base_model={"max_len": width}) == 1
+    assert tuning.run_study(study, space, tiny_runner, n_trials=3, base_model={"max_len": width}) == 2
+    rows = tuning.trial_rows(study)
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert "ValueError" in rows[0]["error"] and "needs a trainable embedding" in rows[0]["error"]
+    assert rows[1]["auc"] > 0.5 and "FAIL (ValueError" in tuning.trials_markdown(rows)
+    best, model, train = tuning.best_sections(study)
+    assert best.number in (1, 2) and train["epochs"] == 2 and model["max_len"] == width
+    # the budget is reached: a re-run does nothing
+    assert tuning.run_study(study, space, tiny_runner, n_trials=3, base_model={"max_len": width}) == 0
+
+
+def test_no_completed_trial_writes_no_best_config(tmp_path):
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "broken", seed=0, n_trials=2)
+
+    def crash(trial, model_config, train_config):
+        raise RuntimeError("CUDA out of memory")
+
+    assert tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), crash, n_trials=2) == 2
+    good = tuning.tuned_file(tmp_path)
+    good.parent.mkdir(parents=True)
+    good.write_text("last good")
+    with pytest.raises(RuntimeError, match="no completed trial.*CUDA out of memory"):
+        tuning.write_best_config(good, study, "sqlite:///x.db")
+    assert good.read_text() == "last good"  # a failed study never replaces the last good config
+
+
+KILLED_WORKER = textwrap.dedent("""
+    import sys, time
+    from mmctr_assets.lib.ctr import tuning
+    storage = tuning.open_storage(sys.argv[1], heartbeat_interval=1, grace_period=1)
+    study = tuning.open_study(storage, "resume", seed=0, n_trials=2)
+    space = tuning.parse_search_space({"params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
+
+    def hang(trial, model_config, train_config):
+        print("TRAINING", flush=True)
+        time.sleep(600)
+
+    tuning.run_study(study, space, hang, n_trials=2)
+""")
+
+
+def test_study_resumes_after_its_worker_is_killed(tmp_path, tiny_tensors, tiny_runner):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    env = os.environ | {"PYTHONPATH": str(settings.PACKAGE_DIR.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WORKER, url], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout.readline().strip() == "TRAINING"  # a trial is RUNNING, with a heartbeat
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    storage = tuning.open_storage(url, heartbeat_interval=1, grace_period=1)
+    (left,) = optuna.load_study(study_name="resume", storage=storage).get_trials()
+    assert left.state == optuna.trial.TrialState.RUNNING
+    time.sleep(2.5)  # past the grace period (1 s; sqlite timestamps have whole seconds)
+
+    study = tuning.open_study(storage, "resume", seed=0, n_trials=2)
+    space = tuning.parse_search_space({"fixed": TINY_SPACE["fixed"], "params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
+    assert tuning.run_study(study, space, tiny_runner, n_trials=2, base_model={"max_len": tiny_tensors[2]}) == 2
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]
+    # the killed trial's parameters ran again (RetryHeartbeatStaleTrialCallback)
+    assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+    assert tuning.counted_trials(study) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the asset: MLflow parent/child runs, metadata, and dcn_din_model trained from the best config
+
+
+@pytest.fixture(scope="module")
+def tuned_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
+    root = tmp_path_factory.mktemp("tuning")
+    out = Path(shutil.copytree(task1_outputs[0], root / "outputs"))
+    space = write_space(root, TINY_SPACE)
+    config = {"n_trials": 3, "search_space": str(space), "study_name": "tiny", "seed": 5}
+    with dg.instance_for_test(temp_dir=str(root / "home")) as instance:
+        result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
+                                run_config={"ops": {"ctr_tuning": {"config": config}}})
+        assert result.success
+    return out, result, root
+
+
+def test_study_logs_parent_and_child_runs_and_writes_the_best_config(tuned_outputs):
+    out, result, root = tuned_outputs
+    meta = result.asset_materializations_for_node("ctr_tuning")[0].metadata
+    assert meta["trials_complete"].value == 3 and meta["trials_run_now"].value == 3
+    assert meta["storage"].value == f"sqlite:///{(root / 'home').resolve() / 'optuna.db'}"  # the instance's own
+    assert meta["trials"].value.startswith("| trial | state | valid AUC |")
+    assert meta["trial_aucs"].value.startswith("![")
+    best_file = Path(meta["best_config_path"].value)
+    config = yaml.safe_load(best_file.read_text())["ops"]["dcn_din_model"]["config"]
+    assert best_file == tuning.tuned_file(out) and config["train"]["seed"] == 5 and "precision" not in config["train"]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    parent = client.get_run(meta["mlflow_run_id"].value)
+    assert parent.data.metrics["best_valid_auc"] == pytest.approx(meta["best_valid_auc"].value)
+    assert parent.data.params["best.trial"] == str(meta["best_trial"].value)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["optuna.trial"] for c in children) == ["0", "1", "2"]
+    for child in children:
+        curve = client.get_metric_history(child.info.run_id, "valid_auc")
+        assert [m.step for m in curve] == [1, 2] and child.info.status == "FINISHED"
+    best_child = next(c for c in children if c.data.tags["optuna.trial"] == str(meta["best_trial"].value))
+    assert best_child.data.metrics["best_valid_auc"] == pytest.approx(meta["best_valid_auc"].value)
+
+
+def test_rerun_resumes_the_study_and_adds_only_missing_trials(tuned_outputs, tiny_data, make_resources, tmp_path):
+    out, _, root = tuned_outputs
+    out = Path(shutil.copytree(out, tmp_path / "outputs"))
+    db = tmp_path / "optuna.db"
+    shutil.copy(root / "home" / "optuna.db", db)
+    config = {"n_trials": 4, "search_space": str(root / "space.yaml"), "study_name": "tiny", "seed": 5,
+              "storage": f"sqlite:///{db}"}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
+                                run_config={"ops": {"ctr_tuning": {"config": config}}})
+    meta = result.asset_materializations_for_node("ctr_tuning")[0].metadata
+    assert meta["trials_run_now"].value == 1
+    assert meta["trials_complete"].value + meta["trials_pruned"].value == 4
+
+
+@pytest.mark.float_repro
+def test_dcn_din_model_trains_the_best_config(tuned_outputs, tiny_data, make_resources, tmp_path):
+    out, result, _ = tuned_outputs
+    out = Path(shutil.copytree(out, tmp_path / "outputs"))
+    meta = result.asset_materializations_for_node("ctr_tuning")[0].metadata
+    with dg.instance_for_test() as instance:
+        trained = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, out), instance=instance,
+                                 run_config={"ops": {"dcn_din_model": {"config": {"tuned": True}}}})
+    model_meta = trained.asset_materializations_for_node("dcn_din_model")[0].metadata
+    # same config, data, seed and threads as the best trial: the same training, the same AUC
+    assert model_meta["best_valid_auc"].value == pytest.approx(meta["best_valid_auc"].value, abs=1e-9)
+    saved = yaml.safe_load(tuning.tuned_file(out).read_text())["ops"]["dcn_din_model"]["config"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    params = client.get_run(model_meta["mlflow_run_id"].value).data.params
+    assert params["train.lr"] == str(saved["train"]["lr"]) and params["train.epochs"] == "2"
