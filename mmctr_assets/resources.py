@@ -7,6 +7,7 @@ can also be set per run in the launchpad or with `dagster asset materialize --co
 from __future__ import annotations
 
 import contextlib
+import typing
 import tempfile
 import warnings
 from pathlib import Path
@@ -182,6 +183,24 @@ class MlflowResource(dg.ConfigurableResource):
         self._ensure_experiment()
         with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
             yield run
+
+    @contextlib.contextmanager
+    def start_child_run(self, run_name: str, tags: dict[str, str] | None = None, *,
+                        interrupted_status: typing.Callable[[BaseException], str] | None = None):
+        """A run nested under the active one (a tuning trial under its study's run). Ends FINISHED,
+        or with ``interrupted_status(error)`` (default FAILED) when the block raises; the parent
+        stays active either way."""
+        import mlflow
+
+        run = mlflow.start_run(run_name=run_name, nested=True, tags=tags or {})
+        status = "FINISHED"
+        try:
+            yield run
+        except BaseException as e:
+            status = interrupted_status(e) if interrupted_status else "FAILED"
+            raise
+        finally:
+            mlflow.end_run(status)
 
     def _ensure_experiment(self) -> None:
         """Select the experiment, creating it first. With a sqlite store its artifacts (the model

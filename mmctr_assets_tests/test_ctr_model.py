@@ -316,12 +316,17 @@ def test_user_embedding_hashes_unseen_users_and_needs_user_id():
 
 def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_frozen_rows():
     model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
-                    user_buckets=7, embedding_regularizer=0.5)
+                    use_item_bias=True, use_user_bias=True, user_buckets=7, embedding_regularizer=0.5)
     with torch.no_grad():  # a padding row that is not zero must still not be penalised
         model.id_embedding.weight[0] = 3.0
         model.tag_embedding.weight[0] = 3.0
-    expected = 0.5 * (model.id_embedding.weight[1:].pow(2).sum() + model.tag_embedding.weight[1:].pow(2).sum()
-                      + model.user_embedding.embedding.weight.pow(2).sum())
+        model.item_bias.weight[0] = 3.0
+        model.item_bias.weight[1:] = 0.25
+        model.user_bias.embedding.weight.fill_(0.5)
+    # FuxiCTR's lambda / 2 * ||W||^2 over whole tables, biases included
+    expected = 0.5 / 2 * (model.id_embedding.weight[1:].pow(2).sum() + model.tag_embedding.weight[1:].pow(2).sum()
+                          + model.user_embedding.embedding.weight.pow(2).sum()
+                          + N_ITEMS * 0.25 ** 2 + 7 * 0.5 ** 2)
     torch.testing.assert_close(model.embedding_penalty(), expected)
     # every row is paid for every step, whether or not the batch uses it (rare ids included)
     model.embedding_penalty().backward()
@@ -366,12 +371,72 @@ def test_every_preset_is_a_valid_config_of_its_family_and_unknown_names_are_refu
     from mmctr_assets.lib.ctr.presets import PRESETS, preset
     from mmctr_assets.lib.ctr.trainer import TrainConfig
 
-    assert set(PRESETS) == set(FAMILIES)
+    assert set(FAMILIES) | {"momo", "qin_recipe"} <= set(PRESETS)
     for name in PRESETS:
         p = preset(name)
-        assert ModelConfig(**p["model"]).family == name
+        config = ModelConfig(**({"max_len": 100} | p["model"]))
+        if name in FAMILIES:
+            assert config.family == name
         TrainConfig(**p["train"])
         p["model"]["family"] = "changed"  # a copy: the registry stays as it was
-        assert PRESETS[name]["model"]["family"] == name
-    with pytest.raises(ValueError, match=r"unknown preset 'dcn'; presets: \['dcn_din', 'din', 'transformer_dcnv2'\]"):
+        assert PRESETS[name]["model"].get("family") != "changed"
+    with pytest.raises(ValueError, match=r"unknown preset 'dcn'; presets: \['dcn_din', "):
         preset("dcn")
+
+
+def test_trainable_ids_start_near_zero_with_a_zero_padding_row():
+    model = _family("dcn_din", use_id_embedding=True, use_tag_embedding=True, use_item_bias=True)
+    for table in (model.id_embedding.weight, model.tag_embedding.weight, model.item_bias.weight):
+        assert torch.equal(table[0], torch.zeros_like(table[0]))
+    for table in (model.id_embedding.weight, model.tag_embedding.weight):
+        # N(0, 1e-4) (FuxiCTR): the sample std of 700+ draws is within 15% of it (seeded)
+        assert abs(float(table[1:].detach().std()) - 1e-4) < 1.5e-5
+    assert model.id_embedding.weight.shape == (N_ITEMS + 1, 64)  # dim 64 when on (momo, FuxiCTR)
+    assert model.tag_embedding.weight.shape[1] == 64
+
+
+def test_item_and_user_biases_move_only_their_own_rows_logits():
+    model = _family("dcn_din", use_item_bias=True, use_user_bias=True, user_buckets=11).eval()
+    item_id, seq, likes, views = _batch()
+    users = torch.arange(B) * 7919
+    with torch.no_grad():
+        base = model(item_id, seq, likes, views, users)
+        model.item_bias.weight[int(item_id[0])] += 2.0
+        moved = model(item_id, seq, likes, views, users)
+        hit = item_id == item_id[0]
+        torch.testing.assert_close(moved[hit], base[hit] + 2.0)
+        torch.testing.assert_close(moved[~hit], base[~hit])
+        bucket = model.user_bias.bucket(users[:1])
+        model.user_bias.embedding.weight[bucket] -= 1.0
+        again = model(item_id, seq, likes, views, users)
+    same_bucket = model.user_bias.bucket(users) == bucket
+    torch.testing.assert_close(again[same_bucket], moved[same_bucket] - 1.0)
+    torch.testing.assert_close(again[~same_bucket], moved[~same_bucket])
+    with pytest.raises(ValueError, match="needs user_id"):
+        model(item_id, seq, likes, views)
+
+
+def test_momo_preset_builds_momos_layers_and_its_padding_mask_is_right():
+    from mmctr_assets.lib.ctr.presets import preset
+
+    width = 2 * L  # momo keeps the last 16 outputs: histories at least that wide
+    values = preset("momo")["model"] | {"embedding_dim": D, "max_len": width}
+    model = CTRModel(ModelConfig(**values), _embeddings(), _tags(), item_frequency=_counts())
+    assert len(model.sequence.encoder.layers) == 2 and model.sequence.last_k == 16
+    assert model.head.output_dim == 32 and model.deep.output_dim == 256
+    model.eval()
+    item_id, seq, likes, views = _batch()
+    seq = torch.cat([torch.zeros(B, width - L, dtype=seq.dtype), seq], dim=1)  # more left padding
+    with torch.no_grad():
+        base = model(item_id, seq, likes, views)
+        # padding never counts: another padding embedding changes nothing (an inverted
+        # key_padding_mask, as in momo's public code, would attend to exactly these positions)
+        model.item_embedding.weight[0] = 5.0
+        model.id_embedding.weight[0] = 5.0
+        torch.testing.assert_close(model(item_id, seq, likes, views), base)
+        row = int(((seq != 0).sum(1) >= 2).nonzero()[0])
+        changed = seq.clone()
+        last = seq.shape[1] - 1
+        changed[row, last] = seq[row, last] % N_ITEMS + 1  # the most recent real item
+        after = model(item_id, changed, likes, views)
+    assert after[row] != base[row]

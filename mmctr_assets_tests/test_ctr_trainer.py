@@ -346,3 +346,25 @@ def test_predict_and_load_model_errors(data, tmp_path):
     torch.save(old, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="another mmctr version .* materialise dcn_din_model again"):
         load_model(tmp_path / "old.pt")
+
+
+@pytest.mark.parametrize("restore", [True, False])
+def test_an_lr_cut_continues_from_the_best_weights_when_asked(tmp_path, restore):
+    """Noise labels, so valid AUC wanders and the LR gets cut; last.pt (what the next epoch starts
+    from, written before on_epoch_end) holds the best weights after a cut only with the option."""
+    topic, emb = _world()
+    rng = np.random.default_rng(5)
+    frames = [_frame(n, s, topic)[0].with_columns(label=pl.Series(rng.integers(0, 2, n).astype(float)))
+              for n, s in ((2000, 6), (1000, 7))]
+    cfg = dataclasses.replace(FAST, epochs=12, lr=3e-3, early_stopping_patience=4, restore_best_on_lr_cut=restore)
+    starts_from_best = []
+
+    def after_epoch(log):
+        ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+        if not log.improved and not ckpt["stopped_early"] and ckpt["scheduler"]["_last_lr"][0] < log.lr:
+            starts_from_best.append(all(torch.equal(ckpt["model"][k], v) for k, v in ckpt["best_state"].items()))
+
+    train(MODEL, cfg, to_tensors(frames[0], MAX_LEN), to_tensors(frames[1], MAX_LEN), emb,
+          checkpoint_dir=tmp_path, on_epoch_end=after_epoch)
+    assert starts_from_best, "no LR cut happened: the test saw nothing"
+    assert all(starts_from_best) if restore else not any(starts_from_best)

@@ -38,7 +38,7 @@ TINY_SPACE = {
 
 def write_space(tmp_path: Path, space: dict, name: str = "space.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(space, sort_keys=False))  # "when" refers to earlier params
     return path
 
 
@@ -233,6 +233,7 @@ def test_study_resumes_after_its_worker_is_killed(tmp_path, tiny_tensors, tiny_r
 @pytest.fixture(scope="module")
 def tuned_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
     root = tmp_path_factory.mktemp("tuning")
+    (root / "home").mkdir()
     out = Path(shutil.copytree(task1_outputs[0], root / "outputs"))
     space = write_space(root, TINY_SPACE)
     config = {"n_trials": 3, "search_space": str(space), "study_name": "tiny", "seed": 5}

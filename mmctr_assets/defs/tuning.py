@@ -57,45 +57,42 @@ def instance_storage_url(instance: dg.DagsterInstance) -> str:
 
 def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir: Path, parent_tags: dict):
     """Trains one trial as an MLflow child run of the active (parent) run, reporting each epoch's
-    valid AUC to the pruner. MLflow calls here: start_run(nested), log_params, set_tag, end_run."""
-    import mlflow as mlflow_api
+    valid AUC to the pruner."""
     import optuna
 
     from ..lib.ctr import trainer
 
     def run(trial, model_config, train_config) -> float:
-        child = mlflow_api.start_run(run_name=f"trial-{trial.number}", nested=True,
-                                     tags=parent_tags | {"optuna.trial": str(trial.number)})
-        trial.set_user_attr("mlflow_run_id", child.info.run_id)
-        status, logged = "FAILED", set()
+        def status(error: BaseException) -> str:
+            if isinstance(error, optuna.TrialPruned):
+                mlflow.set_tag("optuna.state", "PRUNED")
+                mlflow.set_tag("optuna.pruned", str(error))
+                return "KILLED"
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            return "FAILED"
+
+        logged: set[int] = set()
         try:
-            mlflow_api.log_params({f"model.{k}": v for k, v in model_config.to_dict().items()}
+            with mlflow.start_child_run(f"trial-{trial.number}", parent_tags | {"optuna.trial": str(trial.number)},
+                                        interrupted_status=status) as child:
+                trial.set_user_attr("mlflow_run_id", child.info.run_id)
+                mlflow.log_params({f"model.{k}": v for k, v in model_config.to_dict().items()}
                                   | {f"train.{k}": v for k, v in train_config.to_dict().items()}
                                   | {"data_fingerprint": data["fingerprint"]})
 
-            def on_epoch_end(e) -> None:
-                mlflow.log_epochs([e], logged)
-                context.log.info(f"trial {trial.number} epoch {e.epoch}: valid AUC {e.valid_auc:.4f}")
-                tuning.report_epoch(trial, e.epoch, e.valid_auc)
+                def on_epoch_end(e) -> None:
+                    mlflow.log_epochs([e], logged)
+                    context.log.info(f"trial {trial.number} epoch {e.epoch}: valid AUC {e.valid_auc:.4f}")
+                    tuning.report_epoch(trial, e.epoch, e.valid_auc)
 
-            result = trainer.train(
-                model_config, train_config, data["train"], data["valid"], data["emb"],
-                item_tags=data["tags"] if model_config.use_tag_embedding else None, device=device,
-                checkpoint_dir=work_dir / f"trial-{trial.number}", data_fingerprint=data["fingerprint"],
-                on_epoch_end=on_epoch_end)
-            mlflow_api.log_metric("best_valid_auc", result.best_valid_auc)
-            status = "FINISHED"
-            return result.best_valid_auc
-        except optuna.TrialPruned as e:
-            mlflow_api.set_tag("optuna.state", "PRUNED")
-            mlflow_api.set_tag("optuna.pruned", str(e))
-            status = "KILLED"
-            raise
-        except Exception as e:
-            mlflow_api.set_tag("error", f"{type(e).__name__}: {e}"[:5000])
-            raise
+                result = trainer.train(
+                    model_config, train_config, data["train"], data["valid"], data["emb"],
+                    item_tags=data["tags"] if model_config.use_tag_embedding else None, device=device,
+                    checkpoint_dir=work_dir / f"trial-{trial.number}", data_fingerprint=data["fingerprint"],
+                    on_epoch_end=on_epoch_end)
+                mlflow.log_metrics({"best_valid_auc": result.best_valid_auc})
+                return result.best_valid_auc
         finally:
-            mlflow_api.end_run(status)  # the child only: the parent stays active
             shutil.rmtree(work_dir / f"trial-{trial.number}", ignore_errors=True)
 
     return run
@@ -131,8 +128,6 @@ def ctr_tuning(
     """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
     the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
     same name: a killed run leaves trials that are marked failed and retried."""
-    import mlflow as mlflow_api
-
     from ..lib.plots import plot_trial_aucs
 
     space = tuning.load_search_space(config.search_space)
@@ -150,7 +145,7 @@ def ctr_tuning(
     tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
     best_path = tuning.tuned_file(storage.output_dir)
     with mlflow.start_run(f"ctr_tuning_{config.study_name}", tags=tags) as parent:
-        mlflow_api.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
+        mlflow.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
                                "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
                                "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
                                "search_space_fingerprint": file_fingerprint(config.search_space),
@@ -173,8 +168,8 @@ def ctr_tuning(
         rows = tuning.trial_rows(study)
         tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed
         best = study.best_trial
-        mlflow_api.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
-        mlflow_api.log_metric("best_valid_auc", best.value)
+        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+        mlflow.log_metrics({"best_valid_auc": best.value})
         mlflow.log_files([best_path], "best_config")
         plot = plot_trial_aucs(rows)
         mlflow.log_png(plot, "trial_aucs.png")

@@ -14,7 +14,7 @@ from mmctr_assets.lib.io import atomic_path
 # /2: sigmoid attention, history-match features and the item-frequency buffer
 # /3: max_len moved into the model config (the file says which history positions it reads)
 # /4: ModelConfig.family (dcn_din with recency, transformer_dcnv2, din) and the user embedding
-MODEL_FORMAT = "mmctr.dcn_din.model/4"
+MODEL_FORMAT = "mmctr.dcn_din.model/5"  # /5: item/user biases, head MLP, lambda/2 regulariser
 
 
 def save_model(model: CTRModel, path: str | Path) -> Path:

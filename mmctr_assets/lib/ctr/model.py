@@ -85,13 +85,18 @@ class ModelConfig:
     max_len: int = 64  # history positions the model reads: the most recent max_len items
     finetune_item_embeddings: bool = False
     use_id_embedding: bool = False
-    id_embedding_dim: int = 32
+    id_embedding_dim: int = 64  # momo's and FuxiCTR's MicroLens width
     use_tag_embedding: bool = False
-    tag_embedding_dim: int = 32
+    tag_embedding_dim: int = 64
     use_user_embedding: bool = False  # user_id hashed into user_buckets rows (unseen users too)
     user_buckets: int = 100_000
     user_embedding_dim: int = 16
-    embedding_regularizer: float = 0.0  # L2 weight on every trainable embedding table
+    # a learned scalar per item / per user bucket added to the logit: how often an item is clicked
+    # whatever the history (an appeal no content shows), how often a user clicks at all
+    use_item_bias: bool = False
+    use_user_bias: bool = False
+    # FuxiCTR's embedding_regularizer: lambda / 2 * ||W||^2 over every trainable embedding table
+    embedding_regularizer: float = 0.0
     level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
     level_embedding_dim: int = 16
     # "key": a learned embedding of each history item's distance from the most recent click
@@ -113,6 +118,8 @@ class ModelConfig:
     cross_version: str | None = None
     cross_rank: int = 0  # 0: full-rank DCN-V2 matrices; r > 0: low-rank U V^T (cross_version v2)
     deep_units: tuple[int, ...] = (128, 64)
+    # an MLP over [cross net, deep net] before the output layer (momo's [64, 32]); () = linear output
+    head_units: tuple[int, ...] = ()
     dropout: float = 0.1
     batch_norm: bool = False
 
@@ -120,6 +127,7 @@ class ModelConfig:
         # Lists arrive from JSON/Dagster config; store tuples so the config stays hashable.
         object.__setattr__(self, "attention_units", tuple(int(u) for u in self.attention_units))
         object.__setattr__(self, "deep_units", tuple(int(u) for u in self.deep_units))
+        object.__setattr__(self, "head_units", tuple(int(u) for u in self.head_units))
         if self.family not in FAMILIES:
             raise ValueError(f"Invalid ModelConfig: family must be one of {FAMILIES}, got {self.family!r}")
         problems = self._resolve_family_options()
@@ -147,6 +155,8 @@ class ModelConfig:
             problems.append(f"attention_units must be positive sizes, got {list(self.attention_units)}")
         if not self.deep_units or min(self.deep_units) < 1:
             problems.append(f"deep_units must be positive sizes, got {list(self.deep_units)}")
+        if self.head_units and min(self.head_units) < 1:
+            problems.append(f"head_units must be positive sizes (or empty), got {list(self.head_units)}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
@@ -154,7 +164,8 @@ class ModelConfig:
             problems.append(f"embedding_regularizer must be >= 0, got {self.embedding_regularizer}")
         elif self.embedding_regularizer > 0 and not self.trainable_embeddings():
             problems.append("embedding_regularizer > 0 needs a trainable embedding (use_id_embedding, "
-                            "use_tag_embedding, use_user_embedding or finetune_item_embeddings)")
+                            "use_tag_embedding, use_user_embedding, use_item_bias, use_user_bias or "
+                            "finetune_item_embeddings)")
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
@@ -183,12 +194,16 @@ class ModelConfig:
 
     def trainable_embeddings(self) -> bool:
         return (self.use_id_embedding or self.use_tag_embedding or self.use_user_embedding
-                or self.finetune_item_embeddings)
+                or self.use_item_bias or self.use_user_bias or self.finetune_item_embeddings)
+
+    def reads_user_id(self) -> bool:
+        return self.use_user_embedding or self.use_user_bias
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["attention_units"] = list(self.attention_units)
         d["deep_units"] = list(self.deep_units)
+        d["head_units"] = list(self.head_units)
         return d
 
     @classmethod
@@ -299,7 +314,15 @@ class CTRModel(nn.Module):
         self.deep = MLP(feature_dim, config.deep_units, activation="dice", dropout=config.dropout,
                         batch_norm=config.batch_norm)
         head_dim = self.deep.output_dim + (0 if config.family == "din" else feature_dim)
+        if config.head_units:
+            self.head = MLP(head_dim, config.head_units, activation="relu", dropout=config.dropout,
+                            batch_norm=config.batch_norm)
+            head_dim = self.head.output_dim
         self.output = nn.Linear(head_dim, 1)
+        if config.use_item_bias:
+            self.item_bias = _trainable_table(self.n_items + 1, 1)
+        if config.use_user_bias:
+            self.user_bias = HashedEmbedding(config.user_buckets, 1)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
@@ -362,9 +385,9 @@ class CTRModel(nn.Module):
         target = self.item_vectors(item_id)
         summary, matches = self._history(target, item_seq)
         parts = [target, summary, self.likes_embedding(likes_level), self.views_embedding(views_level)]
+        if self.config.reads_user_id() and user_id is None:
+            raise ValueError("use_user_embedding / use_user_bias: the model needs user_id (the user_id column of the frame)")
         if self.config.use_user_embedding:
-            if user_id is None:
-                raise ValueError("use_user_embedding=True needs user_id (the user_id column of the frame)")
             parts.append(self.user_embedding(user_id))
         if self.config.history_match_features:
             n_real = (item_seq != 0).sum(dim=1).clamp(min=1).to(matches.dtype)
@@ -373,20 +396,32 @@ class CTRModel(nn.Module):
             parts.append(self.item_log_frequency[item_id].unsqueeze(-1).to(target.dtype))
         features = torch.cat(parts, dim=-1)
         if self.config.family == "din":
-            return self.output(self.deep(features)).squeeze(-1)
-        return self.output(torch.cat([self.cross(features), self.deep(features)], dim=-1)).squeeze(-1)
+            hidden = self.deep(features)
+        else:
+            hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1)
+        if self.config.head_units:
+            hidden = self.head(hidden)
+        logit = self.output(hidden).squeeze(-1)
+        if self.config.use_item_bias:
+            logit = logit + self.item_bias(item_id).squeeze(-1).to(logit.dtype)
+        if self.config.use_user_bias:
+            logit = logit + self.user_bias(user_id).squeeze(-1).to(logit.dtype)
+        return logit
 
     def embedding_penalty(self) -> torch.Tensor:
-        """``embedding_regularizer`` x the squared L2 norm of every trainable embedding table (item
-        ids, tags, user buckets; padding rows excluded), to add to each step's loss."""
+        """``embedding_regularizer / 2`` x the squared L2 norm of every trainable embedding table
+        (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to each
+        step's loss: FuxiCTR's ``lambda / 2 * ||W||^2`` over whole tables."""
         cfg = self.config
         tables = [(self.item_embedding.weight, 0)] if cfg.finetune_item_embeddings else []
         tables += [(self.id_embedding.weight, 0)] if cfg.use_id_embedding else []
         tables += [(self.tag_embedding.weight, 0)] if cfg.use_tag_embedding else []
         tables += [(self.user_embedding.embedding.weight, None)] if cfg.use_user_embedding else []
+        tables += [(self.item_bias.weight, 0)] if cfg.use_item_bias else []
+        tables += [(self.user_bias.embedding.weight, None)] if cfg.use_user_bias else []
         total = sum((embedding_l2(table, padding_row=pad) for table, pad in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
-        return cfg.embedding_regularizer * total
+        return cfg.embedding_regularizer / 2 * total
 
     def to_dict(self) -> dict[str, Any]:
         """Architecture (config + table shapes): with a state_dict, enough to rebuild the model."""

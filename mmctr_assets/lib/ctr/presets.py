@@ -1,31 +1,46 @@
-"""Named run configs, one per model family: the ``model:`` / ``train:`` sections of the
-dcn_din_model run config (README, dcn_din_model, lists them with their measured demo figures).
+"""Named run configs for dcn_din_model: one YAML file each under ``mmctr_assets/deploy/presets/``.
 
-They are plain dicts so that the README snippet, the benchmarks and a user's run config are the
-same thing; merge one into your config (``{"model": preset["model"] | mine, ...}``).
+Each file is a Dagster run-config fragment (``ops: dcn_din_model: config: model: ... train: ...``),
+so the file a user passes to ``--config``, the one the benchmarks train and the one the tests check
+are the same file. What each preset is and where it comes from: docs/models.md; measured figures:
+docs/results.md.
 """
 
 from __future__ import annotations
 
-# LR halving on plateau with room to use it (QIN's schedule, shortened for the demo data).
-_HALVING = {"lr_factor": 0.5, "lr_patience": 1, "early_stopping_patience": 3, "epochs": 20}
+from pathlib import Path
 
-# A user seen a handful of times overfits its row without a regulariser (best epoch 1-3); the
-# whole-table L2 at 2e-3 keeps it near zero unless many rows agree (demo medium: 0.8672 vs 0.8327,
-# README).
-_USER = {"use_user_embedding": True, "embedding_regularizer": 2e-3}
+import yaml
 
-PRESETS: dict[str, dict[str, dict]] = {
-    "dcn_din": {"model": {"family": "dcn_din", "position": "key"} | _USER, "train": dict(_HALVING)},
-    # low-rank cross layers: the features are ~470 wide, full-rank DCN-V2 would cost 3x the step
-    "transformer_dcnv2": {"model": {"family": "transformer_dcnv2", "cross_rank": 32} | _USER,
-                          "train": dict(_HALVING)},
-    "din": {"model": {"family": "din"}, "train": {}},
-}
+PRESET_DIR = Path(__file__).resolve().parents[2] / "deploy" / "presets"
+
+
+def preset_file(name: str) -> Path:
+    return PRESET_DIR / f"{name}.yaml"
+
+
+def run_config_sections(doc: dict, source: str) -> dict[str, dict]:
+    """``{"model": {...}, "train": {...}}`` of a dcn_din_model run-config fragment."""
+    try:
+        config = doc["ops"]["dcn_din_model"]["config"]
+    except (KeyError, TypeError):
+        raise ValueError(f"{source}: expected a run config 'ops: dcn_din_model: config: model: ... train: ...'") from None
+    unknown = sorted(set(config) - {"model", "train", "embedding_source", "tuned"})
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {unknown} under ops.dcn_din_model.config; expected model:, train:")
+    return {section: dict(config.get(section) or {}) for section in ("model", "train")}
+
+
+def _load() -> dict[str, dict[str, dict]]:
+    return {path.stem: run_config_sections(yaml.safe_load(path.read_text()), str(path))
+            for path in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+PRESETS: dict[str, dict[str, dict]] = _load()
 
 
 def preset(name: str) -> dict[str, dict]:
     """A copy of preset ``name`` (``{"model": {...}, "train": {...}}``)."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)} (files in {PRESET_DIR})")
     return {section: dict(values) for section, values in PRESETS[name].items()}

@@ -29,7 +29,7 @@ from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss
 from mmctr_assets.lib.precision import autocast, check_precision
 
-CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/4"  # /4: model families, user_id input
+CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/5"  # /5: biases, head MLP, restore on LR cut
 # TrainConfig fields that may change between a run and its resume (extend a finished run).
 _RESUMABLE_CHANGES = {"epochs"}
 
@@ -50,6 +50,9 @@ class TrainConfig:
     grad_clip_norm: float | None = 10.0
     lr_factor: float = 0.1
     lr_patience: int = 1
+    # on an LR cut, continue from the best epoch's weights instead of the last (worse) ones: a cut
+    # then refines the best model rather than the one that had started to overfit
+    restore_best_on_lr_cut: bool = False
     early_stopping_patience: int = 2
     seed: int = 0
     precision: str = "fp32"
@@ -345,6 +348,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
             valid_auc = auc(valid_labels, probs)
             improved = _record_best(run, epoch, valid_auc, cfg, best_path)
             run.scheduler.step(valid_auc)
+            if (cfg.restore_best_on_lr_cut and not improved and not run.stopped_early
+                    and optimizer.param_groups[0]["lr"] < lr):
+                model.load_state_dict(run.best_state)  # before last.pt: a resume continues from here
             log = EpochLog(epoch=epoch, train_loss=train_loss, valid_auc=valid_auc,
                            valid_logloss=logloss(valid_labels, probs), lr=lr,
                            seconds=time.perf_counter() - t0,
