@@ -116,6 +116,7 @@ FLOAT_VARIATION := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENAB
 	OMP_NUM_THREADS=1 taskset -c 0
 
 test: install browser postgres
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 	$(FLOAT_VARIATION) $(BIN)/pytest -q -p no:cacheprovider -m float_repro
 

@@ -33,6 +33,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import emit  # noqa: E402
+
 from mmctr_assets.lib.embeddings import clip as ce  # noqa: E402
 from mmctr_assets.lib.embeddings.tiny_clip import build_tiny_clip  # noqa: E402
 

@@ -10,18 +10,26 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import json, sys, tempfile, time
-import numpy as np, polars as pl
+import json
+import sys
+import tempfile
+import time
+
+import numpy as np
+import polars as pl
+
 from mmctr_assets.lib.ctr.model import ModelConfig
 from mmctr_assets.lib.ctr.presets import preset
 from mmctr_assets.lib.ctr.tensors import to_tensors
 from mmctr_assets.lib.ctr.trainer import TrainConfig, train
+
 root = ".mmctr/bench/medium_v2"
 items = pl.read_parquet(f"{root}/ground_truth/items.parquet").sort("item_id")
 topic = np.concatenate([[0], items.get_column("topic").to_numpy()])
 rng = np.random.default_rng(0)
 centers = rng.normal(size=(topic.max() + 1, 128))
-emb = (centers[topic] + 1.0 * rng.normal(size=(len(topic), 128))).astype(np.float32); emb[0] = 0
+emb = (centers[topic] + 1.0 * rng.normal(size=(len(topic), 128))).astype(np.float32)
+emb[0] = 0
 tr, va = (to_tensors(pl.read_parquet(f"{root}/MicroLens_1M_x1/{t}.parquet"), 100, n_items=len(topic) - 1) for t in ("train", "valid"))
 for name, changes in [("dcn_din position key", {}), ("dcn_din position none", {"position": "none"}), ("transformer", None)]:
     model = ModelConfig(**(preset("dcn_din")["model"] | {"max_len": 100} | (changes or {}))) if changes is not None else ModelConfig(**(preset("transformer_dcnv2")["model"] | {"max_len": 100}))

@@ -139,12 +139,12 @@ def configs(extra_files: list[Path]) -> dict[str, dict[str, dict]]:
 def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
               threads: int | None, batch_size: int | None = None) -> dict:
     import torch
+    from sklearn.metrics import roc_auc_score
 
     from mmctr_assets.lib.ctr.inference import predict
     from mmctr_assets.lib.ctr.model import ModelConfig
     from mmctr_assets.lib.ctr.tensors import to_tensors
     from mmctr_assets.lib.ctr.trainer import TrainConfig, train
-    from sklearn.metrics import roc_auc_score
 
     width = int(ds.frames["train"].get_column("item_seq").list.len().max())
     model_values = {"max_len": width} | sections["model"]  # unset max_len: the whole history

@@ -7,8 +7,8 @@ can also be set per run in the launchpad or with `dagster asset materialize --co
 from __future__ import annotations
 
 import contextlib
-import typing
 import tempfile
+import typing
 import warnings
 from pathlib import Path
 

@@ -29,9 +29,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import psutil
-
 import dagster as dg
+import psutil
 from dagster._core.events import DagsterEventType
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher

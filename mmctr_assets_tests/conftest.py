@@ -12,12 +12,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from mmctr_assets import settings
 from mmctr_assets.defs import embeddings as task1
 from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.defs.raw import raw_assets
 from mmctr_assets.lib.data import demo as demo_data
 from mmctr_assets.lib.embeddings import tiny_clip
-from mmctr_assets import settings
 from mmctr_assets.resources import ComputeResource, MlflowResource, ProjectStorage
 
 SHARDS = clip_shards.get_partition_keys()

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 from _pytest.outcomes import Failed, Skipped
+from ui_browser import chromium_or_skip, find_chromium
 
 from mmctr_assets import settings
-from ui_browser import chromium_or_skip, find_chromium
 
 REPO = settings.PACKAGE_DIR.parent
 MAKE = shutil.which("make")

@@ -6,11 +6,9 @@ import sys
 import zipfile
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import pytest
-
-import dagster as dg
-
 from conftest import SHARDS
 
 DAGSTER = str(Path(sys.executable).parent / "dagster")

@@ -2,8 +2,18 @@ import pytest
 import torch
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import (MLP, CrossNet, Dice, HashedEmbedding, TargetAttention, TransformerHistory,
-                                         embedding_l2, length_buckets, pack_history, pack_history_with_recency)
+from mmctr_assets.lib.ctr.layers import (
+    MLP,
+    CrossNet,
+    Dice,
+    HashedEmbedding,
+    TargetAttention,
+    TransformerHistory,
+    embedding_l2,
+    length_buckets,
+    pack_history,
+    pack_history_with_recency,
+)
 
 D = 8
 

@@ -5,12 +5,12 @@ import polars as pl
 import pytest
 import torch
 
-from mmctr_assets.lib.ctr.model import ModelConfig
-from mmctr_assets.lib.metrics import auc
 from mmctr_assets.lib.ctr.artifacts import load_model, save_model
 from mmctr_assets.lib.ctr.inference import predict
+from mmctr_assets.lib.ctr.model import ModelConfig
 from mmctr_assets.lib.ctr.tensors import CTRTensors, to_tensors
 from mmctr_assets.lib.ctr.trainer import EpochLog, TrainConfig, train
+from mmctr_assets.lib.metrics import auc
 
 N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
 # This world has no popularity signal (uniform targets): the item-frequency input is noise here.

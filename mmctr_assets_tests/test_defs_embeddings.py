@@ -2,17 +2,16 @@
 
 import shutil
 
+import dagster as dg
 import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from conftest import RANGE, SHARDS, clip_config
 
-import dagster as dg
 from mmctr_assets.defs import embeddings as task1
 from mmctr_assets.lib.data import microlens
 from mmctr_assets.lib.embeddings import clip as clip_encoder
-
-from conftest import RANGE, SHARDS, clip_config
 
 
 @pytest.fixture

@@ -5,14 +5,14 @@ import datetime
 import json
 import os
 
+import dagster as dg
 import polars as pl
 import pytest
 
-import dagster as dg
 from mmctr_assets import settings
+from mmctr_assets.definitions import defs
 from mmctr_assets.defs import jobs, schedules, sensors
 from mmctr_assets.defs.common import clip_shards
-from mmctr_assets.definitions import defs
 from mmctr_assets.lib.data import microlens
 from mmctr_assets.lib.io import file_fingerprint
 from mmctr_assets.resources import ProjectStorage

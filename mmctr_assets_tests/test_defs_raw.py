@@ -2,13 +2,13 @@
 
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
 
-import dagster as dg
 from mmctr_assets.defs.raw import raw_assets
-from mmctr_assets.lib.data import checks, microlens
+from mmctr_assets.lib.data import microlens
 from mmctr_assets.lib.io import file_fingerprint
 
 

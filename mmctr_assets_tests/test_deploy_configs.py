@@ -12,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import mlflow
 import pytest
 import yaml
+from conftest import mlflow_server_process
 from dagster._config import process_config
 from dagster._core.definitions.job_base import InMemoryJob
 from dagster._core.errors import DagsterInvalidConfigError
@@ -27,15 +29,12 @@ from dagster_k8s.executor import K8sStepHandler
 from dagster_k8s.job import construct_dagster_k8s_job, get_user_defined_k8s_config
 from kubernetes.client import ApiClient
 
-import dagster as dg
 from mmctr_assets import settings
+from mmctr_assets.definitions import defs
 from mmctr_assets.defs import jobs
 from mmctr_assets.defs.schedules import build_retrain_schedule
-from mmctr_assets.definitions import defs
 from mmctr_assets.postgres_storage import PG_ENV
 from mmctr_assets.resources import MlflowResource
-
-from conftest import mlflow_server_process
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 PROD = DEPLOY / "dagster.prod.yaml"

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mmctr_assets.lib.plots import plot_embedding_projection
 from mmctr_assets.lib.embeddings.fusion import fuse_embeddings, validate_item_embeddings, write_item_info_updated
+from mmctr_assets.lib.plots import plot_embedding_projection
 
 N = 300
 

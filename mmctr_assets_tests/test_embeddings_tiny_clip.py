@@ -89,7 +89,8 @@ def _topic_pair_auc(model_dir, data_dir):
     """How well cosine similarity of mean(image, text) embeddings tells same-topic item pairs."""
     import numpy as np
     import polars as pl
-    from mmctr_assets.lib.embeddings.clip import load_image, item_texts
+
+    from mmctr_assets.lib.embeddings.clip import item_texts, load_image
     from mmctr_assets.lib.metrics import auc
 
     model, processor = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)

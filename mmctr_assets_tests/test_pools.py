@@ -11,11 +11,11 @@ import textwrap
 import time
 from pathlib import Path
 
+import dagster as dg
 import psutil
 import pytest
 import yaml
 
-import dagster as dg
 from mmctr_assets import settings
 from mmctr_assets.definitions import defs
 

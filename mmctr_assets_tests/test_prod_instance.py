@@ -21,17 +21,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import mlflow
 import pytest
 import yaml
+from conftest import SHARDS, mlflow_server_process
+from pg_server import PostgresServer, free_port, postgres_server
 
-import dagster as dg
-from conftest import SHARDS
 from mmctr_assets import settings
 from mmctr_assets.definitions import defs
 from mmctr_assets.postgres_storage import PG_ENV, PostgresStorageUnavailable, check_connection
-from conftest import mlflow_server_process
-from pg_server import PostgresServer, free_port, postgres_server
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 BIN = Path(sys.executable).parent
@@ -222,7 +221,6 @@ def test_dagster_dev_and_a_run_stop_at_start_with_the_variable_to_fix(pg, tmp_pa
 @pytest.mark.parametrize("required", [False, True])
 def test_missing_postgres_skips_with_the_install_command_or_fails_in_ci(monkeypatch, required):
     import _pytest.outcomes
-
     import pg_server
 
     monkeypatch.setattr(pg_server.glob, "glob", lambda pattern: [])

@@ -11,13 +11,13 @@ import mlflow
 import numpy as np
 import polars as pl
 import pytest
+from pg_server import free_port
 
 from mmctr_assets.lib.ctr import registry as reg
 from mmctr_assets.lib.ctr import registry_cli
 from mmctr_assets.lib.ctr.artifacts import save_model
 from mmctr_assets.lib.ctr.model import CTRModel, ModelConfig
 from mmctr_assets.resources import MlflowResource
-from pg_server import free_port
 
 NAME = "mmctr-ctr"
 N_ITEMS, DIM, WIDTH = 40, 8, 10

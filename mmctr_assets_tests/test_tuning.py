@@ -10,13 +10,13 @@ import textwrap
 import time
 from pathlib import Path
 
+import dagster as dg
 import mlflow
 import numpy as np
 import optuna
 import pytest
 import yaml
 
-import dagster as dg
 from mmctr_assets import settings
 from mmctr_assets.defs import ctr as task2
 from mmctr_assets.defs import tuning as tuning_defs

@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 from dagster_graphql import DagsterGraphQLClient
+from ui_browser import chromium_or_skip
 
 from mmctr_assets import settings
+from mmctr_assets.definitions import defs
 from mmctr_assets.defs.common import clip_shards
 from mmctr_assets.defs.jobs import all_shards_tags
-from mmctr_assets.definitions import defs
-from ui_browser import chromium_or_skip
 
 pytestmark = pytest.mark.slow
 

@@ -6,12 +6,11 @@ import json
 import typing
 import zipfile
 
+import dagster as dg
 import numpy as np
 import polars as pl
 import pydantic
 from pydantic import Field
-
-import dagster as dg
 
 from .. import settings
 from ..lib.ctr import model as model_module
@@ -139,8 +138,8 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     the real history items + DCN-V2) or din (the organisers' baseline). Every run is an MLflow run
     and a new version of the registered model; it replaces model.pt (and so feeds predictions) only
     when the champion gate promotes it. An interrupted materialisation resumes from its last epoch."""
-    from . import publish
     from ..lib.ctr import tensors
+    from . import publish
 
     mlflow.check_reachable()  # before hours of training, not after
     frames = read_train_valid(storage)

@@ -7,16 +7,25 @@ range of shards runs as one run that loads the model once (single-run backfill p
 
 import tempfile
 
+import dagster as dg
 import numpy as np
 import polars as pl
-
-import dagster as dg
 
 from .. import settings
 from ..lib.io import write_parquet_atomic
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import (ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, ProgressLog, clip_shards, cpu_cores,
-                     png_metadata, run_tags, torch_threads)
+from .common import (
+    ON_GPU,
+    OWNERS,
+    REFRESH_AFTER_UPSTREAM,
+    SINGLE_RUN,
+    ProgressLog,
+    clip_shards,
+    cpu_cores,
+    png_metadata,
+    run_tags,
+    torch_threads,
+)
 
 GROUP = "task1_embeddings"
 # the item tables a model can read (dcn_din_model's and task1_score's embedding_source)

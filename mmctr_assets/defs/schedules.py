@@ -8,8 +8,6 @@ from .. import settings
 from .jobs import TRIGGER_TAG, retrain_job
 
 
-
-
 def build_retrain_schedule(cron: str, timezone: str) -> dg.ScheduleDefinition:
     try:
         return dg.ScheduleDefinition(

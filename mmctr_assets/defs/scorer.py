@@ -10,9 +10,8 @@ a fused refresh retrains dcn_din_model only. It runs when selected (`--select ta
 and in full_refresh_job, the whole graph (README.md, "Task 1 scorer").
 """
 
-from pydantic import Field
-
 import dagster as dg
+from pydantic import Field
 
 from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig

@@ -16,10 +16,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dagster as dg
 import numpy as np
 import polars as pl
-
-import dagster as dg
 
 from ..lib.ctr import training_run
 from ..lib.ctr.model import ModelConfig

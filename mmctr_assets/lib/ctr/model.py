@@ -24,9 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import (MLP, CrossNet, HashedEmbedding, TargetAttention, TransformerHistory,
-                                         embedding_l2, length_buckets, pack_history_with_recency,
-                                         recency_positions)
+from mmctr_assets.lib.ctr.layers import (
+    MLP,
+    CrossNet,
+    HashedEmbedding,
+    TargetAttention,
+    TransformerHistory,
+    embedding_l2,
+    length_buckets,
+    pack_history_with_recency,
+    recency_positions,
+)
 from mmctr_assets.lib.data.microlens import MAX_LEVEL
 
 ATTENTION_IMPLS = ("packed_split", "packed", "padded")

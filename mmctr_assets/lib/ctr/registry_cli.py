@@ -19,8 +19,17 @@ import sys
 from pathlib import Path
 
 from mmctr_assets import settings
-from mmctr_assets.lib.ctr.registry import (CHAMPION, TAG_AUC, TAG_ITEMS, TAG_PROMOTED, TAG_ROLLED_BACK,
-                                           PromotionRefused, Registry, RegistryUnavailable, check_reachable)
+from mmctr_assets.lib.ctr.registry import (
+    CHAMPION,
+    TAG_AUC,
+    TAG_ITEMS,
+    TAG_PROMOTED,
+    TAG_ROLLED_BACK,
+    PromotionRefused,
+    Registry,
+    RegistryUnavailable,
+    check_reachable,
+)
 from mmctr_assets.lib.io import file_fingerprint
 
 

@@ -11,8 +11,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from mmctr_assets.lib.data.microlens import (MAX_LEVEL, bad_label_rows, describe_bad_labels, label_problem,
-                                             not_left_padded)
+from mmctr_assets.lib.data.microlens import (
+    MAX_LEVEL,
+    bad_label_rows,
+    describe_bad_labels,
+    label_problem,
+    not_left_padded,
+)
 
 
 def check_labels(label: np.ndarray, table: str = "frame") -> None:

@@ -23,7 +23,14 @@ The models never import this package: it is the world they are measured on.
 """
 
 from mmctr_assets.lib.data.demo.config import (  # noqa: F401  (the package's public names)
-    SIZES, USER_BIAS_SD, V3_HEAVY_HISTORY_MEDIAN, V3_HEAVY_USER_SHARE, V3_ITEM_APPEAL_SD, WORLDS, DemoSize)
+    SIZES,
+    USER_BIAS_SD,
+    V3_HEAVY_HISTORY_MEDIAN,
+    V3_HEAVY_USER_SHARE,
+    V3_ITEM_APPEAL_SD,
+    WORLDS,
+    DemoSize,
+)
 from mmctr_assets.lib.data.demo.generator import generate, main  # noqa: F401
 from mmctr_assets.lib.data.demo.rows import _history_lengths  # noqa: F401
 

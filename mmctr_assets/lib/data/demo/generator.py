@@ -16,14 +16,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mmctr_assets.lib.data.demo.config import (
-    EMB_DIM, HISTORY_INTEREST_SHARE, ITEM_FEATURE_SCHEMA, ITEM_INFO_SCHEMA, N_INFO_TAGS,
-    RECENCY_DECAY, ROWS_SCHEMA, SIZES, TARGET_INTEREST_SHARE, TEST_SCHEMA, TOPIC_BIAS_SD, USER_BIAS_SD,
-    V2_TARGET_INTEREST_SHARE, V2_TARGET_RECENT_SHARE, V2_TOPIC_STAY, V2_W_AFFINITY, V2_W_RECENT,
-    V3_HEAVY_HISTORY_MEDIAN, V3_HEAVY_HISTORY_SIGMA, V3_HEAVY_USER_SHARE, V3_ITEM_APPEAL_SD,
-    V3_POPULARITY_EXPONENT, W_AFFINITY, W_LIKES, W_POPULARITY, W_VIEWS, WORLDS, _PARQUET_OPTS,
-    _STREAM_BROKEN, _STREAM_ROWS, DemoSize, _list_array, _offsets, _positions, _rng, _sigmoid)
 from mmctr_assets.lib.data.demo import covers
+from mmctr_assets.lib.data.demo.config import (
+    _PARQUET_OPTS,
+    _STREAM_BROKEN,
+    _STREAM_ROWS,
+    EMB_DIM,
+    HISTORY_INTEREST_SHARE,
+    ITEM_FEATURE_SCHEMA,
+    ITEM_INFO_SCHEMA,
+    N_INFO_TAGS,
+    RECENCY_DECAY,
+    ROWS_SCHEMA,
+    SIZES,
+    TARGET_INTEREST_SHARE,
+    TEST_SCHEMA,
+    TOPIC_BIAS_SD,
+    USER_BIAS_SD,
+    V2_TARGET_INTEREST_SHARE,
+    V2_TARGET_RECENT_SHARE,
+    V2_TOPIC_STAY,
+    V2_W_AFFINITY,
+    V2_W_RECENT,
+    V3_HEAVY_HISTORY_MEDIAN,
+    V3_HEAVY_HISTORY_SIGMA,
+    V3_HEAVY_USER_SHARE,
+    V3_ITEM_APPEAL_SD,
+    V3_POPULARITY_EXPONENT,
+    W_AFFINITY,
+    W_LIKES,
+    W_POPULARITY,
+    W_VIEWS,
+    WORLDS,
+    DemoSize,
+    _list_array,
+    _offsets,
+    _positions,
+    _rng,
+    _sigmoid,
+)
 from mmctr_assets.lib.data.demo.items import _item_tags, _make_items, _organiser_embedding, _titles
 from mmctr_assets.lib.data.demo.rows import _make_rows, _Rows, _write_rows
 from mmctr_assets.lib.data.microlens import DATASET_DIR, GROUND_TRUTH_DIR, IMAGES_DIR, TABLES

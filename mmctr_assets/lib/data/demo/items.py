@@ -10,9 +10,25 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mmctr_assets.lib.data.demo.config import (
-    EMB_DIM, FILLER_WORDS, GENERIC_HASHTAGS, MAX_ITEM_TAGS, N_NOISE_TAGS, POPULARITY_EXPONENT, TAGS_PER_TOPIC,
-    THEMES, TOPIC_BIAS_SD, V3_ITEM_APPEAL_SD, V3_POPULARITY_EXPONENT, DemoSize, _levels, _list_array,
-    _positions, _rng, _STREAM_ITEMS, _zscore)
+    _STREAM_ITEMS,
+    EMB_DIM,
+    FILLER_WORDS,
+    GENERIC_HASHTAGS,
+    MAX_ITEM_TAGS,
+    N_NOISE_TAGS,
+    POPULARITY_EXPONENT,
+    TAGS_PER_TOPIC,
+    THEMES,
+    TOPIC_BIAS_SD,
+    V3_ITEM_APPEAL_SD,
+    V3_POPULARITY_EXPONENT,
+    DemoSize,
+    _levels,
+    _list_array,
+    _positions,
+    _rng,
+    _zscore,
+)
 
 
 @dataclasses.dataclass

@@ -12,10 +12,34 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from mmctr_assets.lib.data.demo.config import (
-    HISTORY_INTEREST_SHARE, POSITIVE_RATE, RECENCY_DECAY, TARGET_INTEREST_SHARE, USER_BIAS_SD, V2_TARGET_INTEREST_SHARE,
-    V2_TARGET_RECENT_SHARE, V2_TOPIC_STAY, V2_W_AFFINITY, V2_W_RECENT, V3_HEAVY_HISTORY_MEDIAN,
-    V3_HEAVY_HISTORY_SIGMA, V3_HEAVY_USER_SHARE, W_AFFINITY, W_LIKES, W_POPULARITY, W_VIEWS, _PARQUET_OPTS,
-    _ROW_CHUNK, _STREAM_ROWS, _STREAM_USERS, DemoSize, _list_array, _offsets, _positions, _rng, _sigmoid)
+    _PARQUET_OPTS,
+    _ROW_CHUNK,
+    _STREAM_ROWS,
+    _STREAM_USERS,
+    HISTORY_INTEREST_SHARE,
+    POSITIVE_RATE,
+    RECENCY_DECAY,
+    TARGET_INTEREST_SHARE,
+    USER_BIAS_SD,
+    V2_TARGET_INTEREST_SHARE,
+    V2_TARGET_RECENT_SHARE,
+    V2_TOPIC_STAY,
+    V2_W_AFFINITY,
+    V2_W_RECENT,
+    V3_HEAVY_HISTORY_MEDIAN,
+    V3_HEAVY_HISTORY_SIGMA,
+    V3_HEAVY_USER_SHARE,
+    W_AFFINITY,
+    W_LIKES,
+    W_POPULARITY,
+    W_VIEWS,
+    DemoSize,
+    _list_array,
+    _offsets,
+    _positions,
+    _rng,
+    _sigmoid,
+)
 from mmctr_assets.lib.data.demo.items import _Items, _sample_items
 
 
