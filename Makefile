@@ -70,7 +70,7 @@ demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(TINY_CLIP
 ## Materialise the whole graph on the demo data: the documented cold-start command. Two runs:
 ## everything up to the submission zip, then the Task 1 scorer. In one run the scorer would take
 ## the `gpu` pool slot before predictions (it is ready as soon as the fused table is) and hold
-## back the submission by its whole training (about 7 minutes at full size; README.md, Full size).
+## back the submission by its whole training (docs/results.md, full size).
 demo: demo-inputs
 	$(BIN)/dagster asset materialize -m mmctr_assets --select 'not key:task1_score' \
 		--partition-range 0...$$(($(SHARDS)-1)) --config $(DEMO_CONFIG)

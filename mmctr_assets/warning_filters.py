@@ -3,7 +3,7 @@
 Dagster 1.13 marks `backfill_policy` as beta, which we chose knowingly (a CLIP shard range runs as
 one run, README "clip_embeddings shards"), and its own selection parser passes the beta
 `include_sources` whenever a command says `--select '*'`. (`pool` is no longer beta in 1.13.) Without this every command, `dagster dev` and every step subprocess print the same
-lines again (157 in `make demo`). Each filter names one API by its exact message, so any other
+lines again (counts: docs/results.md). Each filter names one API by its exact message, so any other
 Beta/Preview warning (a new API someone starts using) and every other warning still show.
 
 Installed when `mmctr_assets` is imported, which is the first thing every Dagster process that

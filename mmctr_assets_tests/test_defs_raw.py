@@ -186,3 +186,48 @@ def test_image_manifest_survives_a_move_of_the_data_folder(data_copy, tmp_path, 
     resolved = second["storage"].read_image_manifest().filter(pl.col("exists"))
     assert resolved["image_path"].str.starts_with(str(moved)).all()
     assert all(Path(p).is_file() for p in resolved["image_path"].head(5).to_list())
+
+
+@pytest.mark.parametrize("table, damage, check, words", [
+    ("item_feature", lambda f: pl.concat([f, f.head(3)]), "raw_item_feature:item_ids_unique",
+     ["item_feature.parquet, column item_id: 3 item ids appear on more than one row", "unique('item_id'"]),
+    ("valid", lambda f: f.with_columns(label=pl.lit(0.0)), "raw_valid:valid_has_both_classes",
+     ["valid.parquet, column label: all", "are 0 (non-clicks)", "AUC is undefined on one class"]),
+])
+def test_bad_table_after_a_good_one_is_refused_and_the_snapshot_kept(data_copy, tmp_path, instance, make_resources,
+                                                                      table, damage, check, words):
+    out = tmp_path / "out"
+    resources = make_resources(data_copy, out)
+    assert materialize_raw(resources, instance).success
+    before = _files(out)
+    path = microlens.table_path(data_copy, table)
+    damage(pl.read_parquet(path)).write_parquet(path)
+
+    result = materialize_raw(resources, instance)
+    assert not result.success and check_results(result)[check] is False
+    assert _files(out) == before  # the good snapshot, byte for byte
+    asset = check.split(":")[0]
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE" and e.step_key == asset)
+    message = failure.event_specific_data.error.message
+    assert f"{asset} was NOT materialised" in message
+    for w in words:
+        assert w in message
+
+
+def test_a_model_does_not_train_on_a_snapshot_whose_newer_input_was_refused(data_copy, tmp_path, instance,
+                                                                              make_resources):
+    from mmctr_assets.defs.ctr import dcn_din_model
+
+    resources = make_resources(data_copy, tmp_path / "out")
+    assert materialize_raw(resources, instance).success
+    path = microlens.table_path(data_copy, "train")
+    pl.read_parquet(path).with_columns(label=pl.lit(3.0)).write_parquet(path)
+    assert not materialize_raw(resources, instance).success  # raw_train refused, old snapshot kept
+
+    result = dg.materialize([dcn_din_model], resources=resources, instance=instance, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message
+    assert "dcn_din_model did not run" in message and "raw_train:labels_binary" in message
+    assert "dg launch --assets raw_train" in message
+    assert not (tmp_path / "out" / "dcn_din_model").exists()  # nothing trained, nothing written

@@ -63,8 +63,8 @@ def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what:
     """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
 
     Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
-    of two runs); each spawning a thread per core oversubscribes the machine (on 2 cores both ran
-    2-4x slower than alone). So each core is a lock file under ``lock_dir``: a step takes up to
+    of two runs); each spawning a thread per core oversubscribes the machine (both run several
+    times slower than alone: docs/results.md). So each core is a lock file under ``lock_dir``: a step takes up to
     ``want`` free cores (None: all) without waiting, runs with that many threads, and waits only
     while fewer than ``need`` are free. Released on exit (or when the process dies).
     """

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from .. import settings
 from ..lib.ctr import model as model_module
+from ..lib.ctr import presets
 from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import atomic_path
@@ -27,6 +28,9 @@ GROUP = "task2_ctr"
 _NOT_CONFIG = {"precision", "embedding_dim"}
 # run config defaults that come from settings (environment variables)
 _SETTINGS_DEFAULTS = {"seed": settings.seed(), "level_vocab_size": settings.max_level() + 1}
+# what dcn_din_model trains with no config: deploy/presets/default.yaml (docs/models.md), over the
+# library dataclasses' own defaults
+_DEFAULT_PRESET = presets.preset("default")
 # the item tables a model can read (checked by Dagster at launch: a Literal becomes an enum)
 EmbeddingSource = typing.Literal[EMBEDDING_SOURCES]
 EMBEDDING_SOURCE_HELP = ("Item table the model reads: fused (Task 1's deliverable), content (PCA of CLIP), "
@@ -54,7 +58,8 @@ def _config_section(name: str, cls) -> type[dg.Config]:
     for f in dataclasses.fields(cls):
         if f.name in _NOT_CONFIG:
             continue
-        hint, default = hints[f.name], _SETTINGS_DEFAULTS.get(f.name, f.default)
+        preset_default = _DEFAULT_PRESET["model" if cls is ModelConfig else "train"].get(f.name, f.default)
+        hint, default = hints[f.name], _SETTINGS_DEFAULTS.get(f.name, preset_default)
         if typing.get_origin(hint) is tuple:  # tuples of layer sizes arrive as JSON lists
             hint, default = list[int], list(default)
         if cls is ModelConfig and f.name == "max_len":  # the data decides (see library_configs)
@@ -142,6 +147,7 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     from . import publish
 
     mlflow.check_reachable()  # before hours of training, not after
+    publish.require_upstream_checks_passed(context, ["train", "valid", "item_info"])
     frames = read_train_valid(storage)
     config = config.with_tuned(storage.output_dir)
     model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))

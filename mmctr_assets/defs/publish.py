@@ -57,3 +57,26 @@ def refuse(context: dg.AssetExecutionContext, asset: str, kept: Sequence[Path],
         },
         allow_retries=False,
     )
+
+
+def require_upstream_checks_passed(context: dg.AssetExecutionContext, tables: Sequence[str]) -> None:
+    """Refuse to run on a raw snapshot whose newer input failed a blocking check.
+
+    A refused raw table keeps its old snapshot on disk, and a run that selects only a downstream
+    asset would read that old snapshot without a word. The latest evaluation of each blocking raw
+    check is in the instance: if one failed, the data the user supplied last is not what this
+    step would train on, so it stops and says which check and what to do."""
+    from ..lib.data import checks
+
+    keys = [dg.AssetCheckKey(dg.AssetKey(f"raw_{t}"), name) for t in tables
+            for name in checks.CHECK_NAMES[t] if name not in checks.WARNING_CHECKS]
+    records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
+    failed = sorted((k, r) for k, r in records.items() if r.status.value == "FAILED")
+    if failed:
+        names = ", ".join(f"{k.asset_key.to_user_string()}:{k.name} (run {r.run_id[:8]})" for k, r in failed)
+        assets = sorted({k.asset_key.to_user_string() for k, _ in failed})
+        raise dg.Failure(
+            description=f"{context.asset_key.to_user_string()} did not run: the latest input of {', '.join(assets)} "
+            f"failed blocking check(s) {names}, so its snapshot on disk is older than the data you supplied. "
+            f"Fix the source table, then materialise {', '.join(assets)} again "
+            f"(dg launch --assets {','.join(assets)}) before this asset.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import dagster as dg
 
 from .. import settings
-from ..lib.ctr import tuning
+from ..lib.ctr import presets, tuning
 from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import TRAINED_ON_FUSED, cpu_cores, png_metadata, run_tags, torch_threads
@@ -159,11 +159,13 @@ def ctr_tuning(
             context.log.info(f"trial {trial.number}: {trial.state.name}{value} {trial.params}")
 
         want = (compute.cpu_threads or None) if device.type == "cpu" else 1
+        default = presets.preset("default")  # what a parameter the space does not sample keeps
         with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
             ran = tuning.run_study(
                 study, space, runner, n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
-                base_model={"max_len": width, "level_vocab_size": settings.max_level() + 1},
-                base_train={"seed": config.seed, "precision": compute.precision}, on_trial_end=on_trial_end)
+                base_model=default["model"] | {"max_len": width, "level_vocab_size": settings.max_level() + 1},
+                base_train=default["train"] | {"seed": config.seed, "precision": compute.precision},
+                on_trial_end=on_trial_end)
         shutil.rmtree(work_dir, ignore_errors=True)
         rows = tuning.trial_rows(study)
         tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed

@@ -10,7 +10,7 @@ Beside DIN's pooled vector: sigmoid-bounded attention weights and two kinds of s
 history-match features (the weights' mean and log-sum: which share, and how many, of the user's
 items match the target; a pooled vector only implies them) and the target's log frequency in the
 training data (popularity). They pay off when the item table separates topics; with a noisy table
-the DIN paper's linear weights without them do better (figures: benchmarks/README.md).
+the DIN paper's linear weights without them do better (figures: docs/results.md).
 """
 
 from __future__ import annotations

@@ -256,7 +256,8 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
                 bad == 0,
                 f"item_feature: {bad} item ids outside item_info 1..{n_items}.",
                 {"bad": bad},
-            )
+            ),
+            check_item_feature_unique(ids),
         ]
     out = [check_has_rows(frame, table), check_histories(frame, table)]
     if n_items is not None:
@@ -266,18 +267,50 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
         out.append(check_test_ids(frame))
     else:
         out.append(check_labels(frame, table))
+    if table == "valid":
+        out.append(check_both_classes(frame))
     return out
+
+
+def check_item_feature_unique(ids: pl.Series) -> CheckOutcome:
+    """One title/tag row per item: with two, which one CLIP embeds would depend on row order."""
+    name = "item_ids_unique"
+    dups = ids.filter(ids.is_duplicated()).unique().sort()
+    if len(dups):
+        return CheckOutcome(
+            name, False,
+            f"item_feature.parquet, column item_id: {len(dups)} item ids appear on more than one row "
+            f"(examples {dups.head(5).to_list()}). Keep one row per item (e.g. "
+            "pl.read_parquet(path).unique('item_id', keep='last')), then materialise raw_item_feature again.",
+            {"duplicated_ids": len(dups)})
+    return CheckOutcome(name, True, f"item_feature: {len(ids)} rows, one per item_id.")
+
+
+def check_both_classes(frame: pl.DataFrame) -> CheckOutcome:
+    """Validation AUC (early stopping, the LR schedule, the champion gate) is undefined on one class."""
+    name = "valid_has_both_classes"
+    label = frame.get_column("label").cast(pl.Float64)
+    positives, rows = int((label == 1.0).sum()), len(label)
+    if rows and 0 < positives < rows:
+        return CheckOutcome(name, True, f"valid: {positives} clicks and {rows - positives} non-clicks.")
+    only = "1 (clicks)" if positives else "0 (non-clicks)"
+    return CheckOutcome(
+        name, False,
+        f"valid.parquet, column label: all {rows} labels are {only}. AUC is undefined on one class, so "
+        "nothing can be validated on it (early stopping, the champion gate). Provide a valid table with "
+        "both clicks and non-clicks, then materialise raw_valid again.",
+        {"positives": positives, "rows": rows})
 
 
 CHECK_NAMES: dict[str, list[str]] = {
     "train": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
               "labels_binary"],
     "valid": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
-              "labels_binary"],
+              "labels_binary", "valid_has_both_classes"],
     "test": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
              "test_ids_unique"],
     "item_info": ["row_index_is_item_id", "padding_row_and_shapes", "item_emb_d128_finite"],
-    "item_feature": ["item_ids_in_item_info"],
+    "item_feature": ["item_ids_in_item_info", "item_ids_unique"],
 }
 # checks that warn instead of blocking (the reason is in each check's docstring and description)
 WARNING_CHECKS = frozenset({"item_emb_d128_finite"})

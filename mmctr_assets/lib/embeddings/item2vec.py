@@ -106,7 +106,7 @@ def build_corpus(
     for new items) would get no vector. Non-clicked targets are left out: an impression the user
     skipped says they do not belong with the history. Lines with fewer than two items are
     dropped (no context to learn from). Rows are read ``batch_rows`` at a time and kept without
-    their padding (full size: 3.1 GB peak; the padded histories alone would be 2.9 GB).
+    their padding (the padded histories alone would double the peak; docs/results.md).
     """
     started = time.perf_counter()
     history = pl.col("item_seq").cast(pl.List(pl.Int64)).list.eval(pl.element().filter(pl.element() != 0))
@@ -201,7 +201,7 @@ def corpus_counts(corpus_path: str | os.PathLike) -> tuple[pl.DataFrame, int]:
         raise FileNotFoundError(f"item2vec corpus {path} does not exist; run build_corpus first.")
     lines = pl.scan_csv(path, has_header=False, new_columns=["line"], separator="\t",
                         schema={"line": pl.String}, quote_char=None)
-    # streaming: ~0.4 GB and 4 s for the full-size corpus (eager split+explode: 1.6 GB, 15 s)
+    # streaming: a fraction of the eager split+explode's memory and time (docs/results.md)
     counts = (
         lines.select(pl.col("line").str.split(" ").explode().alias("token"))
         .filter(pl.col("token") != "")

@@ -153,8 +153,8 @@ def build_tiny_clip(out_dir: str | os.PathLike, *, seed: int = 0, full_size: boo
 
 
 FIT_MIN_STEPS = 300  # default epochs: at least 3 and enough for this many optimizer steps
-# Default sample of items a fit sees. Time is set by the step count (~300 steps of batch 256: about
-# a minute on 2 cores), not the item count, as long as 3 epochs of the sample fit in those steps;
+# Default sample of items a fit sees. Time is set by the step count (FIT_MIN_STEPS steps of batch
+# 256; timings: docs/results.md), not the item count, as long as 3 epochs of the sample fit in those steps;
 # this many distinct items keep it there (full size, 91,717 items: 5 epochs of 64 batches).
 FIT_MAX_ITEMS = 16_384
 
@@ -181,7 +181,7 @@ def fit_on_demo_data(model_dir: str | os.PathLike, data_dir: str | os.PathLike, 
     Text is what the encoder will embed (title + ``tag_<id>`` words); items without a decodable
     cover are skipped. At most ``max_items`` items (a seeded sample; None: all) take part, and
     covers are decoded batch by batch, so memory and time do not grow with the dataset (full size
-    once held every cover at once: ~10 GiB, 23 minutes). ``epochs=None`` picks enough for
+    once held every cover at once; docs/results.md). ``epochs=None`` picks enough for
     :data:`FIT_MIN_STEPS` steps. A tqdm bar shows the steps. Returns what was done (items, pairs,
     epochs, final loss), also in the marker.
     """
