@@ -33,12 +33,12 @@ from mmctr_assets import settings
 from mmctr_assets.definitions import defs
 from mmctr_assets.defs import jobs
 from mmctr_assets.defs.schedules import build_retrain_schedule
-from mmctr_assets.postgres_storage import PG_ENV
+from mmctr_assets.instance.postgres_storage import PG_ENV
 from mmctr_assets.resources import MlflowResource
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 PROD = DEPLOY / "dagster.prod.yaml"
-GPU_ASSETS = ("clip_embeddings", "dcn_din_model", "predictions", "task1_score")
+GPU_ASSETS = ("clip_embeddings", "ctr_tuning", "dcn_din_model", "predictions", "task1_score")
 # the keys dagster-k8s accepts under the dagster-k8s/config tag (USER_DEFINED_K8S_JOB_CONFIG_SCHEMA
 # in dagster_k8s/job.py, 0.29.x)
 K8S_TAG_KEYS = {"container_config", "pod_template_spec_metadata", "pod_spec_config", "job_config",
@@ -62,7 +62,7 @@ def test_instance_configs_validate_against_dagster_schema(name):
 def test_prod_instance_uses_postgres_and_the_k8s_run_launcher():
     config, _ = dagster_instance_config(str(DEPLOY), PROD.name)
     storage = config["storage"]["custom"]
-    assert (storage["module"], storage["class"]) == ("mmctr_assets.postgres_storage", "PostgresStorage")
+    assert (storage["module"], storage["class"]) == ("mmctr_assets.instance.postgres_storage", "PostgresStorage")
     db = storage["config"]["postgres_db"]
     # the variables the storage's connection check names are the ones this file reads
     assert {k: db[k] for k in PG_ENV} == {k: {"env": v} for k, v in PG_ENV.items()}

@@ -55,7 +55,7 @@ def test_assets_on_the_compute_device_are_in_the_gpu_pool():
     assets = {a.key.to_user_string(): a for a in defs.resolve_asset_graph().assets_defs}
     uses_device = {k for k, a in assets.items() if "compute" in a.required_resource_keys}
     in_pool = {k for k, a in assets.items() if a.op.pool == "gpu"}
-    assert uses_device == in_pool == {"clip_embeddings", "dcn_din_model", "predictions", "task1_score"}
+    assert uses_device == in_pool == {"clip_embeddings", "ctr_tuning", "dcn_din_model", "predictions", "task1_score"}
     assert {a.op.pool for k, a in assets.items() if k not in in_pool} == {None}
 
 

@@ -30,7 +30,7 @@ from pg_server import PostgresServer, free_port, postgres_server
 
 from mmctr_assets import settings
 from mmctr_assets.definitions import defs
-from mmctr_assets.postgres_storage import PG_ENV, PostgresStorageUnavailable, check_connection
+from mmctr_assets.instance.postgres_storage import PG_ENV, PostgresStorageUnavailable, check_connection
 
 DEPLOY = settings.PACKAGE_DIR / "deploy"
 BIN = Path(sys.executable).parent

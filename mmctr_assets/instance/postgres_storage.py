@@ -118,7 +118,7 @@ def check_connection(config: Mapping[str, Any], retry_waits_s: tuple[float, ...]
 
 
 class PostgresStorage(DagsterPostgresStorage):
-    """`storage: custom: {module: mmctr_assets.postgres_storage, class: PostgresStorage, config:
+    """`storage: custom: {module: mmctr_assets.instance.postgres_storage, class: PostgresStorage, config:
     <the postgres storage config>}`: dagster-postgres's storage, after `check_connection`."""
 
     @classmethod
