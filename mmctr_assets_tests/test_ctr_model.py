@@ -440,3 +440,16 @@ def test_momo_preset_builds_momos_layers_and_its_padding_mask_is_right():
         changed[row, last] = seq[row, last] % N_ITEMS + 1  # the most recent real item
         after = model(item_id, changed, likes, views)
     assert after[row] != base[row]
+
+
+def test_the_default_presets_family_options_do_not_follow_a_run_config_to_another_family():
+    from mmctr_assets.lib.ctr.presets import for_family, preset
+
+    default = preset("default")["model"]
+    assert default["family"] == "transformer_dcnv2" and default["cross_rank"] > 0
+    assert for_family(dict(default)) == default  # its own family: as written
+    din = for_family(default | {"family": "din"}, explicit={"family"})
+    assert din["cross_rank"] == 0 and din["use_id_embedding"]  # family option reset, shared options kept
+    ModelConfig(**(din | {"max_len": 20}))  # din refuses a cross_rank: the reset makes it valid
+    kept = for_family(default | {"family": "dcn_din", "cross_version": "v2"}, explicit={"family", "cross_version", "cross_rank"})
+    assert kept["cross_rank"] == default["cross_rank"]  # set by the user: kept

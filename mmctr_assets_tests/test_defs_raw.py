@@ -231,3 +231,29 @@ def test_a_model_does_not_train_on_a_snapshot_whose_newer_input_was_refused(data
     assert "dcn_din_model did not run" in message and "raw_train:labels_binary" in message
     assert "dg launch --assets raw_train" in message
     assert not (tmp_path / "out" / "dcn_din_model").exists()  # nothing trained, nothing written
+
+
+def test_deleted_covers_are_refused_before_content_embeddings_change_unless_text_only_is_asked_for(
+        data_copy, tmp_path, instance, make_resources):
+    import shutil
+
+    out = tmp_path / "out"
+    resources = make_resources(data_copy, out)
+    assert materialize_raw(resources, instance).success
+    before = _files(out)
+    shutil.rmtree(data_copy / "item_images")
+
+    result = materialize_raw(resources, instance)
+    assert not result.success and check_results(result)["raw_item_images:covers_present"] is False
+    assert _files(out) == before  # the manifest of the good covers, byte for byte
+    failure = next(e for e in result.all_events
+                   if e.event_type_value == "STEP_FAILURE" and e.step_key == "raw_item_images")
+    message = failure.event_specific_data.error.message
+    assert "covers missing" in message and "item_images" in message and "allow_text_only: true" in message
+    import logging
+    loud = [e.user_message for e in instance.all_logs(result.run_id) if e.level >= logging.ERROR]
+    assert any("allow_text_only: true" in m for m in loud)  # logged at ERROR, not DEBUG
+
+    opted_in = materialize_raw(resources, instance, run_config={"ops": {"raw_item_images": {"config": {
+        "allow_text_only": True}}}})
+    assert opted_in.success and check_results(opted_in)["raw_item_images:covers_present"] is True

@@ -112,7 +112,7 @@ class DcnDinConfig(dg.PermissiveConfig):
                 f"two sections, e.g. {json.dumps({k: v for k, v in shape.items() if v})} "
                 "(ops: dcn_din_model: config: model: ... train: ...; README.md, dcn_din_model)."
             )
-        model_values = self.model.model_dump()
+        model_values = presets.for_family(self.model.model_dump(), self.model.model_fields_set)
         if model_values["max_len"] is None:
             model_values["max_len"] = history_width
         elif model_values["max_len"] > history_width:

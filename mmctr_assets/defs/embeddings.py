@@ -107,6 +107,9 @@ def clip_embeddings(
             context.log.info(f"shard {key}: {len(result.item_ids)} items in {result.seconds:.1f}s "
                              f"({len(result.item_ids) / max(result.seconds, 1e-9):.0f}/s)")
     share = len(text_only) / max(encoded, 1)
+    if share > config.text_only_warn_share:  # a failed WARN check alone shows only at DEBUG in the log
+        context.log.warning(f"{len(text_only)} of {encoded} items ({share:.1%}) were embedded from text only "
+                            f"(no usable cover under {storage.images_dir()}); check raw_item_images' metadata")
     return dg.MaterializeResult(
         metadata={
             "shards": list(context.partition_keys),

@@ -8,6 +8,7 @@ source: a failed check leaves the previous snapshot in place (defs/publish.py).
 
 import dagster as dg
 import polars as pl
+from pydantic import Field
 
 from .. import settings
 from ..lib.data import checks, images, microlens
@@ -18,6 +19,8 @@ from .common import OWNERS, SINGLE_RUN
 
 GROUP = "raw"
 IMAGE_FAILURE_WARN_SHARE = 0.05
+# above this share of unusable covers the manifest is refused unless text-only is asked for
+MAX_UNUSABLE_COVER_SHARE = 0.5
 
 _DESCRIPTIONS = {
     "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, click label.",
@@ -137,6 +140,17 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
     return _raw
 
 
+class RawItemImagesConfig(dg.Config):
+    max_unusable_share: float = Field(
+        default=MAX_UNUSABLE_COVER_SHARE, ge=0.0, le=1.0,
+        description="Refuse the manifest (blocking check covers_present) when more than this share of "
+        "covers is missing or corrupt: a deleted or unmounted item_images/ would otherwise turn every "
+        "CLIP shard and the Task 1 table into text-only embeddings.")
+    allow_text_only: bool = Field(
+        default=False, description="Accept any share of missing covers: those items get text-only "
+        "CLIP embeddings (e.g. a dataset without covers).")
+
+
 @dg.asset(
     name="raw_item_images",
     group_name=GROUP,
@@ -145,19 +159,48 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
     backfill_policy=SINGLE_RUN,
     description="Manifest of cover images: path, whether the file exists and whether it decodes.",
     deps=["raw_item_info"],
-    check_specs=[dg.AssetCheckSpec("images_mostly_usable", asset="raw_item_images", blocking=False)],
+    check_specs=[dg.AssetCheckSpec("images_mostly_usable", asset="raw_item_images", blocking=False),
+                 dg.AssetCheckSpec("covers_present", asset="raw_item_images", blocking=True)],
 )
-def raw_item_images(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
+def raw_item_images(context: dg.AssetExecutionContext, config: RawItemImagesConfig, storage: ProjectStorage):
     ids = pl.int_range(1, storage.n_items() + 1, eager=True, dtype=pl.Int64).to_numpy()
     manifest = images.image_manifest(storage.data_dir, ids)
-    write_parquet_atomic(manifest, storage.image_manifest())
     missing = manifest.filter(~pl.col("exists")).get_column("item_id")
     corrupt = manifest.filter(pl.col("exists") & ~pl.col("decodable")).get_column("item_id")
     bad_share = (len(missing) + len(corrupt)) / max(len(manifest), 1)
-    context.log.info(f"{len(manifest)} items: {len(missing)} images missing, {len(corrupt)} corrupt")
+    summary = (f"{len(missing)} of {len(manifest)} covers missing and {len(corrupt)} corrupt ({bad_share:.1%}) "
+               f"in {storage.images_dir()}")
+    (context.log.warning if bad_share > IMAGE_FAILURE_WARN_SHARE else context.log.info)(
+        f"{summary}; those items fall back to text-only CLIP embeddings")
+    blocked = bad_share > config.max_unusable_share and not config.allow_text_only
+    results = [
+        dg.AssetCheckResult(
+            check_name="images_mostly_usable",
+            passed=bad_share <= IMAGE_FAILURE_WARN_SHARE,
+            severity=dg.AssetCheckSeverity.WARN,
+            description=f"{bad_share:.2%} of covers are missing or corrupt (warn above "
+            f"{IMAGE_FAILURE_WARN_SHARE:.0%}); those items fall back to text-only CLIP embeddings.",
+            metadata={"bad_share": bad_share},
+        ),
+        dg.AssetCheckResult(
+            check_name="covers_present",
+            passed=not blocked,
+            description=(f"{summary}: more than max_unusable_share={config.max_unusable_share:.0%}. Is "
+                         f"{storage.images_dir()} the right folder (MMCTR_DATA_DIR/item_images/<item_id>.jpg)? "
+                         "Restore the covers, or opt in to text-only content embeddings with raw_item_images "
+                         "config allow_text_only: true." if blocked else
+                         f"{summary}: within max_unusable_share={config.max_unusable_share:.0%}"
+                         + (" (allow_text_only)." if config.allow_text_only else ".")),
+            metadata={"bad_share": bad_share},
+        ),
+    ]
+    if blocked:
+        context.log.error(results[1].description)
+        yield from publish.refuse(context, "raw_item_images", [storage.image_manifest()], results)
+    write_parquet_atomic(manifest, storage.image_manifest())
     # content fingerprint of the manifest: images added, removed or broken change it
     version = str(manifest.select(pl.col("exists"), pl.col("decodable")).hash_rows().sum())
-    return dg.MaterializeResult(
+    yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(manifest),
             "missing_images": len(missing),
@@ -166,16 +209,7 @@ def raw_item_images(context: dg.AssetExecutionContext, storage: ProjectStorage) 
             "corrupt_ids_sample": corrupt.head(20).to_list(),
             "images_dir": dg.MetadataValue.path(str(storage.images_dir())),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="images_mostly_usable",
-                passed=bad_share <= IMAGE_FAILURE_WARN_SHARE,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=f"{bad_share:.2%} of covers are missing or corrupt (warn above "
-                f"{IMAGE_FAILURE_WARN_SHARE:.0%}); those items fall back to text-only CLIP embeddings.",
-                metadata={"bad_share": bad_share},
-            )
-        ],
+        check_results=results,
         data_version=dg.DataVersion(version),
     )
 

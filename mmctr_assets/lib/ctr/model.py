@@ -74,6 +74,8 @@ _FAMILY_ONLY = {
     "transformer_heads": ("transformer_dcnv2",), "transformer_ff_dim": ("transformer_dcnv2",),
     "last_k": ("transformer_dcnv2",),
 }
+# options only some families read (the rest share the item representation and the head)
+FAMILY_SPECIFIC_OPTIONS = frozenset({n for options in _FAMILY_OPTIONS.values() for n in options} | set(_FAMILY_ONLY))
 
 
 @dataclass(frozen=True)

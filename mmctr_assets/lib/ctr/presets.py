@@ -39,6 +39,20 @@ def _load() -> dict[str, dict[str, dict]]:
 PRESETS: dict[str, dict[str, dict]] = _load()
 
 
+def for_family(model: dict, explicit: set[str] | frozenset[str] = frozenset()) -> dict:
+    """``model`` with the default preset's family-specific options (``cross_rank`` of its DCN-V2,
+    say) put back to the library's defaults when ``model`` picks another family, unless set in
+    ``explicit``: the default's family options are tuned for its family, and another family may
+    not read them at all (``model: {family: din}`` must keep working)."""
+    from mmctr_assets.lib.ctr.model import FAMILY_SPECIFIC_OPTIONS, ModelConfig
+
+    default = PRESETS["default"]["model"]
+    if model.get("family", ModelConfig.family) == default.get("family", ModelConfig.family):
+        return model
+    fields = ModelConfig.__dataclass_fields__
+    return {**model, **{k: fields[k].default for k in (FAMILY_SPECIFIC_OPTIONS & default.keys()) - set(explicit)}}
+
+
 def preset(name: str) -> dict[str, dict]:
     """A copy of preset ``name`` (``{"model": {...}, "train": {...}}``)."""
     if name not in PRESETS:

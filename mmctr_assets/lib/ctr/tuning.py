@@ -27,6 +27,7 @@ from typing import Any
 import optuna
 import yaml
 
+from mmctr_assets.lib.ctr import presets
 from mmctr_assets.lib.ctr.model import ModelConfig
 from mmctr_assets.lib.ctr.trainer import TrainConfig
 from mmctr_assets.lib.io import atomic_path
@@ -223,7 +224,8 @@ def sample_config(trial: optuna.Trial, space: SearchSpace, base_model: Mapping[s
     for p in space.params:
         if p.active(values):
             values[p.name] = sections[p.section][p.name] = p.suggest(trial)
-    return sections["model"], sections["train"]
+    model = presets.for_family(sections["model"], set(space.fixed) | set(values))
+    return model, sections["train"]
 
 
 def check_max_len(space: SearchSpace, history_width: int) -> None:
