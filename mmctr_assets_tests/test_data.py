@@ -252,3 +252,11 @@ def test_image_manifest_paths_are_relative_to_the_data_dir(tmp_path):
     resolved = images.resolve_image_paths(m2, moved)
     assert Path(resolved["image_path"][0]).is_file()
     assert resolved["image_path"][0] == str(moved / "item_images" / "1.jpg")
+
+
+def test_a_negative_history_id_is_the_example_not_the_rows_largest_id():
+    from mmctr_assets.lib.data import checks
+
+    frame = pl.DataFrame({"item_id": [1, 2], "item_seq": [[0, 3, 4], [-5, 2, 4]]})
+    outcome = checks.check_item_ids(frame, "train", n_items=4)
+    assert not outcome.passed and "[-5]" in outcome.description and "[4]" not in outcome.description

@@ -119,10 +119,12 @@ def check_item_ids(frame: pl.DataFrame, table: str, n_items: int) -> CheckOutcom
     bad_hist = (hist_max > n_items) | (hist_min < 0)
     n_bad_t, n_bad_h = int(bad_target.sum()), int(bad_hist.sum())
     if n_bad_t or n_bad_h:
+        # the offending id of each bad history: its negative minimum, else its too-large maximum
+        hist_bad_id = pl.select(pl.when(hist_min < 0).then(hist_min).otherwise(hist_max)).to_series()
         example = (
             target.filter(bad_target).head(3).to_list()
             if n_bad_t
-            else hist_max.filter(bad_hist).head(3).to_list()
+            else hist_bad_id.filter(bad_hist).head(3).to_list()
         )
         return CheckOutcome(
             name,
