@@ -72,7 +72,7 @@ demo-inputs: install $(MMCTR_DATA_DIR)/MicroLens_1M_x1/train.parquet $(TINY_CLIP
 ## the `gpu` pool slot before predictions (it is ready as soon as the fused table is) and hold
 ## back the submission by its whole training (docs/results.md, full size).
 demo: demo-inputs
-	$(BIN)/dagster asset materialize -m mmctr_assets --select 'not key:task1_score' \
+	$(BIN)/dagster asset materialize -m mmctr_assets --select 'not key:task1_score and not key:ctr_tuning' \
 		--partition-range 0...$$(($(SHARDS)-1)) --config $(DEMO_CONFIG)
 	$(BIN)/dagster asset materialize -m mmctr_assets --select task1_score
 	@echo "Outputs in $(MMCTR_OUTPUT_DIR); open the UI with 'make dev'."

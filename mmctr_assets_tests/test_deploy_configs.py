@@ -318,5 +318,5 @@ def test_make_demo_targets_use_their_own_data_clip_and_outputs(tmp_path, goal, s
     assert f"Outputs in {state}/outputs{suffix};" in out
     assert "demo_data " not in out.replace(f"demo_data{suffix} ", "")  # no other size's data
     # the submission path first, the Task 1 scorer (which would hold the gpu slot) in a run after it
-    submission, scorer = out.index("--select 'not key:task1_score'"), out.index("--select task1_score")
+    submission, scorer = out.index("--select 'not key:task1_score and not key:ctr_tuning'"), out.index("--select task1_score")
     assert submission < scorer

@@ -101,7 +101,7 @@ def test_whole_graph_on_postgres_storage_with_mlflow_on_the_same_server(pg, tiny
         # Python start-up (torch, the code location, the instance) per step on a 2-core CI machine
         env["MMCTR_EXECUTOR"] = "in_process"
         run = subprocess.run(
-            [DAGSTER, "asset", "materialize", "-m", "mmctr_assets", "--select", "*",
+            [DAGSTER, "asset", "materialize", "-m", "mmctr_assets", "--select", "not key:ctr_tuning",
              "--partition-range", f"{SHARDS[0]}...{SHARDS[-1]}",
              "--config-json", '{"ops": {"dcn_din_model": {"config": {"train": {"batch_size": 256, "epochs": 2}}}}}'],
             env=env, capture_output=True, text=True, timeout=900,
@@ -126,7 +126,7 @@ def test_whole_graph_on_postgres_storage_with_mlflow_on_the_same_server(pg, tiny
     for name, value in pg_env(pg).items():
         monkeypatch.setenv(name, value)
     graph = defs.resolve_asset_graph()
-    all_assets = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    all_assets = {k.to_user_string() for k in graph.get_all_asset_keys()} - {"ctr_tuning"}  # a study: on demand
     with dg.DagsterInstance.get() as instance:
         (dagster_run,) = instance.get_runs()
         assert dagster_run.status == dg.DagsterRunStatus.SUCCESS
