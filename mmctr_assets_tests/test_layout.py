@@ -75,3 +75,25 @@ def test_lib_imports_no_dagster():
         and any(n.split(".")[0] == "dagster" for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]))
     ]
     assert offenders == []
+
+
+REPO = PACKAGE.parent
+
+
+def test_library_modules_stay_small_enough_to_read():
+    """One module per stage: past this size a module holds two ideas (split it, as clip.py was)."""
+    sizes = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in (PACKAGE / "lib").rglob("*.py")}
+    assert sizes and {m: n for m, n in sizes.items() if n > 450} == {}
+
+
+def test_readme_is_short_and_its_links_and_the_code_map_match_the_tree():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200  # the rest lives in docs/
+    links = re.findall(r"\]\(([^)#]+)\)", readme)
+    assert "docs/results.md" in links and [link for link in links if not (REPO / link).exists()] == []
+    # every file the development map names exists (a renamed module updates the map)
+    mapped = re.findall(r"\b([a-z_]+\.py)\b", (REPO / "docs" / "development.md").read_text())
+    names = {p.name for p in PACKAGE.rglob("*.py")} | {p.name for p in (REPO / "mmctr_assets_tests").glob("*.py")}
+    assert mapped and sorted(set(mapped) - names) == []

@@ -44,7 +44,7 @@ def for_family(model: dict, explicit: set[str] | frozenset[str] = frozenset()) -
     say) put back to the library's defaults when ``model`` picks another family, unless set in
     ``explicit``: the default's family options are tuned for its family, and another family may
     not read them at all (``model: {family: din}`` must keep working)."""
-    from mmctr_assets.lib.ctr.model import FAMILY_SPECIFIC_OPTIONS, ModelConfig
+    from mmctr_assets.lib.ctr.model_config import FAMILY_SPECIFIC_OPTIONS, ModelConfig
 
     default = PRESETS["default"]["model"]
     if model.get("family", ModelConfig.family) == default.get("family", ModelConfig.family):

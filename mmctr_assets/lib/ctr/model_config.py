@@ -1,0 +1,198 @@
+"""The CTR model's configuration: the families, the options each reads, and ``ModelConfig``
+(validated on construction, so a bad run config fails before any training, naming the field).
+Split from model.py, which builds the network; every name here is re-exported there."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from mmctr_assets.lib.data.microlens import MAX_LEVEL
+
+ATTENTION_IMPLS = ("packed_split", "packed", "padded")
+FAMILIES = ("dcn_din", "transformer_dcnv2", "din")
+# Options whose default (and allowed values) depend on the family: they default to None and
+# __post_init__ fills in the family's default. A family without an entry does not read the option.
+# Each entry: (family default, allowed values or None for "any valid value").
+_FAMILY_OPTIONS: dict[str, dict[str, tuple[Any, tuple | None]]] = {
+    "dcn_din": {
+        "position": ("key", ("none", "key", "key_value")),
+        "attention_output_activation": ("sigmoid", ("linear", "sigmoid")),
+        "history_match_features": (True, (True, False)),
+        "use_item_frequency": (True, (True, False)),
+        "cross_layers": (3, None),
+        "cross_version": ("v1", ("v1", "v2")),
+    },
+    "transformer_dcnv2": {
+        "position": ("token", ("none", "token")),
+        "use_item_frequency": (True, (True, False)),
+        "cross_layers": (3, None),
+        "cross_version": ("v2", ("v1", "v2")),
+    },
+    # The organisers' DIN baseline: the DIN paper's linear attention weights, no extra scalars,
+    # no cross network, history as a set.
+    "din": {
+        "position": ("none", ("none",)),
+        "attention_output_activation": ("linear", ("linear",)),
+        "history_match_features": (False, (False,)),
+        "use_item_frequency": (False, (False,)),
+    },
+}
+# Options with a plain default that only some families read: elsewhere they must keep it.
+_FAMILY_ONLY = {
+    "attention_units": ("dcn_din", "din"), "attention_impl": ("dcn_din", "din"),
+    "cross_rank": ("dcn_din", "transformer_dcnv2"),
+    "transformer_dim": ("transformer_dcnv2",), "transformer_layers": ("transformer_dcnv2",),
+    "transformer_heads": ("transformer_dcnv2",), "transformer_ff_dim": ("transformer_dcnv2",),
+    "last_k": ("transformer_dcnv2",),
+}
+# options only some families read (the rest share the item representation and the head)
+FAMILY_SPECIFIC_OPTIONS = frozenset({n for options in _FAMILY_OPTIONS.values() for n in options} | set(_FAMILY_ONLY))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters. Everything here (plus table shapes) rebuilds the model.
+
+    ``family`` picks the model (all share the item representation, the level embeddings and the
+    options below): ``dcn_din`` (DIN target attention with a recency embedding -> cross net ||
+    deep net), ``transformer_dcnv2`` (a Transformer over the real history items, each joined with
+    the target; last-k + max pooling -> DCN-V2 || deep net), ``din`` (the organisers' DIN
+    baseline). Options set to None take the family's default; an option the family does not read
+    must stay unset (a ValueError says which).
+    """
+
+    family: str = "dcn_din"
+    embedding_dim: int = 128  # width of the pretrained item-embedding matrix
+    max_len: int = 64  # history positions the model reads: the most recent max_len items
+    finetune_item_embeddings: bool = False
+    use_id_embedding: bool = False
+    id_embedding_dim: int = 64  # momo's and FuxiCTR's MicroLens width
+    use_tag_embedding: bool = False
+    tag_embedding_dim: int = 64
+    use_user_embedding: bool = False  # user_id hashed into user_buckets rows (unseen users too)
+    user_buckets: int = 100_000
+    user_embedding_dim: int = 16
+    # a learned scalar per item / per user bucket added to the logit: how often an item is clicked
+    # whatever the history (an appeal no content shows), how often a user clicks at all
+    use_item_bias: bool = False
+    use_user_bias: bool = False
+    # FuxiCTR's embedding_regularizer: lambda / 2 * ||W||^2 over every trainable embedding table
+    embedding_regularizer: float = 0.0
+    level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
+    level_embedding_dim: int = 16
+    # "key": a learned embedding of each history item's distance from the most recent click
+    # enters the attention key; "key_value": also added to the pooled items; "token" (transformer):
+    # added to each token; "none": history as a set.
+    position: str | None = None
+    attention_units: tuple[int, ...] = (64, 32)
+    attention_dropout: float = 0.0
+    attention_impl: str = "packed_split"  # "packed" / "padded" exist for tests and benchmarks
+    attention_output_activation: str | None = None  # "linear": the DIN paper's unbounded weights
+    history_match_features: bool | None = None  # mean and log-sum of the (sigmoid) attention weights
+    use_item_frequency: bool | None = None  # the target's standardised log count in the training data
+    transformer_dim: int = 32  # tokens [item, target, item*target] are projected to this width
+    transformer_layers: int = 1
+    transformer_heads: int = 1
+    transformer_ff_dim: int = 64
+    last_k: int = 8  # transformer outputs of the k most recent positions kept as features
+    cross_layers: int | None = None
+    cross_version: str | None = None
+    cross_rank: int = 0  # 0: full-rank DCN-V2 matrices; r > 0: low-rank U V^T (cross_version v2)
+    deep_units: tuple[int, ...] = (128, 64)
+    # an MLP over [cross net, deep net] before the output layer (momo's [64, 32]); () = linear output
+    head_units: tuple[int, ...] = ()
+    dropout: float = 0.1
+    batch_norm: bool = False
+
+    def __post_init__(self):
+        # Lists arrive from JSON/Dagster config; store tuples so the config stays hashable.
+        object.__setattr__(self, "attention_units", tuple(int(u) for u in self.attention_units))
+        object.__setattr__(self, "deep_units", tuple(int(u) for u in self.deep_units))
+        object.__setattr__(self, "head_units", tuple(int(u) for u in self.head_units))
+        if self.family not in FAMILIES:
+            raise ValueError(f"Invalid ModelConfig: family must be one of {FAMILIES}, got {self.family!r}")
+        problems = self._resolve_family_options()
+        if self.attention_impl not in ATTENTION_IMPLS:
+            problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.history_match_features and self.attention_output_activation not in (None, "sigmoid"):
+            problems.append("history_match_features needs attention_output_activation='sigmoid' "
+                            "(weights in (0, 1) are soft matches that can be counted)")
+        for name in ("embedding_dim", "max_len", "id_embedding_dim", "tag_embedding_dim", "user_buckets",
+                     "user_embedding_dim", "level_vocab_size", "level_embedding_dim", "transformer_dim",
+                     "transformer_layers", "transformer_heads", "transformer_ff_dim", "last_k"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.transformer_heads >= 1 and self.transformer_dim % self.transformer_heads:
+            problems.append(f"transformer_dim ({self.transformer_dim}) must be divisible by "
+                            f"transformer_heads ({self.transformer_heads})")
+        if self.last_k > self.max_len:
+            problems.append(f"last_k ({self.last_k}) must be <= max_len ({self.max_len})")
+        if self.cross_layers is not None and self.cross_layers < 0:
+            problems.append(f"cross_layers must be >= 0, got {self.cross_layers}")
+        if self.cross_rank < 0 or (self.cross_rank and self.cross_version != "v2"):
+            problems.append(f"cross_rank must be 0 (full rank) or > 0 with cross_version='v2', got "
+                            f"{self.cross_rank} with cross_version={self.cross_version!r}")
+        if not self.attention_units or min(self.attention_units) < 1:
+            problems.append(f"attention_units must be positive sizes, got {list(self.attention_units)}")
+        if not self.deep_units or min(self.deep_units) < 1:
+            problems.append(f"deep_units must be positive sizes, got {list(self.deep_units)}")
+        if self.head_units and min(self.head_units) < 1:
+            problems.append(f"head_units must be positive sizes (or empty), got {list(self.head_units)}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.embedding_regularizer < 0:
+            problems.append(f"embedding_regularizer must be >= 0, got {self.embedding_regularizer}")
+        elif self.embedding_regularizer > 0 and not self.trainable_embeddings():
+            problems.append("embedding_regularizer > 0 needs a trainable embedding (use_id_embedding, "
+                            "use_tag_embedding, use_user_embedding, use_item_bias, use_user_bias or "
+                            "finetune_item_embeddings)")
+        if problems:
+            raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+    def _resolve_family_options(self) -> list[str]:
+        """Fill in the family's defaults; list options the family does not read or allow."""
+        problems, own = [], _FAMILY_OPTIONS[self.family]
+        for name in sorted({n for options in _FAMILY_OPTIONS.values() for n in options}):
+            value = getattr(self, name)
+            if name not in own:
+                if value is not None:
+                    users = [f for f, options in _FAMILY_OPTIONS.items() if name in options]
+                    problems.append(f"{name} is not an option of family {self.family!r} (only of {users}); "
+                                    "remove it")
+                continue
+            default, allowed = own[name]
+            if value is None:
+                object.__setattr__(self, name, default)
+            elif allowed is not None and value not in allowed:
+                problems.append(f"{name} for family {self.family!r} must be one of {list(allowed)}, got {value!r}")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, families in _FAMILY_ONLY.items():
+            if self.family not in families and getattr(self, name) != defaults[name]:
+                problems.append(f"{name} is not an option of family {self.family!r} (only of {list(families)}); "
+                                "remove it")
+        return problems
+
+    def trainable_embeddings(self) -> bool:
+        return (self.use_id_embedding or self.use_tag_embedding or self.use_user_embedding
+                or self.use_item_bias or self.use_user_bias or self.finetune_item_embeddings)
+
+    def reads_user_id(self) -> bool:
+        return self.use_user_embedding or self.use_user_bias
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["attention_units"] = list(self.attention_units)
+        d["deep_units"] = list(self.deep_units)
+        d["head_units"] = list(self.head_units)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
