@@ -38,7 +38,7 @@ TINY_SPACE = {
 
 def write_space(tmp_path: Path, space: dict, name: str = "space.yaml") -> Path:
     path = tmp_path / name
-    path.write_text(yaml.safe_dump(space))
+    path.write_text(yaml.safe_dump(space, sort_keys=False))  # `when` refers to parameters above it
     return path
 
 
@@ -236,6 +236,7 @@ def tuned_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
     out = Path(shutil.copytree(task1_outputs[0], root / "outputs"))
     space = write_space(root, TINY_SPACE)
     config = {"n_trials": 3, "search_space": str(space), "study_name": "tiny", "seed": 5}
+    (root / "home").mkdir()
     with dg.instance_for_test(temp_dir=str(root / "home")) as instance:
         result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
                                 run_config={"ops": {"ctr_tuning": {"config": config}}})
