@@ -11,10 +11,10 @@ import dagster as dg
 
 from .. import settings
 
-# item i belongs to shard i % MMCTR_CLIP_SHARDS (README: clip_embeddings shards)
+# item i belongs to shard i % MMCTR_CLIP_SHARDS (docs/assets.md: clip_embeddings shards)
 clip_shards = dg.StaticPartitionsDefinition([str(i) for i in range(settings.clip_shards())])
 OWNERS = ["team:recsys"]
-# lets the cold start run the whole graph, all CLIP shards included, as one run (README.md)
+# lets the cold start run the whole graph, all CLIP shards included, as one run (docs/assets.md)
 SINGLE_RUN = dg.BackfillPolicy.single_run()
 # dagster-k8s gives a step with these op tags a GPU (MMCTR_EXECUTOR=k8s)
 GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}}

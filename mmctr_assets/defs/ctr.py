@@ -110,7 +110,7 @@ class DcnDinConfig(dg.PermissiveConfig):
             raise ValueError(
                 f"dcn_din_model config has unknown keys {extra}. Model and training settings sit in "
                 f"two sections, e.g. {json.dumps({k: v for k, v in shape.items() if v})} "
-                "(ops: dcn_din_model: config: model: ... train: ...; README.md, dcn_din_model)."
+                "(ops: dcn_din_model: config: model: ... train: ...; docs/models.md)."
             )
         model_values = presets.for_family(self.model.model_dump(), self.model.model_fields_set)
         if model_values["max_len"] is None:

@@ -84,7 +84,7 @@ def clip_embeddings(
         )
     encoded, text_only, seconds = 0, [], 0.0
     # the free CPU cores, less one when this run also trains item2vec: its one worker is the
-    # critical path of a whole-graph run and would otherwise wait for this step (README.md, Full
+    # critical path of a whole-graph run and would otherwise wait for this step (docs/deployment.md, Full
     # size); torch threads and decode threads; one set of decode threads for every shard of the run
     want = compute.cpu_threads or max(1, clip_encoder.available_cpus() - leaves_core_for_item2vec(context))
     with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="clip_embeddings") as cores, \
@@ -146,14 +146,14 @@ class Item2VecConfig(dg.Config):
     workers: int = 1
     """gensim threads. 1 (default) gives bit-identical vectors for the same data and seed, so two
     runs of the whole graph give the same fused table and AUC. More threads train faster
-    (measured in README, item2vec) but update shared weights without locks: vectors, and so the
+    (measured: docs/results.md) but update shared weights without locks: vectors, and so the
     AUC, differ slightly run to run. A documented opt-in for speed, not the default."""
     seed: int = settings.seed()
     include_clicked_target: bool = True
     """Append the target to its history when clicked: the strongest co-occurrence signal."""
     one_line_per_user: bool = True
     """One corpus line per user timeline (the rows' histories are its prefixes), not one per row,
-    which repeats a user's early clicks once per later row (README.md, item2vec corpus)."""
+    which repeats a user's early clicks once per later row (docs/assets.md, item2vec corpus)."""
 
 
 @dg.asset(

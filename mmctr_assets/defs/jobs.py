@@ -1,6 +1,6 @@
 """Jobs: what runs together, and the executor a deployment runs steps with.
 
-What starts what (README.md, "Operating the platform"):
+What starts what (docs/operations.md):
 - raw_*, clip_embeddings and item2vec_embeddings never start by themselves: a person, the
   schedule or the raw-data sensor asks for them, because they read new data or use the GPU.
 - fused_item_embeddings and the Task 2 assets carry `AutomationCondition.eager()`: when something

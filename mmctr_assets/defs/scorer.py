@@ -7,7 +7,7 @@ compared by that number and not by whatever the Task 2 model happens to be confi
 
 Not automated on purpose: no automation condition, and the weekly retrain_job leaves it out, so
 a fused refresh retrains dcn_din_model only. It runs when selected (`--select task1_score`, `*`)
-and in full_refresh_job, the whole graph (README.md, "Task 1 scorer").
+and in full_refresh_job, the whole graph (docs/assets.md, "Task 1 scorer").
 """
 
 import dagster as dg

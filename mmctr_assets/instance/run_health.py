@@ -142,7 +142,7 @@ def check_local_instance(instance: dg.DagsterInstance) -> str | None:
         return (f"this instance ({instance.root_directory}) keeps its runs in "
                 f"{type(instance.event_log_storage).__name__}, which other machines may write to; a pid "
                 "recorded there cannot be checked from here. Use the daemon's run monitoring with a "
-                "launcher that checks its workers (K8sRunLauncher does), README 'One GPU, one step'.")
+                "launcher that checks its workers (K8sRunLauncher does), docs/operations.md 'One GPU, one step'.")
     if not isinstance(instance.run_launcher, DefaultRunLauncher):
         return f"this instance launches runs with {type(instance.run_launcher).__name__}, not on this machine"
     return None

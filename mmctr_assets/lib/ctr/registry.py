@@ -1,5 +1,5 @@
 """The CTR model's registry: every trained model is a version of one MLflow registered model, and
-the alias ``champion`` names the version that serves (README / docs/registry.md).
+the alias ``champion`` names the version that serves (docs/registry.md).
 
 A retrained version becomes champion only when it validates at least as well as the champion on
 the same validation data (:meth:`Registry.gate`); otherwise it keeps the alias ``challenger`` and

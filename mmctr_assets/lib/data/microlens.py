@@ -149,7 +149,7 @@ def check_schema(table: str, schema: pa.Schema, path: Path) -> None:
             f"{table} table at {path} does not match the MicroLens format:\n  - "
             + "\n  - ".join(problems)
             + f"\nFound columns: {', '.join(f'{n}: {t}' for n, t in zip(schema.names, schema.types))}."
-            "\nFix the file (or re-export it) so it has the columns listed in README.md (Data format)."
+            "\nFix the file (or re-export it) so it has the columns listed in docs/data.md (Data format)."
         )
 
 
