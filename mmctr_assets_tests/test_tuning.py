@@ -214,9 +214,15 @@ def test_study_resumes_after_its_worker_is_killed(tmp_path, tiny_tensors, tiny_r
     storage = tuning.open_storage(url, heartbeat_interval=1, grace_period=1)
     (left,) = optuna.load_study(study_name="resume", storage=storage).get_trials()
     assert left.state == optuna.trial.TrialState.RUNNING
-    time.sleep(2.5)  # past the grace period (1 s; sqlite timestamps have whole seconds)
-
     study = tuning.open_study(storage, "resume", seed=0, n_trials=2)
+    # the trial turns stale once its last heartbeat is older than the grace period (1 s; sqlite
+    # stores whole seconds). Wait for that state instead of sleeping a fixed time: on a loaded
+    # machine the heartbeat thread and the clock can lag by more than any fixed margin.
+    deadline = time.monotonic() + 60
+    while study.get_trials()[0].state == optuna.trial.TrialState.RUNNING:
+        assert time.monotonic() < deadline, "the killed trial never turned stale"
+        time.sleep(0.5)
+        optuna.storages.fail_stale_trials(study)
     space = tuning.parse_search_space({"fixed": TINY_SPACE["fixed"], "params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
     assert tuning.run_study(study, space, tiny_runner, n_trials=2, base_model={"max_len": tiny_tensors[2]}) == 2
     trials = study.get_trials()
