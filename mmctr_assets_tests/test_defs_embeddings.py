@@ -275,12 +275,13 @@ def test_task1_score_same_table_same_score_other_table_other_score(scored, tiny_
     assert other["valid_auc"].value != scored[1]["valid_auc"].value
 
 
-def test_task1_score_unknown_source_is_a_clear_error(scored, tiny_data, make_resources, instance):
-    result = score(scored[0], tiny_data, make_resources, instance, "clip", raise_on_error=False)
-    assert not result.success
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    message = str(failure.event_specific_data.error)
-    assert "embedding_source='clip'" in message and "'fused', 'content', 'item2vec', 'organisers'" in message
+def test_task1_score_unknown_source_is_refused_at_launch_with_the_choices(scored, tiny_data, make_resources,
+                                                                         instance):
+    with pytest.raises(dg.DagsterInvalidConfigError) as refused:
+        score(scored[0], tiny_data, make_resources, instance, "clip", raise_on_error=False)
+    message = str(refused.value)
+    assert "embedding_source" in message and "got clip" in message
+    assert "'fused', 'content', 'item2vec', 'organisers'" in message
 
 
 def test_task1_score_is_not_refreshed_by_automation_or_the_weekly_retrain():

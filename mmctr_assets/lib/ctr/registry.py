@@ -123,7 +123,10 @@ class Registry:
             self.client.create_registered_model(name, **kwargs)
             return True
         except MlflowException as e:
-            if e.error_code == "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the insert lost to an existing row, and MLflow's own look-up
+            # of that row (for its message) found it deleted meanwhile (a promotion lock released
+            # between the two): not created either, the caller tries again
+            if e.error_code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 return False
             raise
 
