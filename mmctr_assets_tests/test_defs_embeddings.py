@@ -293,3 +293,12 @@ def test_task1_score_is_not_refreshed_by_automation_or_the_weekly_retrain():
     assert graph.get(key).group_name == "task1_embeddings"
     assert key not in defs.resolve_job_def("retrain_job").asset_layer.selected_asset_keys
     assert key in defs.resolve_job_def("full_refresh_job").asset_layer.selected_asset_keys
+
+
+def test_task1_scorer_accepts_every_level_the_raw_checks_accept(monkeypatch):
+    """MMCTR_MAX_LEVEL=11 passes raw_* and dcn_din_model; the fixed scorer must not then refuse level 11."""
+    from mmctr_assets.defs.scorer import SCORER_MODEL, scorer_model
+
+    monkeypatch.setenv("MMCTR_MAX_LEVEL", "11")
+    assert scorer_model().level_vocab_size == 12
+    assert scorer_model().to_dict() | {"level_vocab_size": 0} == SCORER_MODEL.to_dict() | {"level_vocab_size": 0}

@@ -10,9 +10,12 @@ a fused refresh retrains dcn_din_model only. It runs when selected (`--select ta
 and in full_refresh_job, the whole graph (docs/assets.md, "Task 1 scorer").
 """
 
+import dataclasses
+
 import dagster as dg
 from pydantic import Field
 
+from .. import settings
 from ..lib.ctr.model import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
@@ -48,6 +51,13 @@ class Task1ScoreConfig(dg.Config):
     embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
 
 
+def scorer_model() -> ModelConfig:
+    """SCORER_MODEL with a likes/views table for every level the raw checks accept (MMCTR_MAX_LEVEL):
+    the level range is the data's, not part of the fixed recipe, so a larger one must not fail here
+    after raw_* and dcn_din_model accepted it."""
+    return dataclasses.replace(SCORER_MODEL, level_vocab_size=settings.max_level() + 1)
+
+
 @dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
           deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"])
 def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, storage: ProjectStorage,
@@ -55,10 +65,10 @@ def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, sto
     """Validation AUC of one fixed DIN (seed, budget and architecture fixed: SCORER_MODEL /
     SCORER_TRAIN in defs/scorer.py) trained on the chosen item table: the Task 1 number. The same
     table on the same device gives the same score. Not refreshed by automation or the weekly job."""
-    source = config.embedding_source
+    source, model_config = config.embedding_source, scorer_model()
     emb = item_embedding_table(storage, source, SCORER_TRAIN.seed)
     # torch's default threads, not a claim of the free cores: the score must not depend on what runs beside it
-    with train_tracked(context, storage, compute, mlflow, frames=read_train_valid(storage), model_config=SCORER_MODEL,
+    with train_tracked(context, storage, compute, mlflow, frames=read_train_valid(storage), model_config=model_config,
                        train_config=SCORER_TRAIN, source=source, emb=emb, run_name=f"task1_score_{source}",
                        tags={"stage": "task1_score"}, params={"scorer_version": SCORER_VERSION},
                        claim_cores=False) as trained:
@@ -70,7 +80,7 @@ def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, sto
         "table_fingerprint": fp.table,
         "data_fingerprint": fp.data,
         "scorer_version": SCORER_VERSION,
-        "scorer_config": dg.MetadataValue.json({"model": SCORER_MODEL.to_dict(), "train": SCORER_TRAIN.to_dict()}),
+        "scorer_config": dg.MetadataValue.json({"model": model_config.to_dict(), "train": SCORER_TRAIN.to_dict()}),
     })
 
 

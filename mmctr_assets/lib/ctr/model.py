@@ -91,7 +91,7 @@ class CTRModel(nn.Module):
             if item_tags is None:
                 raise ValueError("use_tag_embedding=True needs item_tags (item_info.item_tags as a "
                                  "[n_items + 1, k] int matrix); pass it or set use_tag_embedding=False")
-            tags = torch.as_tensor(np.asarray(item_tags, dtype=np.int64))
+            tags = torch.as_tensor(np.array(item_tags, dtype=np.int64))  # a copy: polars hands out read-only arrays
             if tags.ndim != 2 or tags.shape[0] != self.n_items + 1:
                 raise ValueError(f"item_tags must have shape [{self.n_items + 1}, k] to match "
                                  f"item_embeddings, got {tuple(tags.shape)}")
