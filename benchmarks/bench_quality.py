@@ -9,9 +9,9 @@ labels are the generator's ``ground_truth/test.parquet``). One JSON line per res
 config, valid and test AUC, their gaps to the manifest's ceilings (the true click probabilities;
 without each user's bias; v3: without each item's appeal), wall time, epochs and the config.
 
-Configs: ``default`` (ModelConfig/TrainConfig defaults; ``max_len`` unset reads the whole history
-as ``dcn_din_model`` does), every preset in ``lib/ctr/presets.PRESETS`` and every YAML file in
-``mmctr_assets/deploy/presets/`` (if it exists), then each ``--config FILE.yaml`` (a run-config
+Configs: every preset in ``mmctr_assets/deploy/presets/`` (``lib/ctr/presets.PRESETS``; ``default``
+is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the whole history as
+``dcn_din_model`` does), then each ``--config FILE.yaml`` (a run-config
 fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train}``; its name is the
 file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
 
@@ -47,7 +47,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import emit, peak_mb  # noqa: E402
 
-PRESET_DIR = REPO / "mmctr_assets" / "deploy" / "presets"
 CEILINGS = ("", "_without_user_bias", "_without_item_appeal")
 LR_SMOOTHING = 5.0  # pseudo-rows at the mean click rate in each user/item rate
 
@@ -119,15 +118,13 @@ def _sections(doc: dict, source: str) -> dict[str, dict]:
 
 
 def configs(extra_files: list[Path]) -> dict[str, dict[str, dict]]:
-    """name -> {model, train}: the default, the presets (module and YAML dir), then the files."""
+    """name -> {model, train}: the presets (the default among them), then the files."""
     import yaml
 
     from mmctr_assets.lib.ctr.presets import PRESETS, preset
 
-    out = {"default": {"model": {}, "train": {}}}
-    out |= {name: preset(name) for name in PRESETS}
-    yaml_files = sorted(PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
-    for path in [*yaml_files, *extra_files]:
+    out = {name: preset(name) for name in PRESETS}
+    for path in extra_files:
         out[path.stem] = _sections(yaml.safe_load(path.read_text()) or {}, str(path))
     return out
 
