@@ -2,6 +2,7 @@
 config we ship (deploy/dagster.yaml) lets one such step run at a time across all runs."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import yaml
 
 from mmctr_assets import settings
 from mmctr_assets.definitions import defs
+from mmctr_assets.instance import local_instance
 
 SHIPPED_INSTANCE = settings.PACKAGE_DIR / "deploy" / "dagster.yaml"
 DAGSTER = Path(sys.executable).with_name("dagster")
@@ -172,11 +174,23 @@ def kill_run_worker(run: Launched) -> int:
     return step_pid
 
 
+def run_id_of(home: Path, launched: Launched) -> str:
+    """The run id a launched materialisation printed (RUN_START line)."""
+    launched.wait_for("run start", lambda: "RUN_START" in launched.output())
+    line = next(x for x in launched.output().splitlines() if "RUN_START" in x)
+    return line.split(" - ")[4]
+
+
+def warnings_of(home: Path, run_id: str) -> list[str]:
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        return [e.message for e in instance.all_logs(run_id) if e.level >= logging.WARNING]
+
+
 @pytest.mark.slow
 def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    shutil.copy(SHIPPED_INSTANCE, home / "dagster.yaml")  # as shipped: launcher, monitoring, intervals
+    shutil.copy(SHIPPED_INSTANCE, home / "dagster.yaml")  # as shipped: instance class, launcher, monitoring
     (tmp_path / "hold_gpu.py").write_text(HOLD_GPU)
     env = os.environ | {"DAGSTER_HOME": str(home)}
     subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env, check=True)
@@ -188,38 +202,57 @@ def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
         return started[-1]
 
     try:
-        # 1. No daemon: the dead run holds the slot until an operator runs mmctr-free-dead-runs.
-        dead = launch("dead1", hold_s=3600)
-        orphan = kill_run_worker(dead)
+        # 1. No daemon. A live holder is waited for: the waiting runs look at it and leave it alone.
+        holder = launch("holder1", hold_s=3600)
+        holder_id = run_id_of(home, holder)
+        holder.wait_for("step start", holder.mark.exists)
         waiting, cancelled = launch("waiting1", hold_s=0), launch("cancelled1", hold_s=0)
         for run in (waiting, cancelled):
             run.wait_for("pool wait", lambda run=run: "Step blocked by limit for pool gpu" in run.output())
-        assert gpu_slots(home) == (1, 2)
+        time.sleep(local_instance.CHECK_EVERY_S + 2)  # past a second look at the holder
+        assert gpu_slots(home) == (1, 2) and holder.proc.poll() is None
         # a waiting run stops on SIGTERM, and gives up its place in the queue
         cancelled.proc.terminate()
         assert cancelled.finish() != 0 and "DagsterExecutionInterruptedError" in cancelled.output()
         assert gpu_slots(home) == (1, 1)
-
-        freed = subprocess.run([str(DAGSTER.with_name("mmctr-free-dead-runs"))], env=env, capture_output=True,
-                               text=True, timeout=WAIT_S)
-        assert freed.returncode == 0, freed.stderr
-        assert "marked FAILURE" in freed.stdout and "freed pool slot(s) ['gpu/train']" in freed.stdout, freed.stdout
+        # the holder dies (kill -9): the waiting run frees its slot itself, says so at WARNING, and goes on
+        orphan = kill_run_worker(holder)
         assert waiting.finish() == 0, waiting.output()
         assert waiting.mark.exists() and not psutil.pid_exists(orphan)  # the leftover step was stopped
+        waiting_id = run_id_of(home, waiting)
+        said = [m for m in warnings_of(home, waiting_id) if holder_id in m]
+        assert said and "marked FAILURE" in said[0] and "freed pool slot(s) ['gpu/train']" in said[0], said
+        assert holder_id in waiting.output()  # on the console too
+        assert gpu_slots(home) == (0, 0)
 
-        # 2. With the daemon (what `make dev` runs): nobody does anything, the next run proceeds.
+        # 2. No daemon, nobody waiting: the dead run holds the slot until mmctr-free-dead-runs frees it.
+        dead = launch("dead2", hold_s=3600)
+        orphan = kill_run_worker(dead)
+        free = [str(DAGSTER.with_name("mmctr-free-dead-runs"))]
+        looked = subprocess.run(free + ["--dry-run"], env=env, capture_output=True, text=True, timeout=WAIT_S)
+        assert looked.returncode == 0 and "would: " in looked.stdout, looked.stdout + looked.stderr
+        assert gpu_slots(home) == (1, 0) and psutil.pid_exists(orphan)  # a dry run changes nothing
+        freed = subprocess.run(free, env=env, capture_output=True, text=True, timeout=WAIT_S)
+        assert freed.returncode == 0, freed.stderr
+        assert "marked FAILURE" in freed.stdout and "freed pool slot(s) ['gpu/train']" in freed.stdout, freed.stdout
+        assert gpu_slots(home) == (0, 0) and not psutil.pid_exists(orphan)
+
+        # 3. With the daemon (what `make dev` runs), nobody waiting: run monitoring frees the slot.
         with open(tmp_path / "daemon.log", "w") as out:
             daemon = subprocess.Popen([str(DAGSTER.with_name("dagster-daemon")), "run", "-f", str(tmp_path / "hold_gpu.py")],
                                       env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        dead = launch("dead2", hold_s=3600)
+        dead = launch("dead3", hold_s=3600)
+        dead_id = run_id_of(home, dead)
         orphan = kill_run_worker(dead)
-        waiting = launch("waiting2", hold_s=0)
-        assert waiting.finish() == 0, waiting.output() + (tmp_path / "daemon.log").read_text()[-3000:]
+        deadline = time.monotonic() + WAIT_S
+        while gpu_slots(home) != (0, 0):
+            assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()[-3000:]
+            time.sleep(1)
         assert not psutil.pid_exists(orphan)
         with dg.DagsterInstance.from_config(str(home)) as instance:
-            statuses = [r.status for r in instance.get_runs()]  # newest first
-        assert statuses[:2] == [dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE]
-        assert gpu_slots(home) == (0, 0)
+            status = {r.run_id: r.status for r in instance.get_runs()}
+        assert (status[holder_id], status[waiting_id], status[dead_id]) == (
+            dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE)
     finally:
         for run in started:
             run.kill_all()

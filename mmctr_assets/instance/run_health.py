@@ -148,29 +148,22 @@ def check_local_instance(instance: dg.DagsterInstance) -> str | None:
     return None
 
 
-def free_dead_runs(instance: dg.DagsterInstance, dry_run: bool = False) -> list[str]:
-    """Mark every run whose processes on this machine are gone FAILURE (stopping its leftover
-    step processes), then free the pool slots of every finished run that still holds some.
-    Returns one line per thing done (or, with dry_run, that would be done)."""
-    done, failed = [], set()
-    in_progress = instance.get_run_records(
-        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING])
-    )
-    for record in in_progress:
-        run = record.dagster_run
-        workers = inspect_run(instance, run.run_id)
+def free_run_if_dead(instance: dg.DagsterInstance, run_id: str, by: str, dry_run: bool = False) -> str | None:
+    """If the run's processes on this machine are gone, mark it FAILURE (stopping its leftover step
+    processes); if it is finished (now or before) but still holds pool slots or claims, free them.
+    Returns one line saying what was done (or, with dry_run, would be), None for a live run."""
+    run = instance.get_run_by_id(run_id)
+    done = []
+    if run is not None and not run.is_finished:
+        workers = inspect_run(instance, run_id)
         if not workers.dead:
-            continue
+            return None  # a live run holds or waits for its slots
         if not dry_run:
             stop_processes(workers.alive_steps)
-            instance.report_run_failed(run, f"mmctr-free-dead-runs: {workers.describe()}.")
-        failed.add(run.run_id)
-        done.append(f"run {run.run_id} ({run.job_name}): {workers.describe()}; marked FAILURE")
+            instance.report_run_failed(run, f"{by}: {workers.describe()}.")
+        done.append(f"{workers.describe()}; marked FAILURE")
     storage = instance.event_log_storage
-    for run_id in sorted(storage.get_concurrency_run_ids()):
-        run = instance.get_run_by_id(run_id)
-        if run is not None and not run.is_finished and run_id not in failed:
-            continue  # a live run holds or waits for its slots
+    if run_id in storage.get_concurrency_run_ids():
         held = [
             f"{info.concurrency_key}/{s.step_key}"
             for key in sorted(storage.get_concurrency_keys())
@@ -180,9 +173,24 @@ def free_dead_runs(instance: dg.DagsterInstance, dry_run: bool = False) -> list[
         ]
         if not dry_run:
             storage.free_concurrency_slots_for_run(run_id)
-        status = "FAILURE" if run_id in failed else run.status.value if run else "deleted"
-        done.append(f"run {run_id} ({status}): freed pool slot(s) {held or '(pending claims only)'}")
-    return done
+        done.append(f"freed pool slot(s) {held or '(pending claims only)'}")
+    if not done:
+        return None
+    status = "FAILURE" if run is not None and not run.is_finished else run.status.value if run else "deleted"
+    job = f"{run.job_name}, " if run else ""
+    return f"run {run_id} ({job}{status}): " + "; ".join(done)
+
+
+def free_dead_runs(instance: dg.DagsterInstance, dry_run: bool = False) -> list[str]:
+    """free_run_if_dead for every run in progress and every run that holds pool slots or claims.
+    Returns one line per run something was (or, with dry_run, would be) done to."""
+    in_progress = instance.get_run_records(
+        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING])
+    )
+    run_ids = [r.dagster_run.run_id for r in in_progress]
+    run_ids += [rid for rid in sorted(instance.event_log_storage.get_concurrency_run_ids()) if rid not in run_ids]
+    lines = (free_run_if_dead(instance, rid, "mmctr-free-dead-runs", dry_run) for rid in run_ids)
+    return [line for line in lines if line]
 
 
 def pool_summary(instance: dg.DagsterInstance) -> str:
