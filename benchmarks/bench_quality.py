@@ -3,9 +3,11 @@ configs on demo data, against the generator's ceilings and a logistic-regression
 
 For each world (``--worlds``, demo worlds v2/v3) and size (``--sizes``: small, medium): generate the
 demo data once into ``--cache`` (seed 0), then train each config with the library (not Dagster:
-``lib/ctr/trainer.train``, CPU, seed 0) on the organisers' ``item_emb_d128`` table (a fast stand-in
-for the fused table: no CLIP or item2vec step per world) and score valid and test rows (the test
-labels are the generator's ``ground_truth/test.parquet``). One JSON line per result: world, size,
+``lib/ctr/trainer.train``, CPU, seed 0) on an item table and score valid and test rows (the test
+labels are the generator's ``ground_truth/test.parquet``). ``--item-table organisers`` (default)
+is the demo data's own ``item_emb_d128``: a fast, weak stand-in. ``--item-table fused`` is what
+``dcn_din_model`` trains on: the Task 1 table built once per world through the real assets (tiny
+CLIP fitted on the demo covers/titles, item2vec, fusion; ``bench_pipeline.build_task1``) and cached. One JSON line per result: world, size,
 config, valid and test AUC, their gaps to the manifest's ceilings (the true click probabilities;
 without each user's bias; v3: without each item's appeal), wall time, epochs and the config.
 
@@ -21,8 +23,14 @@ leave-one-out on training rows) and log counts from the training rows, likes/vie
 length, and the share of the whole / the last 5 history items sharing a tag with the target.
 
     .venv/bin/python benchmarks/bench_quality.py [--worlds v2,v3] [--sizes small,medium]
-        [--only default,dcn_din] [--config extra.yaml ...] [--no-lr] [--max-epochs N] [--threads N]
-        [--batch-size 512]
+        [--item-table organisers|fused] [--only default,dcn_din] [--config extra.yaml ...] [--no-lr]
+        [--max-epochs N] [--threads N] [--batch-size 512] [--tune N [--search-space S.yaml] [--no-pruning]]
+
+``--tune N``: also an Optuna study of N trials per world (``lib/ctr/tuning``, what ``ctr_tuning``
+runs, without Dagster or MLflow; base = the default preset; search space: the demo space for small
+data, the default space for medium, or ``--search-space``), pruned on per-epoch valid AUC unless
+``--no-pruning``. One line ``config: "tuned"``: the best trial's valid AUC, that model's test AUC,
+trials pruned and the study's wall time.
 
 Small data needs ``--batch-size 512`` (as ``make demo``'s run config): at the configs' own 4096 an
 epoch of its 20k training rows is 5 steps, and early stopping ends most runs before they learn.
@@ -75,12 +83,24 @@ class Dataset:
     manifest: dict
 
 
-def load(root: Path) -> Dataset:
+def fused_table(cache: Path, root: Path) -> Path:
+    """The Task 1 table (item_info_updated.parquet) of a demo dataset, built once by the real assets."""
+    from bench_pipeline import build_task1, resources
+
+    work = cache / f"task1_{root.name}"
+    table = work / "outputs" / "item_info_updated.parquet"
+    if not table.exists():
+        build_task1(root / "MicroLens_1M_x1", work, resources(root / "MicroLens_1M_x1", work), fit_clip=True)
+    return table
+
+
+def load(root: Path, item_table: Path | None = None) -> Dataset:
+    """The splits, the item table (``item_table``, default the data's own item_info) and tags."""
     data = root / "MicroLens_1M_x1"
     frames = {name: pl.read_parquet(data / f"{name}.parquet") for name in ("train", "valid", "test")}
     truth = pl.read_parquet(root / "ground_truth" / "test.parquet").select("ID", "label")
     frames["test"] = frames["test"].join(truth, on="ID", how="left", maintain_order="left")
-    info = pl.read_parquet(data / "item_info.parquet").sort("item_id")
+    info = pl.read_parquet(item_table or data / "item_info.parquet").sort("item_id")
     emb = info.get_column("item_emb_d128").list.to_array(128).to_numpy().astype(np.float32)
     tags = info.get_column("item_tags")
     tags = tags.list.to_array(int(tags.list.len().max())).to_numpy().astype(np.int64)
@@ -133,15 +153,10 @@ def configs(extra_files: list[Path]) -> dict[str, dict[str, dict]]:
 # Training
 
 
-def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
-              threads: int | None, batch_size: int | None = None) -> dict:
-    import torch
-    from sklearn.metrics import roc_auc_score
-
-    from mmctr_assets.lib.ctr.inference import predict
-    from mmctr_assets.lib.ctr.model import ModelConfig
-    from mmctr_assets.lib.ctr.tensors import to_tensors
-    from mmctr_assets.lib.ctr.trainer import TrainConfig, train
+def _values(ds: Dataset, sections: dict, seed: int, max_epochs: int | None, threads: int | None,
+            batch_size: int | None) -> tuple[dict, dict]:
+    """Flat model/train values of a config, with the benchmark's overrides."""
+    from mmctr_assets.lib.ctr.trainer import TrainConfig
 
     width = int(ds.frames["train"].get_column("item_seq").list.len().max())
     model_values = {"max_len": width} | sections["model"]  # unset max_len: the whole history
@@ -152,13 +167,25 @@ def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int
         train_values["num_threads"] = threads
     if batch_size:
         train_values["batch_size"] = batch_size
-    model_config, train_config = ModelConfig(**model_values), TrainConfig(**train_values)
+    return model_values, train_values
+
+
+def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None) -> dict:
+    """Train one config and score it: valid AUC (best epoch), test AUC, the curve."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from mmctr_assets.lib.ctr.inference import predict
+    from mmctr_assets.lib.ctr.tensors import to_tensors
+    from mmctr_assets.lib.ctr.trainer import train
+
     n_items = ds.emb.shape[0] - 1
     tensors = {k: to_tensors(f, model_config.max_len, n_items=n_items) for k, f in ds.frames.items()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model_config, train_config, tensors["train"], tensors["valid"], ds.emb,
-                       item_tags=ds.tags if model_config.use_tag_embedding else None, checkpoint_dir=tmp)
+                       item_tags=ds.tags if model_config.use_tag_embedding else None, checkpoint_dir=tmp,
+                       on_epoch_end=on_epoch_end)
     train_s = time.perf_counter() - t0
     test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
     test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))
@@ -168,9 +195,51 @@ def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int
             "train_s": round(train_s, 1), "epochs": len(result.history), "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
             "valid_auc_per_epoch": [round(e.valid_auc, 4) for e in result.history],
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": torch.get_num_threads()}
+
+
+def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
+              threads: int | None, batch_size: int | None = None) -> dict:
+    from mmctr_assets.lib.ctr.model import ModelConfig
+    from mmctr_assets.lib.ctr.trainer import TrainConfig
+
+    model_values, train_values = _values(ds, sections, seed, max_epochs, threads, batch_size)
+    model_config, train_config = ModelConfig(**model_values), TrainConfig(**train_values)
+    return {**fit_and_score(ds, model_config, train_config),
             "model": {k: v for k, v in dataclasses.asdict(model_config).items() if k in model_values},
             "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k in train_values}}
+
+
+def tune(ds: Dataset, size: str, args) -> dict:
+    """An Optuna study of ``args.tune`` trials over the default preset (what ctr_tuning runs)."""
+    import optuna
+
+    from mmctr_assets.lib.ctr import presets, tuning
+
+    space_file = args.search_space or REPO / "mmctr_assets" / "deploy" / "tuning" / (
+        "search_space_demo.yaml" if size == "small" else "search_space.yaml")
+    space = tuning.load_search_space(space_file)
+    base = presets.preset("default")
+    base_model, base_train = _values(ds, base, args.seed, args.max_epochs, args.threads, None)
+    tuning.check_max_len(space, base_model["max_len"])
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = Path(tempfile.mkdtemp()) / "study.db"
+    study = tuning.open_study(f"sqlite:///{storage}", "bench", args.seed, args.tune, pruning=not args.no_pruning)
+    scores: dict[int, dict] = {}
+
+    def runner(trial, model_config, train_config) -> float:
+        scores[trial.number] = fit_and_score(
+            ds, model_config, train_config, on_epoch_end=lambda e: tuning.report_epoch(trial, e.epoch, e.valid_auc))
+        return scores[trial.number]["valid_auc"]
+
+    t0 = time.perf_counter()
+    tuning.run_study(study, space, runner, n_trials=args.tune, base_model=base_model, base_train=base_train)
+    states = [t.state.name for t in study.trials]
+    best, model, train = tuning.best_sections(study)
+    return {**scores[best.number], "study_s": round(time.perf_counter() - t0, 1), "trials": len(states),
+            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "pruning": not args.no_pruning,
+            "best_trial": best.number, "search_space": str(Path(space_file).relative_to(REPO)),
+            "model": model, "train": train}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="v2,v3")
     ap.add_argument("--sizes", default="small")
-    ap.add_argument("--only", default=None, help="comma-separated config names to run (default: all)")
+    ap.add_argument("--only", default=None, help="comma-separated config names to run (default: all; none: no config)")
     ap.add_argument("--config", type=Path, action="append", default=[],
                     help="a run-config fragment YAML (model:/train:, or ops: dcn_din_model: config:); repeatable")
     ap.add_argument("--no-lr", action="store_true", help="skip the logistic-regression reference line")
@@ -255,10 +324,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0, help="data and training seed")
     ap.add_argument("--cache", type=Path, default=REPO / ".mmctr" / "bench" / "quality")
+    ap.add_argument("--item-table", choices=("organisers", "fused"), default="organisers",
+                    help="the demo data's own item_emb_d128 (fast stand-in) or the Task 1 fused table (real assets)")
+    ap.add_argument("--tune", type=int, default=0, metavar="N", help="also an Optuna study of N trials per world")
+    ap.add_argument("--search-space", type=Path, default=None, help="--tune's search space (default by size)")
+    ap.add_argument("--no-pruning", action="store_true", help="--tune without the median pruner")
     args = ap.parse_args(argv)
 
     todo = configs(args.config)
-    if args.only:
+    if args.only == "none":  # only the reference line and/or the study
+        todo = {}
+    elif args.only:
         wanted = args.only.split(",")
         missing = sorted(set(wanted) - set(todo))
         if missing:
@@ -266,8 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         todo = {k: todo[k] for k in wanted}
     for world in args.worlds.split(","):
         for size in args.sizes.split(","):
-            ds = load(demo_data(args.cache, world, size, args.seed))
-            head = {"bench": "quality", "world": world, "size": size,
+            root = demo_data(args.cache, world, size, args.seed)
+            ds = load(root, fused_table(args.cache, root) if args.item_table == "fused" else None)
+            head = {"bench": "quality", "world": world, "size": size, "item_table": args.item_table,
                     "history_median": ds.manifest["history_length"]["median"]}
             if not args.no_lr:
                 emit(**head, config="logistic_regression", **logistic_regression(ds))
@@ -277,6 +354,8 @@ def main(argv: list[str] | None = None) -> None:
                                    args.batch_size)
                 emit(**head, config=name, **result, wall_s=round(time.perf_counter() - t0, 1),
                      peak_rss_mb=round(peak_mb()))
+            if args.tune:
+                emit(**head, config="tuned", **tune(ds, size, args), peak_rss_mb=round(peak_mb()))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ attention buy?
 Each family's preset (lib/ctr/presets.py; the user embedding needs the data's user_id), CPU,
 batch 4096, history cap ``--max-len`` (100: the data's full width), one process. Data: demo_data
 ``medium`` (real MicroLens history-length distribution, generated once into ``--cache``), or
-with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8).
+with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8;
+``--history-median 60`` for long histories, as some real click logs have). ``--families`` may
+name ``default`` too: dcn_din_model's default config (trainable ids, tags and users).
 Each result is one JSON line:
 
 1. ``train_loop`` (one line per family): samples/s of ``train()`` for one epoch (seeded batch
@@ -17,8 +19,9 @@ Each result is one JSON line:
 Comparisons alternate their two sides for ``--repeats`` rounds and report the best of each, so
 load from other processes on a shared box hurts both sides alike.
 
-    .venv/bin/python benchmarks/bench_training.py [--synthetic] [--rows 200000] [--threads 1] [--repeats 2]
-        [--families dcn_din,transformer_dcnv2,din] [--max-len 100] [--train-rows N]
+    .venv/bin/python benchmarks/bench_training.py [--synthetic [--history-median 60]] [--rows 200000]
+        [--threads 1] [--repeats 2] [--families default,dcn_din,transformer_dcnv2,din] [--max-len 100]
+        [--train-rows N] [--skip-attention] [--skip-predict]
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ def emit(**result) -> None:
     print(json.dumps(result), flush=True)
 
 
-def demo_medium(cache: Path) -> tuple[dict[str, pl.DataFrame], np.ndarray, str]:
+def demo_medium(cache: Path) -> tuple[dict[str, pl.DataFrame], np.ndarray, np.ndarray, str]:
     from mmctr_assets.lib.data import demo as demo_data
 
     root = cache / "demo_medium_seed0"
@@ -64,17 +67,22 @@ def demo_medium(cache: Path) -> tuple[dict[str, pl.DataFrame], np.ndarray, str]:
     frames = {name: pl.read_parquet(data / f"{name}.parquet") for name in ("train", "valid", "test")}
     info = pl.read_parquet(data / "item_info.parquet").sort("item_id")
     emb = info.get_column("item_emb_d128").list.to_array(128).to_numpy().astype(np.float32)
-    return frames, emb, "demo_data medium"
+    tags = info.get_column("item_tags")
+    tags = tags.list.to_array(int(tags.list.len().max())).to_numpy().astype(np.int64)
+    return frames, emb, tags, "demo_data medium"
 
 
-def synthetic(rows: int, n_items: int = 10_000, seed: int = 0):
-    """Left-padded width-100 histories; lengths 3 + lognormal (median 6, mean ~8, max 100)."""
+def synthetic(rows: int, n_items: int = 10_000, seed: int = 0, history_median: float = 6.0):
+    """Left-padded width-100 histories; lengths lognormal, clipped to [3, 100] (median
+    ``history_median``; the default 6 gives mean ~8, like MicroLens); 5 tags per item."""
     rng = np.random.default_rng(seed)
     emb = rng.normal(size=(n_items + 1, 128)).astype(np.float32)
     emb[0] = 0
+    tags = rng.integers(1, 200, (n_items + 1, 5))
+    tags[0] = 0
 
     def frame(n, labels=True):
-        lengths = np.clip(np.floor(rng.lognormal(1.8, 0.75, n)), 3, 100).astype(int)
+        lengths = np.clip(np.floor(rng.lognormal(np.log(history_median), 0.75, n)), 3, 100).astype(int)
         seq = rng.integers(1, n_items + 1, (n, 100))
         seq[np.arange(100)[None, :] < 100 - lengths[:, None]] = 0
         f = pl.DataFrame({"user_id": rng.integers(1, rows // 3, n), "item_seq": seq,
@@ -82,7 +90,8 @@ def synthetic(rows: int, n_items: int = 10_000, seed: int = 0):
                           "likes_level": rng.integers(1, 11, n), "views_level": rng.integers(1, 11, n)})
         return f.with_columns(label=pl.Series(rng.integers(0, 2, n).astype(float))) if labels else f
 
-    return {"train": frame(rows), "valid": frame(10_000), "test": frame(20_000, False)}, emb, "synthetic"
+    frames = {"train": frame(rows), "valid": frame(10_000), "test": frame(20_000, False)}
+    return frames, emb, tags, f"synthetic, history median {history_median:g}"
 
 
 def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
@@ -92,9 +101,10 @@ def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
 
 
 def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarray,
-                    batches: list[CTRTensors], cfg: TrainConfig) -> float:
+                    batches: list[CTRTensors], cfg: TrainConfig, tags: np.ndarray | None = None) -> float:
     torch.manual_seed(cfg.seed)
-    model = CTRModel(model_config, emb, item_frequency=counts).train()
+    tags = tags if model_config.use_tag_embedding else None
+    model = CTRModel(model_config, emb, tags, item_frequency=counts).train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = sum(len(b) for b in batches)
@@ -123,6 +133,9 @@ def main() -> None:
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model families")
     ap.add_argument("--max-len", type=int, default=100, help="history cap (the data's width: 100)")
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
+    ap.add_argument("--history-median", type=float, default=6.0, help="--synthetic: median history length")
+    ap.add_argument("--skip-attention", action="store_true", help="skip the attention comparison")
+    ap.add_argument("--skip-predict", action="store_true", help="skip the inference comparison")
     args = ap.parse_args()
     global MAX_LEN
     MAX_LEN = args.max_len
@@ -130,9 +143,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     try:
-        frames, emb, source = (synthetic(args.rows) if args.synthetic else demo_medium(args.cache))
+        frames, emb, tags, source = (synthetic(args.rows, history_median=args.history_median) if args.synthetic
+                                     else demo_medium(args.cache))
     except ImportError:
-        frames, emb, source = synthetic(args.rows)
+        frames, emb, tags, source = synthetic(args.rows, history_median=args.history_median)
     n_items = emb.shape[0] - 1
     t0 = time.perf_counter()
     if args.train_rows:
@@ -155,13 +169,14 @@ def main() -> None:
     results = {}
     for family in args.families.split(","):
         model_config = ModelConfig(**(preset(family)["model"] | {"max_len": MAX_LEN}))
-        bare_train_rate(model_config, emb, counts, batches[:2], cfg)  # warm-up: lazy init, allocator
+        bare_train_rate(model_config, emb, counts, batches[:2], cfg, tags)  # warm-up: lazy init, allocator
         bare, loop, end_to_end = [], [], []
+        item_tags = tags if model_config.use_tag_embedding else None
         for _ in range(args.repeats):
-            bare.append(bare_train_rate(model_config, emb, counts, batches, cfg))
+            bare.append(bare_train_rate(model_config, emb, counts, batches, cfg, tags))
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
-                result = train(model_config, cfg, train_t, valid_t, emb, checkpoint_dir=tmp)
+                result = train(model_config, cfg, train_t, valid_t, emb, item_tags=item_tags, checkpoint_dir=tmp)
                 end_to_end.append(len(train_t) / (time.perf_counter() - t0))
             loop.append(result.history[0].samples_per_s)
         bare, loop, end_to_end = max(bare), max(loop), max(end_to_end)
@@ -173,7 +188,14 @@ def main() -> None:
              goal_samples_per_s=10_000, meets_goal=loop / bare >= 0.8 and loop >= 10_000,
              valid_auc_after_1_epoch=round(result.best_valid_auc, 4))
 
-    # 2. attention implementations (dcn_din preset), identical batches and initial weights, alternated.
+    if not args.skip_attention:
+        attention(args, emb, counts, batches, cfg)
+    if not args.skip_predict:
+        inference(args, results, tensors, cfg)
+
+
+def attention(args, emb, counts, batches, cfg) -> None:
+    """2. attention implementations (dcn_din preset), identical batches and initial weights, alternated."""
     model_config = ModelConfig(**(preset("dcn_din")["model"] | {"max_len": MAX_LEN}))
     few = batches[:args.attention_batches]
     rates: dict[str, list[float]] = {}
@@ -188,7 +210,10 @@ def main() -> None:
          packed_split_speedup=round(best["packed_split"] / best["padded"], 2),
          goal_samples_per_s=10_000, meets_goal=best["packed_split"] >= 10_000)
 
-    # 3. inference (first family): predict() vs bare forward on ready tensors, alternated.
+
+
+def inference(args, results, tensors, cfg) -> None:
+    """3. inference (first family): predict() vs bare forward on ready tensors, alternated."""
     model = next(iter(results.values())).model
     infer = CTRTensors(*(torch.cat([a, b]) if a is not None and b is not None else None
                          for a, b in zip(tensors["valid"]._fields(), tensors["test"]._fields())))
