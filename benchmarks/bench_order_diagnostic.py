@@ -18,7 +18,7 @@ import time
 import numpy as np
 import polars as pl
 
-from mmctr_assets.lib.ctr.model import ModelConfig
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.presets import preset
 from mmctr_assets.lib.ctr.tensors import to_tensors
 from mmctr_assets.lib.ctr.trainer import TrainConfig, train

@@ -129,7 +129,7 @@ def materialise(assets: list, res: dict, run_config: dict | None = None, **kwarg
 
 def train_config(source: str, overrides: dict) -> dict:
     """dcn_din_model run config: the flat settings above sorted into its model/train sections."""
-    from mmctr_assets.lib.ctr.model import ModelConfig
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
 
     model_keys = {f.name for f in dataclasses.fields(ModelConfig)}
     flat = QUALITY_TRAIN | overrides

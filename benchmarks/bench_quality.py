@@ -90,7 +90,7 @@ def fused_table(cache: Path, root: Path) -> Path:
     work = cache / f"task1_{root.name}"
     table = work / "outputs" / "item_info_updated.parquet"
     if not table.exists():
-        build_task1(root / "MicroLens_1M_x1", work, resources(root / "MicroLens_1M_x1", work), fit_clip=True)
+        build_task1(root, work, resources(root, work), fit_clip=True)
     return table
 
 
@@ -200,7 +200,7 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None) ->
 
 def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
               threads: int | None, batch_size: int | None = None) -> dict:
-    from mmctr_assets.lib.ctr.model import ModelConfig
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
     from mmctr_assets.lib.ctr.trainer import TrainConfig
 
     model_values, train_values = _values(ds, sections, seed, max_epochs, threads, batch_size)

@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mmctr_assets.lib.ctr.inference import predict  # noqa: E402
-from mmctr_assets.lib.ctr.model import FAMILIES, CTRModel, ModelConfig, bce_loss  # noqa: E402
+from mmctr_assets.lib.ctr.model import CTRModel, bce_loss  # noqa: E402
+from mmctr_assets.lib.ctr.model_config import FAMILIES, ModelConfig  # noqa: E402
 from mmctr_assets.lib.ctr.presets import preset  # noqa: E402
 from mmctr_assets.lib.ctr.tensors import CTRTensors, item_frequency, to_tensors  # noqa: E402
 from mmctr_assets.lib.ctr.trainer import TrainConfig, train  # noqa: E402

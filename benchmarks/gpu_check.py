@@ -140,7 +140,8 @@ def check_dcn_din(device: torch.device, size: dict, work: Path) -> None:
     from bench_training import synthetic
 
     from mmctr_assets.lib.ctr.inference import predict
-    from mmctr_assets.lib.ctr.model import DCNDIN, ModelConfig, bce_loss
+    from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
     from mmctr_assets.lib.ctr.tensors import CTRTensors, item_frequency, to_tensors
     from mmctr_assets.lib.ctr.trainer import TrainConfig, train
     from mmctr_assets.lib.precision import autocast
@@ -159,7 +160,7 @@ def check_dcn_din(device: torch.device, size: dict, work: Path) -> None:
 
         def bare_steps():
             torch.manual_seed(cfg.seed)
-            model = DCNDIN(config, emb, item_frequency=counts).to(device).train()
+            model = CTRModel(config, emb, item_frequency=counts).to(device).train()
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             for b in batches:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmctr_assets.lib.ctr.model import DCNDIN, FAMILIES, CTRModel, ModelConfig, bce_loss
+from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
+from mmctr_assets.lib.ctr.model_config import FAMILIES, ModelConfig
 
 N_ITEMS, D, B, L = 50, 16, 8, 10
 SMALL = dict(embedding_dim=D, attention_units=(16, 8), deep_units=(32, 16))
@@ -34,7 +35,7 @@ def _counts(seed=0):
 
 
 def _model(config=None, emb=None, tags=None):
-    return DCNDIN(config or ModelConfig(**SMALL), _embeddings() if emb is None else emb, tags,
+    return CTRModel(config or ModelConfig(**SMALL), _embeddings() if emb is None else emb, tags,
                   item_frequency=_counts())
 
 
@@ -131,7 +132,7 @@ def test_to_dict_from_dict_rebuilds_the_same_model():
     config = ModelConfig(**SMALL, use_id_embedding=True, use_tag_embedding=True, cross_version="v2")
     model = _warmed(_model(config, tags=_tags()))
     spec = json.loads(json.dumps(model.to_dict()))  # must survive JSON (MLflow params, metadata)
-    rebuilt = DCNDIN.from_dict(spec)
+    rebuilt = CTRModel.from_dict(spec, ModelConfig.from_dict(spec["config"]))
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.eval()
     assert rebuilt.config == config
@@ -155,9 +156,9 @@ def test_bad_configs_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="use_tag_embedding=True needs item_tags"):
         _model(ModelConfig(**SMALL, use_tag_embedding=True))
     with pytest.raises(ValueError, match="use_item_frequency=True needs item_frequency"):
-        DCNDIN(ModelConfig(**SMALL), _embeddings())
+        CTRModel(ModelConfig(**SMALL), _embeddings())
     with pytest.raises(ValueError, match="item_frequency must be 51 finite counts"):
-        DCNDIN(ModelConfig(**SMALL), _embeddings(), item_frequency=np.ones(50))
+        CTRModel(ModelConfig(**SMALL), _embeddings(), item_frequency=np.ones(50))
     with pytest.raises(ValueError, match="history_match_features needs attention_output_activation='sigmoid'"):
         ModelConfig(attention_output_activation="linear")
     with pytest.raises(ValueError, match=r"attention_output_activation for family 'dcn_din' must be one of \['linear', 'sigmoid'\]"):
@@ -175,7 +176,7 @@ def test_history_match_features_are_the_share_and_log_count_of_matching_items():
     weights = torch.sigmoid(att.rest(att.first_activation(z))).squeeze(-1)
     assert ((weights > 0) & (weights < 1)).all()
     expected = torch.zeros(B).index_add_(0, rows, weights)
-    _, matches = model._attend(target, seq)
+    _, matches = model._history(target, seq)
     torch.testing.assert_close(matches, expected, atol=1e-5, rtol=1e-5)
     assert matches[1] == 0  # the all-padding row: no matches, finite features
     captured = {}
@@ -195,7 +196,7 @@ def test_item_frequency_is_a_standardised_log_count_saved_with_the_model():
     assert f[0] == 0 and abs(float(f[1:].mean())) < 1e-5 and abs(float(f[1:].std(unbiased=False)) - 1) < 1e-4
     counts = _counts()
     assert (np.argsort(f[1:].numpy(), kind="stable") == np.argsort(np.log1p(counts[1:]), kind="stable")).all()
-    rebuilt = DCNDIN.from_dict(model.to_dict())
+    rebuilt = CTRModel.from_dict(model.to_dict(), model.config)
     assert torch.equal(rebuilt.item_log_frequency, torch.zeros(N_ITEMS + 1))
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(rebuilt.item_log_frequency, f)
@@ -210,7 +211,7 @@ def test_item_frequency_is_a_standardised_log_count_saved_with_the_model():
 def test_plain_din_config_still_builds_without_the_extra_inputs():
     config = ModelConfig(**SMALL, attention_output_activation="linear", history_match_features=False,
                          use_item_frequency=False)
-    model = DCNDIN(config, _embeddings())
+    model = CTRModel(config, _embeddings())
     assert not hasattr(model, "item_log_frequency")
     assert model(*_batch()).shape == (B,)
 
@@ -243,7 +244,7 @@ def test_every_family_gives_finite_logits_and_gradients_and_round_trips(family):
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    rebuilt = CTRModel.from_dict(json.loads(json.dumps(model.to_dict())))
+    rebuilt = CTRModel.from_dict(spec := json.loads(json.dumps(model.to_dict())), ModelConfig.from_dict(spec["config"]))
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt.eval()(item_id, seq, likes, views, users),
                                model.eval()(item_id, seq, likes, views, users))
@@ -453,3 +454,20 @@ def test_the_default_presets_family_options_do_not_follow_a_run_config_to_anothe
     ModelConfig(**(din | {"max_len": 20}))  # din refuses a cross_rank: the reset makes it valid
     kept = for_family(default | {"family": "dcn_din", "cross_version": "v2"}, explicit={"family", "cross_version", "cross_rank"})
     assert kept["cross_rank"] == default["cross_rank"]  # set by the user: kept
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_is_its_own_module_over_the_shared_parts(family):
+    """CTRModel(config) builds the family's own class, from lib/ctr/<family>.py; the options a
+    family does not declare are refused for it, and its own get its defaults."""
+    from mmctr_assets.lib.ctr.model_config import FAMILY_MODELS
+
+    base = {"embedding_dim": D, "family": family}
+    model = _model(ModelConfig(**base))
+    assert type(model) is FAMILY_MODELS[family] and type(model).__module__ == f"mmctr_assets.lib.ctr.{family}"
+    assert isinstance(model, CTRModel) and model.config.position == type(model).OPTIONS["position"][0]
+    others = {n for m in FAMILY_MODELS.values() for n in m.READS} - set(type(model).READS)
+    for name in sorted(others):
+        changed = {"attention_units": (8,), "attention_impl": "padded", "cross_rank": 4}.get(name, 2)
+        with pytest.raises(ValueError, match=f"{name} is not an option of family '{family}'"):
+            ModelConfig(**base, **{name: changed})

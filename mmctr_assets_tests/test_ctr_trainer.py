@@ -7,7 +7,7 @@ import torch
 
 from mmctr_assets.lib.ctr.artifacts import load_model, save_model
 from mmctr_assets.lib.ctr.inference import predict
-from mmctr_assets.lib.ctr.model import ModelConfig
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.tensors import CTRTensors, to_tensors
 from mmctr_assets.lib.ctr.trainer import EpochLog, TrainConfig, train
 from mmctr_assets.lib.metrics import auc

@@ -16,7 +16,8 @@ from pg_server import free_port
 from mmctr_assets.lib.ctr import registry as reg
 from mmctr_assets.lib.ctr import registry_cli
 from mmctr_assets.lib.ctr.artifacts import save_model
-from mmctr_assets.lib.ctr.model import CTRModel, ModelConfig
+from mmctr_assets.lib.ctr.model import CTRModel
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.resources import MlflowResource
 
 NAME = "mmctr-ctr"

@@ -13,9 +13,8 @@ import pydantic
 from pydantic import Field
 
 from .. import settings
-from ..lib.ctr import model as model_module
 from ..lib.ctr import presets
-from ..lib.ctr.model import ModelConfig
+from ..lib.ctr.model_config import FAMILIES, ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
@@ -64,8 +63,8 @@ def _config_section(name: str, cls) -> type[dg.Config]:
             hint, default = list[int], list(default)
         if cls is ModelConfig and f.name == "max_len":  # the data decides (see library_configs)
             hint, default = int | None, None
-        if cls is ModelConfig and f.name == "family" and hasattr(model_module, "FAMILIES"):
-            hint = typing.Literal[model_module.FAMILIES]  # refused at launch, with the choices
+        if cls is ModelConfig and f.name == "family":
+            hint = typing.Literal[FAMILIES]  # refused at launch, with the choices
         help_ = _HELP.get(f.name, f"{cls.__name__}.{f.name} (lib/ctr/).")
         fields[f.name] = (hint, Field(default=default, description=help_))
     return pydantic.create_model(name, __base__=dg.Config, __doc__=f"Fields of {cls.__name__}.", **fields)
@@ -76,7 +75,7 @@ TrainSection = _config_section("TrainSection", TrainConfig)
 
 
 class DcnDinConfig(dg.PermissiveConfig):
-    """DCN-DIN run config: the item table, `model:` (lib/ctr/model.py ModelConfig) and `train:`
+    """DCN-DIN run config: the item table, `model:` (lib/ctr/model_config.py ModelConfig) and `train:`
     (lib/ctr/trainer.py TrainConfig). Extra keys are accepted only to be refused with the shape
     that works (the flat keys of earlier versions)."""
 

@@ -16,7 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from .. import settings
-from ..lib.ctr.model import ModelConfig
+from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, SINGLE_RUN

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from ..lib.ctr import training_run
-from ..lib.ctr.model import ModelConfig
+from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig, TrainResult
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ProgressLog, cpu_cores, png_metadata, run_tags, torch_threads

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from mmctr_assets.lib.ctr.model import CTRModel
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.io import atomic_path
 
 # /2: sigmoid attention, history-match features and the item-frequency buffer
@@ -48,6 +49,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
     if found != MODEL_FORMAT:
         raise ValueError(f"{path} is not a DCN-DIN model written by save_model "
                          f"(expected format {MODEL_FORMAT!r})")
-    model = CTRModel.from_dict(artifact["architecture"])
+    architecture = artifact["architecture"]
+    model = CTRModel.from_dict(architecture, ModelConfig.from_dict(architecture["config"]))
     model.load_state_dict(artifact["state_dict"])
     return model.to(map_location).eval()

@@ -1,60 +1,39 @@
-"""CTR model families (``ModelConfig.family``): DCN-DIN with recency-aware DIN attention (default),
-a Transformer + DCN-V2, and the organisers' DIN baseline, all from lib/ctr/layers.py.
+"""The CTR model's shared parts; each family is its own module (dcn_din.py, transformer_dcnv2.py,
+din.py) and says which history summary it builds and which options it reads.
 
-DCN-DIN: DIN target attention over the click history feeding a DCN (cross net || deep net).
+Every family represents items the same way: the frozen pretrained vector (the Task 1 deliverable),
+optionally concatenated with a trainable item-id embedding and a mean-pooled tag embedding. Every
+family has the same head: ``[target item, history summary, likes/views level embeddings, optional
+scalars and user embedding]`` -> cross net || deep MLP (the deep MLP alone where a family has no
+cross net) -> optional MLP -> linear, plus optional item and user biases on the logit.
 
-Items are represented by a frozen pretrained embedding matrix (the Task 1 deliverable), optionally
-concatenated with a trainable item-id embedding and a mean-pooled tag embedding.
-
-Beside DIN's pooled vector: sigmoid-bounded attention weights and two kinds of scalar input, the
-history-match features (the weights' mean and log-sum: which share, and how many, of the user's
-items match the target; a pooled vector only implies them) and the target's log frequency in the
-training data (popularity). They pay off when the item table separates topics; with a noisy table
-the DIN paper's linear weights without them do better (figures: docs/results.md).
+The optional scalars: the history-match features (the mean and log-sum of sigmoid attention
+weights: which share, and how many, of the user's items match the target; a pooled vector only
+implies them) and the target's log frequency in the training data (popularity). They pay off when
+the item table separates topics; with a noisy table the DIN paper's linear weights without them do
+better (figures: docs/results.md).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import (
-    MLP,
-    CrossNet,
-    HashedEmbedding,
-    TargetAttention,
-    TransformerHistory,
-    embedding_l2,
-    length_buckets,
-    pack_history_with_recency,
-    recency_positions,
-)
-from mmctr_assets.lib.ctr.model_config import (  # noqa: F401 - re-exported: callers import them from here
-    ATTENTION_IMPLS,
-    FAMILIES,
-    FAMILY_SPECIFIC_OPTIONS,
-    ModelConfig,
-)
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, embedding_l2
 
 
 class CTRModel(nn.Module):
-    """One CTR model of ``config.family``, built from lib/ctr/layers.py.
+    """One CTR model: ``CTRModel(config, ...)`` builds ``config.family``'s subclass.
 
-    Every family: items are ``[frozen pretrained vector, trainable id embedding, mean tag
-    embedding]`` (the last two optional); features ``[target item, history summary, likes/views
-    level embeddings, optional scalars and user embedding]`` go to the head. Families differ in the
-    history summary and the head:
-
-    - ``dcn_din``: DIN target attention over the packed real items, a learned recency embedding
-      entering each key (``position``); head: cross net || deep MLP -> linear.
-    - ``transformer_dcnv2``: tokens ``[item, target, item*target]`` projected to
-      ``transformer_dim`` plus a recency embedding, a Transformer over real items only (rows run
-      in length buckets, so padding costs ~nothing), last-k + max pooling; head: DCN-V2 || MLP.
-    - ``din``: DIN attention with linear weights, history as a set; head: the deep MLP alone.
+    A family subclass sets ``family``, ``OPTIONS`` (options whose default and allowed values are
+    its own: ``{name: (default, allowed values or None)}``; ModelConfig fills them in and refuses
+    them on other families), ``READS`` (plain-default options only some families read),
+    ``uses_cross`` (a cross net beside the deep MLP), and builds its history summary in
+    ``_build_history`` / ``_history``.
 
     ``forward`` returns logits (use ``torch.sigmoid`` for probabilities). ``item_embeddings`` is the
     ``[n_items + 1, embedding_dim]`` matrix with row 0 the padding item; ``item_tags`` the
@@ -65,7 +44,24 @@ class CTRModel(nn.Module):
     model keeps it as a buffer, so a saved model predicts with its training data's counts.
     """
 
-    def __init__(self, config: ModelConfig, item_embeddings: np.ndarray | torch.Tensor,
+    family: ClassVar[str] = ""
+    OPTIONS: ClassVar[dict[str, tuple[Any, tuple | None]]] = {}
+    READS: ClassVar[tuple[str, ...]] = ()
+    uses_cross: ClassVar[bool] = True
+    _families: ClassVar[dict[str, type[CTRModel]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        CTRModel._families[cls.family] = cls
+
+    def __new__(cls, config=None, *args, **kwargs):  # config: a model_config.ModelConfig
+        if cls is CTRModel and config is not None:
+            if config.family not in CTRModel._families:
+                raise ValueError(f"unknown model family {config.family!r}; known: {sorted(CTRModel._families)}")
+            cls = CTRModel._families[config.family]
+        return super().__new__(cls)
+
+    def __init__(self, config, item_embeddings: np.ndarray | torch.Tensor,
                  item_tags: np.ndarray | torch.Tensor | None = None, *, n_tags: int | None = None,
                  item_frequency: np.ndarray | torch.Tensor | None = None):
         super().__init__()
@@ -84,7 +80,7 @@ class CTRModel(nn.Module):
             emb, freeze=not config.finetune_item_embeddings, padding_idx=0)
         item_dim = config.embedding_dim
         if config.use_id_embedding:
-            self.id_embedding = _trainable_table(self.n_items + 1, config.id_embedding_dim)
+            self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim)
             item_dim += config.id_embedding_dim
         self.n_tags = 0
         if config.use_tag_embedding:
@@ -101,7 +97,7 @@ class CTRModel(nn.Module):
             self.n_tags = int(tags.max()) + 1 if n_tags is None else n_tags
             if self.n_tags <= int(tags.max()):
                 raise ValueError(f"n_tags={n_tags} is too small for tag id {int(tags.max())}")
-            self.tag_embedding = _trainable_table(self.n_tags, config.tag_embedding_dim)
+            self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim)
             item_dim += config.tag_embedding_dim
         self.item_dim = item_dim
         self.likes_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
@@ -110,43 +106,25 @@ class CTRModel(nn.Module):
         if config.use_user_embedding:
             self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim)
             feature_dim += config.user_embedding_dim
-        if config.family == "transformer_dcnv2":
-            self.token = nn.Linear(3 * item_dim, config.transformer_dim)
-            if config.position == "token":
-                self.position_embedding = _position_table(config.max_len, config.transformer_dim)
-            self.sequence = TransformerHistory(
-                config.transformer_dim, num_layers=config.transformer_layers,
-                num_heads=config.transformer_heads, ff_dim=config.transformer_ff_dim,
-                dropout=config.attention_dropout, last_k=config.last_k)
-            feature_dim += self.sequence.output_dim
-        else:
-            self.attention = TargetAttention(item_dim, config.attention_units, activation="dice",
-                                             dropout=config.attention_dropout,
-                                             split_first_layer=config.attention_impl == "packed_split",
-                                             output_activation=config.attention_output_activation)
-            if config.position in ("key", "key_value"):
-                self.position_key = _position_table(config.max_len, self.attention.key_bias_dim)
-            if config.position == "key_value":
-                self.position_value = _position_table(config.max_len, item_dim)
-            feature_dim += item_dim
+        feature_dim += self._build_history(config, item_dim)
         if config.history_match_features:  # share and log-count of matching history items
             feature_dim += 2
         if config.use_item_frequency:
             self.register_buffer("item_log_frequency", _standardised_log_counts(item_frequency, self.n_items))
             feature_dim += 1
-        if config.family != "din":  # the DIN paper's head is the MLP alone
+        if self.uses_cross:
             self.cross = CrossNet(feature_dim, config.cross_layers, version=config.cross_version,
                                   rank=config.cross_rank)
         self.deep = MLP(feature_dim, config.deep_units, activation="dice", dropout=config.dropout,
                         batch_norm=config.batch_norm)
-        head_dim = self.deep.output_dim + (0 if config.family == "din" else feature_dim)
+        head_dim = self.deep.output_dim + (feature_dim if self.uses_cross else 0)
         if config.head_units:
             self.head = MLP(head_dim, config.head_units, activation="relu", dropout=config.dropout,
                             batch_norm=config.batch_norm)
             head_dim = self.head.output_dim
         self.output = nn.Linear(head_dim, 1)
         if config.use_item_bias:
-            self.item_bias = _trainable_table(self.n_items + 1, 1)
+            self.item_bias = trainable_table(self.n_items + 1, 1)
         if config.use_user_bias:
             self.user_bias = HashedEmbedding(config.user_buckets, 1)
 
@@ -166,44 +144,13 @@ class CTRModel(nn.Module):
         Transformer outputs."""
         return self._history(target, item_seq)[0]
 
+    def _build_history(self, config, item_dim: int) -> int:
+        """Create the family's history modules; return the width of its history summary."""
+        raise NotImplementedError
+
     def _history(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.config.family == "transformer_dcnv2":
-            return self._transformer(target, item_seq), None
-        return self._attend(target, item_seq)
-
-    def _attend(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (pooled interest ``[B, item_dim]``, sum of attention weights ``[B]``)."""
-        position = self.config.position
-        if self.config.attention_impl == "padded":
-            recency = recency_positions(item_seq)
-            history = self.item_vectors(item_seq)
-            key = self.position_key(recency) if position != "none" else None
-            values = history + self.position_value(recency) if position == "key_value" else None
-            return self.attention.forward_padded(target, history, item_seq != 0, return_score_sum=True,
-                                                 key_bias=key, values=values)
-        ids, rows, recency = pack_history_with_recency(item_seq)
-        history = self.item_vectors(ids)
-        key = self.position_key(recency) if position != "none" else None
-        values = history + self.position_value(recency) if position == "key_value" else None
-        return self.attention(target, history, rows, return_score_sum=True, key_bias=key, values=values)
-
-    def _transformer(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
-        """Run the encoder per length bucket (real items only, ~2x at worst); empty rows stay 0."""
-        out = target.new_zeros(target.shape[0], self.sequence.output_dim)
-        lengths = (item_seq != 0).sum(dim=1)
-        # token = W [h, t, h*t] + b, split so the target's part is computed once per row
-        w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
-        per_row = F.linear(target, w_t, self.token.bias)
-        for rows, width in length_buckets(lengths, item_seq.shape[1]):
-            seq = item_seq.index_select(0, rows)[:, -width:]
-            history = self.item_vectors(seq)
-            t = target.index_select(0, rows).unsqueeze(1)
-            tokens = (F.linear(history, w_h) + F.linear(history * t, w_ht)
-                      + per_row.index_select(0, rows).unsqueeze(1))
-            if self.config.position == "token":
-                tokens = tokens + self.position_embedding(recency_positions(seq))
-            out = out.index_copy(0, rows, self.sequence(tokens, seq == 0))
-        return out
+        """-> (history summary ``[B, *]``, sum of sigmoid attention weights ``[B]`` or None)."""
+        raise NotImplementedError
 
     def forward(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level: torch.Tensor,
                 views_level: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,10 +168,10 @@ class CTRModel(nn.Module):
         if self.config.use_item_frequency:
             parts.append(self.item_log_frequency[item_id].unsqueeze(-1).to(target.dtype))
         features = torch.cat(parts, dim=-1)
-        if self.config.family == "din":
-            hidden = self.deep(features)
-        else:
+        if self.uses_cross:
             hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1)
+        else:
+            hidden = self.deep(features)
         if self.config.head_units:
             hidden = self.head(hidden)
         logit = self.output(hidden).squeeze(-1)
@@ -256,19 +203,16 @@ class CTRModel(nn.Module):
                 "n_tag_slots": int(self.item_tags.shape[1]) if self.config.use_tag_embedding else 0}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CTRModel:
-        """Empty model (zero tables) with the architecture of ``d``; load a state_dict into it."""
-        config = ModelConfig.from_dict(d["config"])
+    def from_dict(cls, d: dict[str, Any], config) -> CTRModel:
+        """Empty model (zero tables) with the architecture ``d`` (``to_dict``) and ``config``
+        (``ModelConfig.from_dict(d["config"])``); load a state_dict into it."""
         tags = np.zeros((d["n_items"] + 1, d["n_tag_slots"]), np.int64) if config.use_tag_embedding else None
         counts = np.zeros(d["n_items"] + 1, np.int64) if config.use_item_frequency else None
-        return cls(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
-                   n_tags=d["n_tags"] or None, item_frequency=counts)
+        return CTRModel(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
+                        n_tags=d["n_tags"] or None, item_frequency=counts)
 
 
-DCNDIN = CTRModel  # the seed's name, kept for callers
-
-
-def _trainable_table(rows: int, dim: int) -> nn.Embedding:
+def trainable_table(rows: int, dim: int) -> nn.Embedding:
     """Trainable id/tag table, row 0 padding. Starts near zero (std 1e-4, FuxiCTR's default), so
     the L2 embedding regulariser and the content vectors dominate until the data says otherwise."""
     table = nn.Embedding(rows, dim, padding_idx=0)
@@ -278,7 +222,7 @@ def _trainable_table(rows: int, dim: int) -> nn.Embedding:
     return table
 
 
-def _position_table(max_len: int, dim: int) -> nn.Embedding:
+def position_table(max_len: int, dim: int) -> nn.Embedding:
     """Learned embedding per recency (0 = most recent .. max_len - 1), small random start so that
     order matters from the first step without dominating the content signal."""
     table = nn.Embedding(max_len, dim)

@@ -1,6 +1,5 @@
-"""The CTR model's configuration: the families, the options each reads, and ``ModelConfig``
-(validated on construction, so a bad run config fails before any training, naming the field).
-Split from model.py, which builds the network; every name here is re-exported there."""
+"""The CTR model's configuration, ``ModelConfig``: validated on construction against the options
+each family's module declares, so a bad run config fails before any training, naming the field."""
 
 from __future__ import annotations
 
@@ -8,47 +7,21 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from mmctr_assets.lib.ctr.dcn_din import DcnDin
+from mmctr_assets.lib.ctr.din import Din
+from mmctr_assets.lib.ctr.model import CTRModel
+from mmctr_assets.lib.ctr.transformer_dcnv2 import TransformerDcnV2
 from mmctr_assets.lib.data.microlens import MAX_LEVEL
 
 ATTENTION_IMPLS = ("packed_split", "packed", "padded")
-FAMILIES = ("dcn_din", "transformer_dcnv2", "din")
-# Options whose default (and allowed values) depend on the family: they default to None and
-# __post_init__ fills in the family's default. A family without an entry does not read the option.
-# Each entry: (family default, allowed values or None for "any valid value").
-_FAMILY_OPTIONS: dict[str, dict[str, tuple[Any, tuple | None]]] = {
-    "dcn_din": {
-        "position": ("key", ("none", "key", "key_value")),
-        "attention_output_activation": ("sigmoid", ("linear", "sigmoid")),
-        "history_match_features": (True, (True, False)),
-        "use_item_frequency": (True, (True, False)),
-        "cross_layers": (3, None),
-        "cross_version": ("v1", ("v1", "v2")),
-    },
-    "transformer_dcnv2": {
-        "position": ("token", ("none", "token")),
-        "use_item_frequency": (True, (True, False)),
-        "cross_layers": (3, None),
-        "cross_version": ("v2", ("v1", "v2")),
-    },
-    # The organisers' DIN baseline: the DIN paper's linear attention weights, no extra scalars,
-    # no cross network, history as a set.
-    "din": {
-        "position": ("none", ("none",)),
-        "attention_output_activation": ("linear", ("linear",)),
-        "history_match_features": (False, (False,)),
-        "use_item_frequency": (False, (False,)),
-    },
-}
-# Options with a plain default that only some families read: elsewhere they must keep it.
-_FAMILY_ONLY = {
-    "attention_units": ("dcn_din", "din"), "attention_impl": ("dcn_din", "din"),
-    "cross_rank": ("dcn_din", "transformer_dcnv2"),
-    "transformer_dim": ("transformer_dcnv2",), "transformer_layers": ("transformer_dcnv2",),
-    "transformer_heads": ("transformer_dcnv2",), "transformer_ff_dim": ("transformer_dcnv2",),
-    "last_k": ("transformer_dcnv2",),
-}
+# Each family's module says which options it reads (CTRModel: OPTIONS with its own defaults and
+# allowed values, READS with plain defaults); ModelConfig fills in and checks them.
+FAMILY_MODELS: dict[str, type[CTRModel]] = {m.family: m for m in (DcnDin, TransformerDcnV2, Din)}
+FAMILIES = tuple(FAMILY_MODELS)
+_DEFAULTED = sorted({n for m in FAMILY_MODELS.values() for n in m.OPTIONS})  # None until the family fills it
+_READ_BY = {n: [f for f, m in FAMILY_MODELS.items() if n in m.READS] for m in FAMILY_MODELS.values() for n in m.READS}
 # options only some families read (the rest share the item representation and the head)
-FAMILY_SPECIFIC_OPTIONS = frozenset({n for options in _FAMILY_OPTIONS.values() for n in options} | set(_FAMILY_ONLY))
+FAMILY_SPECIFIC_OPTIONS = frozenset(_DEFAULTED) | frozenset(_READ_BY)
 
 
 @dataclass(frozen=True)
@@ -154,12 +127,12 @@ class ModelConfig:
 
     def _resolve_family_options(self) -> list[str]:
         """Fill in the family's defaults; list options the family does not read or allow."""
-        problems, own = [], _FAMILY_OPTIONS[self.family]
-        for name in sorted({n for options in _FAMILY_OPTIONS.values() for n in options}):
+        problems, own = [], FAMILY_MODELS[self.family].OPTIONS
+        for name in _DEFAULTED:
             value = getattr(self, name)
             if name not in own:
                 if value is not None:
-                    users = [f for f, options in _FAMILY_OPTIONS.items() if name in options]
+                    users = [f for f, m in FAMILY_MODELS.items() if name in m.OPTIONS]
                     problems.append(f"{name} is not an option of family {self.family!r} (only of {users}); "
                                     "remove it")
                 continue
@@ -169,9 +142,9 @@ class ModelConfig:
             elif allowed is not None and value not in allowed:
                 problems.append(f"{name} for family {self.family!r} must be one of {list(allowed)}, got {value!r}")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for name, families in _FAMILY_ONLY.items():
+        for name, families in _READ_BY.items():
             if self.family not in families and getattr(self, name) != defaults[name]:
-                problems.append(f"{name} is not an option of family {self.family!r} (only of {list(families)}); "
+                problems.append(f"{name} is not an option of family {self.family!r} (only of {families}); "
                                 "remove it")
         return problems
 

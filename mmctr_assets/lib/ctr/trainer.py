@@ -23,7 +23,8 @@ import torch
 
 from mmctr_assets.lib.ctr.artifacts import save_weights
 from mmctr_assets.lib.ctr.inference import check_user_ids, predict_batches
-from mmctr_assets.lib.ctr.model import CTRModel, ModelConfig, bce_loss
+from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.tensors import CTRTensors, check_labels, item_frequency
 from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from mmctr_assets.lib.ctr import tensors
-from mmctr_assets.lib.ctr.model import ModelConfig
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.tensors import CTRTensors
 from mmctr_assets.lib.ctr.trainer import TrainConfig
 from mmctr_assets.lib.io import array_fingerprint, file_fingerprint, text_fingerprint

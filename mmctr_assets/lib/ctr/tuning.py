@@ -28,7 +28,7 @@ import optuna
 import yaml
 
 from mmctr_assets.lib.ctr import presets
-from mmctr_assets.lib.ctr.model import ModelConfig
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.trainer import TrainConfig
 from mmctr_assets.lib.io import atomic_path
 
