@@ -11,7 +11,7 @@ from conftest import RANGE, SHARDS, clip_config
 
 from mmctr_assets.defs import embeddings as task1
 from mmctr_assets.lib.data import microlens
-from mmctr_assets.lib.embeddings import clip as clip_encoder
+from mmctr_assets.lib.embeddings import clip_shards as clip_encoder  # encodes each shard
 
 
 @pytest.fixture

@@ -69,71 +69,59 @@ def clip_embeddings(
     encoded. Each finished shard is written atomically, so a failure leaves other shards intact.
     """
     from ..lib.embeddings import clip as clip_encoder
+    from ..lib.embeddings.clip_shards import encode_shards
 
     items = clip_encoder.item_content_frame(
-        storage.read_raw("item_info"),
-        storage.read_raw("item_feature"),
-        storage.read_image_manifest(),
-    )
-    n_shards = len(clip_shards.get_partition_keys())
+        storage.read_raw("item_info"), storage.read_raw("item_feature"), storage.read_image_manifest())
     bundle = clip_encoder.load_clip(config.model, compute.torch_device(), compute.precision)
     if bundle.random_weights:
         context.log.warning(
             f"CLIP at {config.model} has RANDOM WEIGHTS (the offline demo encoder): its embeddings "
             "carry no semantic content. Set MMCTR_CLIP_MODEL to real ViT-B/32 weights for real use."
         )
-    encoded, text_only, seconds = 0, [], 0.0
     # the free CPU cores, less one when this run also trains item2vec: its one worker is the
     # critical path of a whole-graph run and would otherwise wait for this step (docs/deployment.md, Full
     # size); torch threads and decode threads; one set of decode threads for every shard of the run
     want = compute.cpu_threads or max(1, clip_encoder.available_cpus() - leaves_core_for_item2vec(context))
     with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="clip_embeddings") as cores, \
             torch_threads(cores), clip_encoder.ImagePipeline(compute.decode_workers(cores)) as pipeline:
-        for key in context.partition_keys:
-            shard = items.filter(pl.col("item_id") % n_shards == int(key))
-            result = clip_encoder.encode_items(
-                shard,
-                bundle,
-                batch_size=compute.batch_size,
-                pipeline=pipeline,
-                combine=config.combine,
-                decode_on=config.decode_on,
-                progress=ProgressLog(context.log, f"clip shard {key}"),
-            )
-            write_parquet_atomic(clip_encoder.to_frame(result), storage.clip_shard(key))
-            encoded += len(result.item_ids)
-            text_only.extend(result.text_only_ids.tolist())
-            seconds += result.seconds
-            context.log.info(f"shard {key}: {len(result.item_ids)} items in {result.seconds:.1f}s "
-                             f"({len(result.item_ids) / max(result.seconds, 1e-9):.0f}/s)")
-    share = len(text_only) / max(encoded, 1)
-    if share > config.text_only_warn_share:  # a failed WARN check alone shows only at DEBUG in the log
-        context.log.warning(f"{len(text_only)} of {encoded} items ({share:.1%}) were embedded from text only "
-                            f"(no usable cover under {storage.images_dir()}); check raw_item_images' metadata")
-    return dg.MaterializeResult(
-        metadata={
-            "shards": list(context.partition_keys),
-            "items": encoded,
-            "text_only_items": len(text_only),
-            "text_only_ids_sample": text_only[:20],
-            "items_per_s": round(encoded / max(seconds, 1e-9), 1),
-            "model": config.model,
-            "random_weights": bundle.random_weights,
-            "device": str(bundle.device),
-            "precision": compute.precision,
-            "cpu_cores": cores,
-            "decode_threads": pipeline.workers,
-            "decode_on": config.decode_on,
-        },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="text_only_share",
-                passed=share <= config.text_only_warn_share,
-                severity=dg.AssetCheckSeverity.WARN,
-                description=f"{share:.2%} of items were embedded from text only (no usable cover).",
-                metadata={"share": share, "threshold": config.text_only_warn_share},
-            )
-        ],
+        done = encode_shards(
+            items, context.partition_keys, len(clip_shards.get_partition_keys()), bundle, pipeline,
+            write=lambda key, frame: write_parquet_atomic(frame, storage.clip_shard(key)), log=context.log,
+            progress=lambda key: ProgressLog(context.log, f"clip shard {key}"),
+            batch_size=compute.batch_size, combine=config.combine, decode_on=config.decode_on)
+    if done.text_only_share > config.text_only_warn_share:  # a failed WARN check alone shows only at DEBUG
+        context.log.warning(f"{len(done.text_only_ids)} of {done.items} items ({done.text_only_share:.1%}) were "
+                            f"embedded from text only (no usable cover under {storage.images_dir()}); check "
+                            "raw_item_images' metadata")
+    return dg.MaterializeResult(metadata=_clip_metadata(done, config, bundle, compute, cores, pipeline),
+                                check_results=[_text_only_check(done, config)])
+
+
+def _clip_metadata(done, config: ClipConfig, bundle, compute: ComputeResource, cores: int, pipeline) -> dict:
+    return {
+        "shards": done.shards,
+        "items": done.items,
+        "text_only_items": len(done.text_only_ids),
+        "text_only_ids_sample": done.text_only_ids[:20],
+        "items_per_s": round(done.items_per_s, 1),
+        "model": config.model,
+        "random_weights": bundle.random_weights,
+        "device": str(bundle.device),
+        "precision": compute.precision,
+        "cpu_cores": cores,
+        "decode_threads": pipeline.workers,
+        "decode_on": config.decode_on,
+    }
+
+
+def _text_only_check(done, config: ClipConfig) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        check_name="text_only_share",
+        passed=done.text_only_share <= config.text_only_warn_share,
+        severity=dg.AssetCheckSeverity.WARN,
+        description=f"{done.text_only_share:.2%} of items were embedded from text only (no usable cover).",
+        metadata={"share": done.text_only_share, "threshold": config.text_only_warn_share},
     )
 
 
@@ -273,8 +261,6 @@ def fused_item_embeddings(
     """The Task 1 deliverable: PCA(CLIP) 512->128 mixed with item2vec, L2-normalised, one row per
     item, written back into item_info's schema as item_info_updated.parquet. The new file is
     checked under a temporary name and replaces the old one only when the check passes."""
-    import mlflow as mlflow_api
-
     from ..lib.embeddings import fusion
     from ..lib.io import atomic_path
     from ..lib.plots import plot_embedding_projection
@@ -301,9 +287,9 @@ def fused_item_embeddings(
     tag = info.get_column("item_tags").list.last().fill_null(0).to_numpy()
     png = plot_embedding_projection(result.embeddings, np.where(tag > 0, tag, -1), "fused item embeddings (colour: last tag)")
     with mlflow.start_run("fused_item_embeddings", tags=run_tags(context) | {"stage": "task1"}) as run:
-        mlflow_api.log_params({"alpha": config.alpha, "seed": config.seed, "pca_components": result.pca_components})
-        mlflow_api.log_metrics({"pca_explained_variance": result.explained_variance_total}
-                               | {f"items_{k}": v for k, v in result.counts.items()})
+        mlflow.log_params({"alpha": config.alpha, "seed": config.seed, "pca_components": result.pca_components})
+        mlflow.log_metrics({"pca_explained_variance": result.explained_variance_total}
+                           | {f"items_{k}": v for k, v in result.counts.items()})
         mlflow.log_png(png, "embedding_projection.png")
     yield dg.MaterializeResult(
         metadata={
