@@ -128,55 +128,69 @@ def ctr_tuning(
     """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
     the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
     same name: a killed run leaves trials that are marked failed and retried."""
-    from ..lib.plots import plot_trial_aucs
-
     space = tuning.load_search_space(config.search_space)
     if config.n_trials < 1:
         raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")
     url = config.storage or instance_storage_url(context.instance)
     study = tuning.open_study(url, config.study_name, config.seed, config.n_trials, config.pruning)
-    done_before = tuning.counted_trials(study)
-    context.log.info(f"study {config.study_name!r} in {tuning.redact(url)}: {done_before} of {config.n_trials} "
-                     "trials done before this run")
+    context.log.info(f"study {config.study_name!r} in {tuning.redact(url)}: {tuning.counted_trials(study)} of "
+                     f"{config.n_trials} trials done before this run")
     data, width = _load_data(storage, config.seed)
     tuning.check_max_len(space, width)
     device = compute.torch_device()
     work_dir = storage.out("ctr_tuning", "checkpoints", config.study_name)
     tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
     best_path = tuning.tuned_file(storage.output_dir)
+    default = presets.preset("default")  # what a parameter the space does not sample keeps
+    want = (compute.cpu_threads or None) if device.type == "cpu" else 1
     with mlflow.start_run(f"ctr_tuning_{config.study_name}", tags=tags) as parent:
-        mlflow.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
-                               "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
-                               "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
-                               "search_space_fingerprint": file_fingerprint(config.search_space),
-                               "data_fingerprint": data["fingerprint"]})
-        mlflow.log_files([Path(config.search_space)], "search_space")
-        runner = _trial_runner(context, mlflow, data, device, work_dir,
-                               tags)
-
-        def on_trial_end(study, trial) -> None:
-            value = "" if trial.value is None else f", valid AUC {trial.value:.4f}"
-            context.log.info(f"trial {trial.number}: {trial.state.name}{value} {trial.params}")
-
-        want = (compute.cpu_threads or None) if device.type == "cpu" else 1
-        default = presets.preset("default")  # what a parameter the space does not sample keeps
+        _log_study(mlflow, config, url, data["fingerprint"])
         with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
             ran = tuning.run_study(
-                study, space, runner, n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
+                study, space, _trial_runner(context, mlflow, data, device, work_dir, tags),
+                n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
                 base_model=default["model"] | {"max_len": width, "level_vocab_size": settings.max_level() + 1},
                 base_train=default["train"] | {"seed": config.seed, "precision": compute.precision},
-                on_trial_end=on_trial_end)
+                on_trial_end=lambda study, trial: context.log.info(_trial_line(trial)))
         shutil.rmtree(work_dir, ignore_errors=True)
-        rows = tuning.trial_rows(study)
         tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed
-        best = study.best_trial
-        mlflow.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
-        mlflow.log_metrics({"best_valid_auc": best.value})
-        mlflow.log_files([best_path], "best_config")
-        plot = plot_trial_aucs(rows)
-        mlflow.log_png(plot, "trial_aucs.png")
-    states = [r["state"] for r in rows]
-    return dg.MaterializeResult(metadata={
+        rows, plot = _log_best(mlflow, study, best_path)
+    return dg.MaterializeResult(metadata=_study_metadata(study, rows, plot, ran, best_path, url, config) | {
+        "mlflow_run_id": parent.info.run_id, "mlflow_run": mlflow.run_url(parent)})
+
+
+def _trial_line(trial) -> str:
+    value = "" if trial.value is None else f", valid AUC {trial.value:.4f}"
+    return f"trial {trial.number}: {trial.state.name}{value} {trial.params}"
+
+
+def _log_study(mlflow: MlflowResource, config: TuningConfig, url: str, data_fingerprint: str) -> None:
+    """The parent run's parameters: budget, storage, seed, the search space and the data."""
+    mlflow.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
+                       "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
+                       "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
+                       "search_space_fingerprint": file_fingerprint(config.search_space),
+                       "data_fingerprint": data_fingerprint})
+    mlflow.log_files([Path(config.search_space)], "search_space")
+
+
+def _log_best(mlflow: MlflowResource, study, best_path: Path) -> tuple[list[dict], bytes]:
+    """The best trial's parameters and AUC, its config file and the AUC-per-trial plot, on the parent run."""
+    from ..lib.plots import plot_trial_aucs
+
+    rows, best = tuning.trial_rows(study), study.best_trial
+    mlflow.log_params({f"best.{k}": v for k, v in best.params.items()} | {"best.trial": best.number})
+    mlflow.log_metrics({"best_valid_auc": best.value})
+    mlflow.log_files([best_path], "best_config")
+    plot = plot_trial_aucs(rows)
+    mlflow.log_png(plot, "trial_aucs.png")
+    return rows, plot
+
+
+def _study_metadata(study, rows: list[dict], plot: bytes, ran: int, best_path: Path, url: str,
+                    config: TuningConfig) -> dict:
+    best, states = study.best_trial, [r["state"] for r in rows]
+    return {
         "best_valid_auc": dg.MetadataValue.float(best.value),
         "best_trial": best.number,
         "best_params": dg.MetadataValue.json(best.params),
@@ -187,9 +201,7 @@ def ctr_tuning(
         "trials": dg.MetadataValue.md(tuning.trials_markdown(rows)),
         **{f"trials_{s.lower()}": states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},
         "trial_aucs": png_metadata(plot, "valid AUC per trial"),
-        "mlflow_run_id": parent.info.run_id,
-        "mlflow_run": mlflow.run_url(parent),
-    })
+    }
 
 
 defs = dg.Definitions(assets=[ctr_tuning])
