@@ -177,7 +177,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny-items", type=int, default=2048)
     parser.add_argument("--full-items", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", default=None, help="HxW of the JPEG covers (default: tiny 96x96, full 720x1280)")
+    parser.add_argument("--image-size", default=None,
+                        help="HxW of the JPEG covers (default: tiny 96x96, full 720x1280)")
     parser.add_argument("--workers", default="auto,0", help="encoder prep thread counts to try (auto: one per core)")
     parser.add_argument("--combine", default="image,mean")
     parser.add_argument("--rounds", type=int, default=3,

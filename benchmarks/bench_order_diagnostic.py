@@ -30,10 +30,17 @@ rng = np.random.default_rng(0)
 centers = rng.normal(size=(topic.max() + 1, 128))
 emb = (centers[topic] + 1.0 * rng.normal(size=(len(topic), 128))).astype(np.float32)
 emb[0] = 0
-tr, va = (to_tensors(pl.read_parquet(f"{root}/MicroLens_1M_x1/{t}.parquet"), 100, n_items=len(topic) - 1) for t in ("train", "valid"))
-for name, changes in [("dcn_din position key", {}), ("dcn_din position none", {"position": "none"}), ("transformer", None)]:
-    model = ModelConfig(**(preset("dcn_din")["model"] | {"max_len": 100} | (changes or {}))) if changes is not None else ModelConfig(**(preset("transformer_dcnv2")["model"] | {"max_len": 100}))
+tr, va = (to_tensors(pl.read_parquet(f"{root}/MicroLens_1M_x1/{t}.parquet"), 100, n_items=len(topic) - 1)
+          for t in ("train", "valid"))
+for name, changes in [("dcn_din position key", {}), ("dcn_din position none", {"position": "none"}),
+                      ("transformer", None)]:
+    model = (ModelConfig(**(preset("dcn_din")["model"] | {"max_len": 100} | (changes or {}))) if changes is not None
+             else ModelConfig(**(preset("transformer_dcnv2")["model"] | {"max_len": 100})))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as d:
-        r = train(model, TrainConfig(epochs=int(sys.argv[1]), num_threads=2, lr_factor=0.5, early_stopping_patience=3), tr, va, emb, checkpoint_dir=d)
-    print(json.dumps({"bench": "order_diagnostic", "table": "true topic centroid + noise (oracle, diagnostic only)", "variant": name, "valid_auc": round(r.best_valid_auc, 4), "best_epoch": r.best_epoch, "seconds": round(time.perf_counter() - t0, 1), "samples_per_s": round(np.mean([h.samples_per_s for h in r.history]))}), flush=True)
+        r = train(model, TrainConfig(epochs=int(sys.argv[1]), num_threads=2, lr_factor=0.5, early_stopping_patience=3),
+                  tr, va, emb, checkpoint_dir=d)
+    print(json.dumps({"bench": "order_diagnostic", "table": "true topic centroid + noise (oracle, diagnostic only)",
+                      "variant": name, "valid_auc": round(r.best_valid_auc, 4), "best_epoch": r.best_epoch,
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "samples_per_s": round(np.mean([h.samples_per_s for h in r.history]))}), flush=True)

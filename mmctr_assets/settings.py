@@ -80,5 +80,6 @@ def executor_name() -> str | None:
     if not name:
         return None
     if name not in EXECUTORS:
-        raise ValueError(f"MMCTR_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} (or unset for Dagster's default).")
+        raise ValueError(f"MMCTR_EXECUTOR={name!r} is not one of {', '.join(EXECUTORS)} "
+                         "(or unset for Dagster's default).")
     return name

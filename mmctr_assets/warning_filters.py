@@ -2,7 +2,8 @@
 
 Dagster 1.13 marks `backfill_policy` as beta, which we chose knowingly (a CLIP shard range runs as
 one run, docs/assets.md "clip_embeddings shards"), and its own selection parser passes the beta
-`include_sources` whenever a command says `--select '*'`. (`pool` is no longer beta in 1.13.) Without this every command, `dagster dev` and every step subprocess print the same
+`include_sources` whenever a command says `--select '*'`. (`pool` is no longer beta in 1.13.)
+Without this every command, `dagster dev` and every step subprocess print the same
 lines again (counts: docs/results.md). Each filter names one API by its exact message, so any other
 Beta/Preview warning (a new API someone starts using) and every other warning still show.
 
@@ -24,4 +25,5 @@ CHOSEN = [
 
 def install() -> None:
     for category, subject in CHOSEN:
-        warnings.filterwarnings("ignore", message=re.escape(subject) + r" is currently in (beta|preview)", category=category)
+        warnings.filterwarnings("ignore", message=re.escape(subject) + r" is currently in (beta|preview)",
+                                category=category)

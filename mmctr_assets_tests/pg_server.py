@@ -101,7 +101,8 @@ def postgres_server():
         result = subprocess.run([*as_user, *args], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
             server_log = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{' '.join(args)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}\n{server_log}")
+            raise RuntimeError(f"{' '.join(args)} failed:\n"
+                               f"{result.stdout[-2000:]}{result.stderr[-2000:]}\n{server_log}")
 
     try:
         run(str(bindir / "initdb"), "-D", str(data), "-U", SUPERUSER, f"--pwfile={pwfile}",

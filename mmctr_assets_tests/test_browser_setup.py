@@ -31,11 +31,13 @@ def make_browser(tmp_path: Path, uid: int, apt_ok: bool | None = None, chromium_
     bin_dir.mkdir()
     stand_in(bin_dir, "id", f"echo {uid}")
     if apt_ok is not None:
-        stand_in(bin_dir, "apt-get", f'echo "$*" >> {calls}\n' + ("exit 0" if apt_ok else 'echo "E: no network" >&2; exit 100'))
+        stand_in(bin_dir, "apt-get",
+                 f'echo "$*" >> {calls}\n' + ("exit 0" if apt_ok else 'echo "E: no network" >&2; exit 100'))
     if chromium_on_path:
         stand_in(bin_dir, "chromium", "exit 0")
     env = {k: v for k, v in os.environ.items() if k != "MMCTR_CHROMIUM"} | {"PATH": str(bin_dir)}
-    result = subprocess.run([MAKE, "-s", "-C", str(REPO), "browser"], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([MAKE, "-s", "-C", str(REPO), "browser"], env=env, capture_output=True, text=True,
+                            timeout=60)
     return result, (calls.read_text().splitlines() if calls.exists() else [])
 
 

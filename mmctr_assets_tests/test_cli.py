@@ -49,7 +49,8 @@ def test_cold_start_then_rebuild_zip_from_cli(tiny_data, tiny_clip_dir, tmp_path
             "predictions", "submission_zip"} <= assets
 
     cold = run(
-        ["asset", "materialize", "-m", "mmctr_assets", "--select", "not key:ctr_tuning", "--partition-range", f"{SHARDS[0]}...{SHARDS[-1]}",
+        ["asset", "materialize", "-m", "mmctr_assets", "--select", "not key:ctr_tuning",
+         "--partition-range", f"{SHARDS[0]}...{SHARDS[-1]}",
          "--config-json", '{"ops": {"dcn_din_model": {"config": {"train": {"batch_size": 256, "epochs": 2}}}}}'],
         env,
     )
@@ -77,7 +78,8 @@ def test_cold_start_then_rebuild_zip_from_cli(tiny_data, tiny_clip_dir, tmp_path
     # the runs persist in DAGSTER_HOME: what `dagster dev` / `dg dev` show afterwards
     instance = dg.DagsterInstance.from_config(str(home))
     assert len(instance.get_runs()) == 3
-    status = instance.get_status_by_partition(dg.AssetKey("clip_embeddings"), SHARDS, dg.StaticPartitionsDefinition(SHARDS))
+    status = instance.get_status_by_partition(dg.AssetKey("clip_embeddings"), SHARDS,
+                                              dg.StaticPartitionsDefinition(SHARDS))
     assert set(status.values()) == {dg.AssetPartitionStatus.MATERIALIZED}
 
 

@@ -161,7 +161,9 @@ def test_bad_configs_and_inputs_raise_clear_errors():
         CTRModel(ModelConfig(**SMALL), _embeddings(), item_frequency=np.ones(50))
     with pytest.raises(ValueError, match="history_match_features needs attention_output_activation='sigmoid'"):
         ModelConfig(attention_output_activation="linear")
-    with pytest.raises(ValueError, match=r"attention_output_activation for family 'dcn_din' must be one of \['linear', 'sigmoid'\]"):
+    with pytest.raises(ValueError,
+                       match=r"attention_output_activation for family 'dcn_din' must be one of "
+                             r"\['linear', 'sigmoid'\]"):
         ModelConfig(attention_output_activation="softmax")
 
 
@@ -340,7 +342,8 @@ def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_froze
     ({"family": "deepfm"}, r"family must be one of \('dcn_din', 'transformer_dcnv2', 'din'\), got 'deepfm'"),
     ({"family": "din", "position": "key"}, r"position for family 'din' must be one of \['none'\]"),
     ({"family": "din", "cross_layers": 2}, r"cross_layers is not an option of family 'din'"),
-    ({"family": "din", "history_match_features": True}, r"history_match_features for family 'din' must be one of \[False\]"),
+    ({"family": "din", "history_match_features": True},
+     r"history_match_features for family 'din' must be one of \[False\]"),
     ({"family": "transformer_dcnv2", "position": "key"}, r"must be one of \['none', 'token'\]"),
     ({"family": "transformer_dcnv2", "attention_output_activation": "sigmoid"},
      r"attention_output_activation is not an option of family 'transformer_dcnv2'"),
@@ -452,7 +455,8 @@ def test_the_default_presets_family_options_do_not_follow_a_run_config_to_anothe
     din = for_family(default | {"family": "din"}, explicit={"family"})
     assert din["cross_rank"] == 0 and din["use_id_embedding"]  # family option reset, shared options kept
     ModelConfig(**(din | {"max_len": 20}))  # din refuses a cross_rank: the reset makes it valid
-    kept = for_family(default | {"family": "dcn_din", "cross_version": "v2"}, explicit={"family", "cross_version", "cross_rank"})
+    kept = for_family(default | {"family": "dcn_din", "cross_version": "v2"},
+                      explicit={"family", "cross_version", "cross_rank"})
     assert kept["cross_rank"] == default["cross_rank"]  # set by the user: kept
 
 

@@ -114,7 +114,8 @@ def test_right_padded_histories_fail(tmp_path):
 
 
 def test_item_ids_outside_item_info_fail(tmp_path):
-    root = write_dataset(tmp_path, valid=interactions(item_id=[3, 99, 1]), test=interactions(False, item_seq=[[0, 0, 1, 2], [0, 3, 4, 7], [1, 2, 3, 4]]))
+    root = write_dataset(tmp_path, valid=interactions(item_id=[3, 99, 1]),
+                         test=interactions(False, item_seq=[[0, 0, 1, 2], [0, 3, 4, 7], [1, 2, 3, 4]]))
     v = outcomes(root, "valid")["item_ids_in_item_info"]
     assert not v.passed and "99" in v.description and v.details["bad_targets"] == 1
     t = outcomes(root, "test")["item_ids_in_item_info"]

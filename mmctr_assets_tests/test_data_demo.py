@@ -306,7 +306,8 @@ def test_v2_plants_recency_v1_does_not(both_worlds):
     first, last = _first_and_last_k_auc(both_worlds["v2"])
     assert last > first + 0.025, f"v2: the last 3 items should tell more than the first 3 ({last:.4f} vs {first:.4f})"
     first, last = _first_and_last_k_auc(both_worlds["v1"])
-    assert abs(last - first) < 0.02, f"v1 has no recency: first/last 3 items should tell the same ({first:.4f}, {last:.4f})"
+    assert abs(last - first) < 0.02, ("v1 has no recency: first/last 3 items should tell the same "
+                                      f"({first:.4f}, {last:.4f})")
 
 
 def test_v2_users_click_propensity_is_learnable_from_user_id(both_worlds):

@@ -53,7 +53,8 @@ def outputs(task2_outputs, tmp_path) -> Path:
 def lenient(resources: dict, tolerance: float = 1.0) -> dict:
     """Resources whose gate promotes any version (tests of training, not of the gate)."""
     mlflow_resource = resources["mlflow"]
-    return resources | {"mlflow": MlflowResource(tracking_uri=mlflow_resource.tracking_uri, promotion_tolerance=tolerance)}
+    return resources | {"mlflow": MlflowResource(tracking_uri=mlflow_resource.tracking_uri,
+                                                  promotion_tolerance=tolerance)}
 
 
 def model_metadata(result):
@@ -102,11 +103,13 @@ def test_training_run_is_logged_to_mlflow(task2_outputs):
 def test_same_config_same_auc(outputs, tiny_data, make_resources, instance):
     earlier = json.loads((outputs / "dcn_din_model" / "model_config.json").read_text())
     resources = lenient(make_resources(tiny_data, outputs))
-    result = dg.materialize([task2.dcn_din_model], resources=resources, instance=instance, run_config=train_config(epochs=2))
+    result = dg.materialize([task2.dcn_din_model], resources=resources, instance=instance,
+                            run_config=train_config(epochs=2))
     again = model_metadata(result)
     assert again["data_fingerprint"].value == earlier["data_fingerprint"]  # same data, same fingerprint
     with dg.instance_for_test() as other:
-        rerun = dg.materialize([task2.dcn_din_model], resources=resources, instance=other, run_config=train_config(epochs=2))
+        rerun = dg.materialize([task2.dcn_din_model], resources=resources, instance=other,
+                               run_config=train_config(epochs=2))
     assert model_metadata(rerun)["best_valid_auc"].value == again["best_valid_auc"].value
 
 
@@ -145,7 +148,8 @@ def test_submission_column_is_configurable(outputs, tiny_data, make_resources, i
 
 def test_submission_without_predictions_says_what_to_run(outputs, tiny_data, make_resources, instance):
     (outputs / "prediction.csv").unlink()
-    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance, raise_on_error=False)
+    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance,
+                            raise_on_error=False)
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "--select '*predictions'" in str(failure.event_specific_data.error)
 
@@ -153,15 +157,17 @@ def test_submission_without_predictions_says_what_to_run(outputs, tiny_data, mak
 def test_failed_submission_keeps_previous_zip(outputs, tiny_data, make_resources, instance):
     before = (outputs / "submission.zip").read_bytes()
     (outputs / "prediction.csv").write_text("not,a\nprediction,file\n")
-    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance, raise_on_error=False)
+    result = dg.materialize([task2.submission_zip], resources=make_resources(tiny_data, outputs), instance=instance,
+                            raise_on_error=False)
     assert not result.success
     assert (outputs / "submission.zip").read_bytes() == before
     assert sorted(p.name for p in outputs.iterdir() if p.name.startswith(".")) == []
 
 
 def test_unknown_embedding_source_is_refused_at_launch_with_the_choices(outputs, tiny_data, make_resources, instance):
-    with pytest.raises(dg.DagsterInvalidConfigError, match=r"embedding_source not in enum type "
-                                                            r"Literal\['fused', 'content', 'item2vec', 'organisers'\] got clip"):
+    with pytest.raises(dg.DagsterInvalidConfigError,
+                       match=r"embedding_source not in enum type "
+                             r"Literal\['fused', 'content', 'item2vec', 'organisers'\] got clip"):
         dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
                        run_config=train_config(embedding_source="clip"))
     assert not instance.get_runs()  # nothing started
@@ -181,7 +187,8 @@ def test_killed_training_resumes_to_the_same_result(outputs, tiny_data, tmp_path
     cfg = train_config(epochs=6, early_stopping_patience=6, lr_patience=6)
     reference = Path(shutil.copytree(outputs, tmp_path / "reference"))
     with dg.instance_for_test() as inst:
-        uninterrupted = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, reference), instance=inst, run_config=cfg)
+        uninterrupted = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, reference),
+                                       instance=inst, run_config=cfg)
     expected = model_metadata(uninterrupted)["best_valid_auc"].value
 
     home = tmp_path / "home"
@@ -211,7 +218,8 @@ def test_killed_training_resumes_to_the_same_result(outputs, tiny_data, tmp_path
     assert meta["epochs_run"].value == model_metadata(uninterrupted)["epochs_run"].value
 
 
-def test_flat_config_keys_of_earlier_versions_are_refused_with_the_new_shape(outputs, tiny_data, make_resources, instance):
+def test_flat_config_keys_of_earlier_versions_are_refused_with_the_new_shape(outputs, tiny_data, make_resources,
+                                                                              instance):
     result = dg.materialize(
         [task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
         run_config={"ops": {"dcn_din_model": {"config": {"epochs": 2, "max_len": 32}}}}, raise_on_error=False,
@@ -330,7 +338,8 @@ def test_bad_model_config_fails_before_training_naming_field_and_allowed_values(
     assert not (outputs / "dcn_din_model" / "checkpoints-fused").exists()  # no training started
 
 
-def test_transformer_family_with_user_embedding_trains_tracks_and_predicts(outputs, tiny_data, make_resources, instance):
+def test_transformer_family_with_user_embedding_trains_tracks_and_predicts(outputs, tiny_data, make_resources,
+                                                                            instance):
     model = {"family": "transformer_dcnv2", "transformer_dim": 16, "last_k": 4, "cross_rank": 8,
              "use_user_embedding": True, "user_buckets": 64, "use_id_embedding": True,
              "embedding_regularizer": 2e-4}
@@ -377,7 +386,8 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     train = outputs / "raw" / "train.parquet"  # a bad week: the labels no longer belong to their rows
     pl.read_parquet(train).with_columns(pl.col("label").shuffle(seed=0)).write_parquet(train)
     resources = make_resources(tiny_data, outputs)
-    result = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(), raise_on_error=False)
+    result = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(),
+                            raise_on_error=False)
     assert not result.success
     check = _check(result)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
@@ -429,7 +439,8 @@ def test_better_model_is_promoted_and_rollback_serves_the_previous_champion_agai
     assert str(_registry(uri).champion().version) == "1"
 
 
-def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outputs, tiny_data, make_resources, instance):
+def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outputs, tiny_data, make_resources,
+                                                                           instance):
     from pg_server import free_port
 
     before = _served(outputs)

@@ -117,7 +117,8 @@ def test_clip_leaves_a_core_for_item2vec_in_the_same_run(outputs, tiny_data, tin
 
 
 @pytest.mark.float_repro
-def test_failed_shard_leaves_other_shards_untouched(outputs, tiny_data, tiny_clip_dir, instance, make_resources, monkeypatch):
+def test_failed_shard_leaves_other_shards_untouched(outputs, tiny_data, tiny_clip_dir, instance, make_resources,
+                                                    monkeypatch):
     before = shard_bytes(outputs)
     for k in SHARDS:  # mark every file so we can tell which were rewritten
         (outputs / "clip_embeddings" / f"shard-{k}.parquet").write_bytes(b"old " + k.encode())
@@ -187,7 +188,8 @@ def test_item_info_updated_keeps_schema_and_passes_checks(built, tiny_data):
     assert not emb[0].any()
     assert np.allclose(np.linalg.norm(emb[1:], axis=1), 1, atol=1e-4)
     assert not np.allclose(emb, source.get_column("item_emb_d128").list.to_array(128).to_numpy())
-    checks = [e.asset_check_evaluation_data for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"]
+    checks = [e.asset_check_evaluation_data for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION"]
     fused_check = next(c for c in checks if c.check_name == "item_info_updated_valid")
     assert fused_check.passed
     meta = result.asset_materializations_for_node("fused_item_embeddings")[0].metadata
@@ -258,19 +260,23 @@ def test_task1_score_is_the_fixed_scorers_valid_auc_in_metadata_and_mlflow(score
     from mmctr_assets.lib.io import array_fingerprint
 
     assert meta["table_fingerprint"].value == array_fingerprint(fused.list.to_array(128).to_numpy().astype(np.float32))
-    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}").get_run(meta["mlflow_run_id"].value)
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}").get_run(
+        meta["mlflow_run_id"].value)
     assert run.data.metrics["best_valid_auc"] == pytest.approx(auc)
     assert run.data.params["table_fingerprint"] == meta["table_fingerprint"].value
-    assert run.data.params["model.cross_layers"] == "0" and run.data.params["train.seed"] == str(scorer.SCORER_TRAIN.seed)
+    assert run.data.params["model.cross_layers"] == "0"
+    assert run.data.params["train.seed"] == str(scorer.SCORER_TRAIN.seed)
     assert run.data.tags["dagster.asset_key"] == "task1_score"
 
 
-def test_task1_score_same_table_same_score_other_table_other_score(scored, tiny_data, make_resources, instance, tmp_path):
+def test_task1_score_same_table_same_score_other_table_other_score(scored, tiny_data, make_resources, instance,
+                                                                   tmp_path):
     out = shutil.copytree(scored[0], tmp_path / "outputs")
     again = score(out, tiny_data, make_resources, instance).asset_materializations_for_node("task1_score")[0].metadata
     assert again["table_fingerprint"].value == scored[1]["table_fingerprint"].value
     assert again["valid_auc"].value == scored[1]["valid_auc"].value
-    other = score(out, tiny_data, make_resources, instance, "organisers").asset_materializations_for_node("task1_score")[0].metadata
+    other = score(out, tiny_data, make_resources, instance, "organisers").asset_materializations_for_node(
+        "task1_score")[0].metadata
     assert other["table_fingerprint"].value != scored[1]["table_fingerprint"].value
     assert other["valid_auc"].value != scored[1]["valid_auc"].value
 

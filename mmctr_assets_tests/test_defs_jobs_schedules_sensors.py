@@ -112,7 +112,8 @@ def test_first_look_records_fingerprints_and_no_change_starts_nothing(sense, dat
 
 
 def test_cursor_holds_content_fingerprints(data_copy):
-    context = dg.build_sensor_context(resources={"storage": ProjectStorage(data_dir=str(data_copy), output_dir="unused")})
+    context = dg.build_sensor_context(
+        resources={"storage": ProjectStorage(data_dir=str(data_copy), output_dir="unused")})
     sensors.raw_data_sensor(context)
     cursor = json.loads(context.cursor)
     assert set(cursor) == set(microlens.TABLES) | {"item_images"}
@@ -198,8 +199,10 @@ def requested(result) -> dict[str, set]:
 
 def test_nothing_starts_by_itself_on_a_fresh_instance(instance):
     graph = defs.resolve_asset_graph()
-    manual = {"clip_embeddings", "item2vec_embeddings", "task1_score", "ctr_tuning"} | {k.to_user_string() for k in jobs.RAW.resolve(graph)}
-    assert {k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition is None} == manual
+    manual = ({"clip_embeddings", "item2vec_embeddings", "task1_score", "ctr_tuning"}
+              | {k.to_user_string() for k in jobs.RAW.resolve(graph)})
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()
+            if graph.get(k).automation_condition is None} == manual
     assert dg.evaluate_automation_conditions(defs=defs, instance=instance).total_requested == 0
 
 
@@ -222,7 +225,8 @@ def test_downstream_waits_for_passing_blocking_checks(instance):
     # fused embeddings re-materialised outside automation, and their blocking check failed
     instance.report_runless_asset_event(dg.AssetMaterialization("fused_item_embeddings"))
     instance.report_runless_asset_event(
-        dg.AssetCheckEvaluation(asset_key=dg.AssetKey("fused_item_embeddings"), check_name="item_info_updated_valid", passed=False)
+        dg.AssetCheckEvaluation(asset_key=dg.AssetKey("fused_item_embeddings"), check_name="item_info_updated_valid",
+                                passed=False)
     )
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=result.cursor)
     assert "dcn_din_model" not in requested(result)
@@ -232,7 +236,8 @@ def test_downstream_waits_for_passing_blocking_checks(instance):
 # executor
 
 
-@pytest.mark.parametrize(("name", "expected"), [("in_process", dg.in_process_executor), ("multiprocess", dg.multiprocess_executor)])
+@pytest.mark.parametrize(("name", "expected"),
+                         [("in_process", dg.in_process_executor), ("multiprocess", dg.multiprocess_executor)])
 def test_executor_from_env(monkeypatch, name, expected):
     monkeypatch.setenv("MMCTR_EXECUTOR", name)
     assert jobs.executor_from_env() is expected

@@ -47,12 +47,15 @@ def test_raw_assets_snapshot_every_table_with_metadata(resources, instance, tiny
 
 def test_bad_labels_fail_a_blocking_check_and_say_where(data_copy, tmp_path, instance, make_resources):
     path = microlens.table_path(data_copy, "train")
-    pl.read_parquet(path).with_columns(pl.when(pl.int_range(pl.len()) == 7).then(2.0).otherwise(pl.col("label")).alias("label")).write_parquet(path)
+    pl.read_parquet(path).with_columns(
+        pl.when(pl.int_range(pl.len()) == 7).then(2.0).otherwise(pl.col("label")).alias("label")
+    ).write_parquet(path)
     result = materialize_raw(make_resources(data_copy, tmp_path / "out"), instance)
     checks = check_results(result)
     assert checks["raw_train:labels_binary"] is False
     assert checks["raw_valid:labels_binary"] is True
-    failed = [e for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed]
+    failed = [e for e in result.all_events
+              if e.event_type_value == "ASSET_CHECK_EVALUATION" and not e.asset_check_evaluation_data.passed]
     assert "(row 7: 2.0)" in failed[0].asset_check_evaluation_data.description
 
 

@@ -56,7 +56,8 @@ def test_instance_configs_validate_against_dagster_schema(name):
     assert config["concurrency"]["pools"]["default_limit"] == 1  # the GPU pool
     assert config["telemetry"]["enabled"] is False
     # a run that dies gives its pool slots back (README "One GPU, one step")
-    assert config["run_monitoring"]["enabled"] is True and config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
+    assert config["run_monitoring"]["enabled"] is True
+    assert config["run_monitoring"]["free_slots_after_run_end_seconds"] > 0
 
 
 def test_prod_instance_uses_postgres_and_the_k8s_run_launcher():
@@ -101,7 +102,8 @@ def k8s_instance(tmp_path):
     config = yaml.safe_load(PROD.read_text())
     del config["storage"]
     (tmp_path / "kubeconfig").write_text(KUBECONFIG)
-    config["run_launcher"]["config"] |= {"load_incluster_config": False, "kubeconfig_file": str(tmp_path / "kubeconfig")}
+    config["run_launcher"]["config"] |= {"load_incluster_config": False,
+                                         "kubeconfig_file": str(tmp_path / "kubeconfig")}
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(yaml.safe_dump(config))
@@ -136,7 +138,8 @@ def test_k8s_launcher_and_executor_build_from_the_shipped_config_and_gpu_steps_g
     assert executor_config.success, executor_config.errors
     job = InMemoryJob(defs.resolve_job_def(jobs.full_refresh_job.name))
     executor = executor_def.executor_creation_fn(
-        InitExecutorContext(job=job, executor_def=executor_def, executor_config=executor_config.value, instance=k8s_instance)
+        InitExecutorContext(job=job, executor_def=executor_def, executor_config=executor_config.value,
+                            instance=k8s_instance)
     )
     step_handler = executor._step_handler  # noqa: SLF001 (what launches each step's Job)
     assert isinstance(step_handler, K8sStepHandler)
@@ -154,7 +157,8 @@ def test_k8s_launcher_and_executor_build_from_the_shipped_config_and_gpu_steps_g
             .merge(step_handler._executor_container_context)  # noqa: SLF001
             .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(asset.op.tags)))
         )
-        pod = render_job(context, launcher, f"dagster-step-{name.replace('_', '-')}", "step_worker")["spec"]["template"]["spec"]
+        pod = render_job(context, launcher, f"dagster-step-{name.replace('_', '-')}",
+                         "step_worker")["spec"]["template"]["spec"]
         for spec in (pod, run_pod):  # every pod: the shared volume, the environment, the account
             (container,) = spec["containers"]
             assert container["image"] == IMAGE
@@ -283,7 +287,8 @@ def test_mlflow_server_listens_on_loopback_unless_someone_authenticates(tmp_path
     # MLflow's own login: `--app-name basic-auth`, which needs the Flask secret key
     no_key = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth")
     assert no_key.returncode != 0 and "MLFLOW_FLASK_SERVER_SECRET_KEY" in no_key.stderr
-    basic = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth", MLFLOW_FLASK_SERVER_SECRET_KEY="s")
+    basic = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="basic-auth",
+                               MLFLOW_FLASK_SERVER_SECRET_KEY="s")
     assert basic.returncode == 0 and "--host 0.0.0.0 " in basic.stdout and "--app-name basic-auth" in basic.stdout
     # an authenticating reverse proxy in front
     proxied = mlflow_server_args(tmp_path, MLFLOW_HOST="0.0.0.0", MLFLOW_AUTH="proxy")
@@ -318,5 +323,6 @@ def test_make_demo_targets_use_their_own_data_clip_and_outputs(tmp_path, goal, s
     assert f"Outputs in {state}/outputs{suffix};" in out
     assert "demo_data " not in out.replace(f"demo_data{suffix} ", "")  # no other size's data
     # the submission path first, the Task 1 scorer (which would hold the gpu slot) in a run after it
-    submission, scorer = out.index("--select 'not key:task1_score and not key:ctr_tuning'"), out.index("--select task1_score")
+    submission = out.index("--select 'not key:task1_score and not key:ctr_tuning'")
+    scorer = out.index("--select task1_score")
     assert submission < scorer

@@ -231,7 +231,8 @@ def test_one_pipeline_serves_many_calls(bundle, items):
 
 
 def _pil_decoder(datas, device):
-    """Stand-in for torchvision's decode_jpeg (same contract: bytes tensors -> uint8 [3, H, W], raises on a bad file)."""
+    """Stand-in for torchvision's decode_jpeg (same contract: bytes tensors -> uint8 [3, H, W], raises on a bad
+    file)."""
     import io
 
     out = []

@@ -92,7 +92,8 @@ def test_items_with_neither_part(parts):
 
 def test_few_items_pad_pca_to_dim():
     rng = np.random.default_rng(1)
-    res = fuse_embeddings(20, np.arange(1, 21), rng.normal(size=(20, 512)), np.arange(1, 21), rng.normal(size=(20, 128)))
+    res = fuse_embeddings(20, np.arange(1, 21), rng.normal(size=(20, 512)),
+                          np.arange(1, 21), rng.normal(size=(20, 128)))
     assert res.pca_components == 20 and res.embeddings.shape == (21, 128)
     np.testing.assert_allclose(np.linalg.norm(res.embeddings[1:], axis=1), 1.0, atol=1e-5)
 

@@ -43,7 +43,8 @@ def user_timelines(users=60, width=12, seed=0) -> pl.DataFrame:
         timeline = rng.integers(1, 50, width)
         for n in sorted(rng.choice(np.arange(0, width + 1), rng.integers(1, 5), replace=False)):
             history = timeline[:n] if rng.random() > 0.1 else rng.integers(1, 50, n)
-            rows.append((user, [0] * (width - n) + history.tolist(), int(rng.integers(1, 50)), float(rng.random() < 0.5)))
+            rows.append((user, [0] * (width - n) + history.tolist(), int(rng.integers(1, 50)),
+                         float(rng.random() < 0.5)))
     rows = [rows[i] for i in rng.permutation(len(rows))]
     return pl.DataFrame(rows, schema={"user_id": pl.Int64, "item_seq": pl.List(pl.Int64), "item_id": pl.Int64,
                                       "label": pl.Float64}, orient="row")
@@ -53,7 +54,8 @@ def test_row_lines_drop_padding_and_append_clicked_targets(tmp_path):
     stats = i2v.build_corpus(SMALL, tmp_path / "c.txt", one_line_per_user=False)  # needs no user_id
     # row 3: only the clicked target (one token) -> dropped; row 5: [2, 11]
     assert (tmp_path / "c.txt").read_text().splitlines() == ["3 4 7", "3 4", "6 7 8 9 10", "2 11"]
-    assert (stats.n_rows, stats.n_sentences, stats.n_tokens, stats.n_items, stats.n_targets_appended) == (6, 4, 12, 9, 4)
+    assert (stats.n_rows, stats.n_sentences, stats.n_tokens, stats.n_items,
+            stats.n_targets_appended) == (6, 4, 12, 9, 4)
     assert stats.n_rows_merged == 0
     assert [p.name for p in tmp_path.iterdir()] == ["c.txt"]  # atomic: no temp file left
 

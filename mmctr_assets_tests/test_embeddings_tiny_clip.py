@@ -59,7 +59,8 @@ def test_text_and_image_features_are_512d(clip_dir):
     inputs = processor(text=["a red picture"], images=[image], return_tensors="pt", padding=True)
     with torch.inference_mode():
         img = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
-        txt = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).pooler_output
+        txt = model.get_text_features(input_ids=inputs["input_ids"],
+                                      attention_mask=inputs["attention_mask"]).pooler_output
     assert img.shape == txt.shape == (1, 512)
     assert torch.isfinite(img).all() and torch.isfinite(txt).all()
 

@@ -25,7 +25,8 @@ def _internal_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]
+                                + ([base] if base else []))
             found.add(base)
             found |= {f"{base}.{a.name}" for a in node.names}
     modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
@@ -72,7 +73,8 @@ def test_lib_imports_no_dagster():
         str(p.relative_to(PACKAGE)) for p in (PACKAGE / "lib").rglob("*.py")
         for node in ast.walk(ast.parse(p.read_text()))
         if isinstance(node, (ast.Import, ast.ImportFrom))
-        and any(n.split(".")[0] == "dagster" for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]))
+        and any(n.split(".")[0] == "dagster"
+                for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]))
     ]
     assert offenders == []
 

@@ -81,7 +81,8 @@ def run_two_gpu_runs(tmp_path: Path, pool_limit: int) -> dict[str, tuple[float, 
     module.write_text(GPU_STEPS)
     env = os.environ | {"DAGSTER_HOME": str(home), "POOL_TEST_LOG": str(log)}
     # create the storage once, so the two runs do not race to create the sqlite tables
-    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env,
+                   check=True)
     procs = [
         subprocess.Popen([str(DAGSTER), "asset", "materialize", "-f", str(module), "--select", name],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -90,7 +91,8 @@ def run_two_gpu_runs(tmp_path: Path, pool_limit: int) -> dict[str, tuple[float, 
     outputs = [p.communicate(timeout=180)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    return {n: (float((log / f"{n}.start").read_text()), float((log / f"{n}.end").read_text())) for n in ("train_a", "train_b")}
+    return {n: (float((log / f"{n}.start").read_text()), float((log / f"{n}.end").read_text()))
+            for n in ("train_a", "train_b")}
 
 
 def overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -138,7 +140,8 @@ class Launched:
     def wait_for(self, what, done) -> None:
         deadline = time.monotonic() + WAIT_S
         while not done():
-            assert self.proc.poll() is None or done(), f"exited ({self.proc.returncode}) before {what}:\n{self.output()}"
+            assert self.proc.poll() is None or done(), (f"exited ({self.proc.returncode}) before {what}:\n"
+                                                        f"{self.output()}")
             assert time.monotonic() < deadline, f"no {what} after {WAIT_S}s:\n{self.output()}"
             time.sleep(0.5)
 
@@ -193,7 +196,8 @@ def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
     shutil.copy(SHIPPED_INSTANCE, home / "dagster.yaml")  # as shipped: instance class, launcher, monitoring
     (tmp_path / "hold_gpu.py").write_text(HOLD_GPU)
     env = os.environ | {"DAGSTER_HOME": str(home)}
-    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import dagster as dg; dg.DagsterInstance.get().get_runs()"], env=env,
+                   check=True)
     started: list[Launched] = []
     daemon = None
 
@@ -239,7 +243,8 @@ def test_a_killed_run_gives_back_the_gpu_with_or_without_the_daemon(tmp_path):
 
         # 3. With the daemon (what `make dev` runs), nobody waiting: run monitoring frees the slot.
         with open(tmp_path / "daemon.log", "w") as out:
-            daemon = subprocess.Popen([str(DAGSTER.with_name("dagster-daemon")), "run", "-f", str(tmp_path / "hold_gpu.py")],
+            daemon = subprocess.Popen([str(DAGSTER.with_name("dagster-daemon")), "run",
+                                       "-f", str(tmp_path / "hold_gpu.py")],
                                       env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         dead = launch("dead3", hold_s=3600)
         dead_id = run_id_of(home, dead)

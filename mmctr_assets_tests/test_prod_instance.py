@@ -135,7 +135,8 @@ def test_whole_graph_on_postgres_storage_with_mlflow_on_the_same_server(pg, tiny
         assert dagster_run.status == dg.DagsterRunStatus.SUCCESS
         assert train.data.tags["dagster.run_id"] == dagster_run.run_id
 
-        records = instance.get_records_for_run(dagster_run.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
+        records = instance.get_records_for_run(dagster_run.run_id,
+                                               of_type=dg.DagsterEventType.ASSET_MATERIALIZATION).records
         materialized = [r.event_log_entry.asset_materialization for r in records]
         assert {m.asset_key.to_user_string() for m in materialized} == all_assets
         assert sorted(m.partition for m in materialized if m.asset_key.path == ["clip_embeddings"]) == sorted(SHARDS)

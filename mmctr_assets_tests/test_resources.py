@@ -20,7 +20,8 @@ def test_asking_for_cuda_without_one_is_an_error_not_a_fallback():
 
 @pytest.mark.parametrize(
     "device, precision, message",
-    [("cpu", "fp16", "'fp16' needs a CUDA device"), ("cpu", "int8", "precision must be"), ("tpu", "fp32", "device must be")],
+    [("cpu", "fp16", "'fp16' needs a CUDA device"), ("cpu", "int8", "precision must be"),
+     ("tpu", "fp32", "device must be")],
 )
 def test_bad_device_settings_are_explained(device, precision, message):
     with pytest.raises(ValueError, match=message):

@@ -157,7 +157,8 @@ def test_crashing_trial_is_recorded_failed_and_the_study_goes_on(tmp_path, tiny_
                         skip_if_exists=False)
     study.enqueue_trial({"use_user_embedding": True, "embedding_regularizer": 1e-3, "lr": 2e-3, "dropout": 0.1})
     # `when` makes embedding_regularizer inactive for use_user_embedding false: force it by fixing it
-    crash_space = tuning.parse_search_space({**TINY_SPACE, "fixed": {**TINY_SPACE["fixed"], "embedding_regularizer": 1e-3},
+    crash_space = tuning.parse_search_space({**TINY_SPACE,
+                                             "fixed": {**TINY_SPACE["fixed"], "embedding_regularizer": 1e-3},
                                              "params": {k: v for k, v in TINY_SPACE["params"].items()
                                                         if k != "embedding_regularizer"}})
     assert tuning.run_study(study, crash_space, tiny_runner, n_trials=1, base_model={"max_len": width}) == 1
@@ -223,7 +224,8 @@ def test_study_resumes_after_its_worker_is_killed(tmp_path, tiny_tensors, tiny_r
         assert time.monotonic() < deadline, "the killed trial never turned stale"
         time.sleep(0.5)
         optuna.storages.fail_stale_trials(study)
-    space = tuning.parse_search_space({"fixed": TINY_SPACE["fixed"], "params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
+    space = tuning.parse_search_space({"fixed": TINY_SPACE["fixed"],
+                                       "params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
     assert tuning.run_study(study, space, tiny_runner, n_trials=2, base_model={"max_len": tiny_tensors[2]}) == 2
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["FAIL", "COMPLETE", "COMPLETE"]

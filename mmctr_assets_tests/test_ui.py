@@ -149,7 +149,8 @@ def server(tiny_data, tiny_clip_dir, tmp_path_factory):
             assert proc.poll() is None, f"dagster dev exited with {proc.returncode}:\n{srv.log_tail()}"
             assert time.monotonic() < deadline, f"code location not loaded after 240s:\n{srv.log_tail()}"
             try:
-                entries = srv.graphql("{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }")
+                entries = srv.graphql("{ workspaceOrError { ... on Workspace "
+                                      "{ locationEntries { name loadStatus } } } }")
                 if any(e["loadStatus"] == "LOADED" for e in entries["workspaceOrError"]["locationEntries"]):
                     break
             except OSError:
@@ -183,7 +184,8 @@ def test_code_location_loads_every_asset_readably(server):
 
     instigators = server.graphql(
         """{ repositoriesOrError { ... on RepositoryConnection { nodes {
-               jobs { name } schedules { name scheduleState { status } } sensors { name sensorState { status } } } } } }"""
+               jobs { name } schedules { name scheduleState { status } }
+               sensors { name sensorState { status } } } } } }"""
     )["repositoriesOrError"]["nodes"][0]
     assert {"retrain_job", "full_refresh_job", "clip_shards_job"} <= {j["name"] for j in instigators["jobs"]}
     states = {s["name"]: s["scheduleState"]["status"] for s in instigators["schedules"]}
@@ -290,7 +292,8 @@ def test_asset_graph_in_chromium(server):
             for group in GROUPS:
                 expect(page.get_by_text(group, exact=True).last).to_be_visible()
             # every node shows its materialised state: a status row, or the shards' fill for CLIP
-            expect(page.get_by_text("Materialized", exact=True)).to_have_count(len(ASSETS - ON_DEMAND) - 1, timeout=60_000)
+            expect(page.get_by_text("Materialized", exact=True)).to_have_count(len(ASSETS - ON_DEMAND) - 1,
+                                                                               timeout=60_000)
             expect(page.get_by_text("100% filled", exact=True)).to_be_visible()
             shot = ARTIFACTS / "asset_graph.png"
             page.screenshot(path=str(shot))

@@ -53,13 +53,15 @@ def test_other_warnings_still_show(tmp_path):
         def chosen():
             pass
 
-        warnings.warn("Parameter `something_new` of function `asset` is currently in beta, and may change.", dg.BetaWarning)
+        warnings.warn("Parameter `something_new` of function `asset` is currently in beta, and may change.",
+                      dg.BetaWarning)
         warnings.warn("Function `something_else` is currently in preview.", dg.PreviewWarning)
         warnings.warn("a real problem in our own code", UserWarning)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "backfill_policy" not in result.stderr
     assert "BetaWarning: Parameter `something_new`" in result.stderr

@@ -132,7 +132,8 @@ def _item_tags(storage: ProjectStorage) -> np.ndarray:
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
           deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"],
-          automation_condition=REFRESH_AFTER_UPSTREAM, check_specs=[dg.AssetCheckSpec(NOT_WORSE, asset="dcn_din_model", blocking=True,
+          automation_condition=REFRESH_AFTER_UPSTREAM,
+          check_specs=[dg.AssetCheckSpec(NOT_WORSE, asset="dcn_din_model", blocking=True,
                                          description="Validation AUC >= the champion's (scored now on the "
                                          "same validation data) - MlflowResource.promotion_tolerance")])
 def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, storage: ProjectStorage,
@@ -156,7 +157,8 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     item_tags = _item_tags(storage) if model_config.use_tag_embedding else None
     with train_tracked(context, storage, compute, mlflow, frames=frames, model_config=model_config,
                        train_config=train_config, source=source, emb=emb, item_tags=item_tags, plots=True,
-                       run_name=f"{model_config.family}_{source}", tags={"stage": "task2", "family": model_config.family},
+                       run_name=f"{model_config.family}_{source}",
+                       tags={"stage": "task2", "family": model_config.family},
                        checkpoint_dir=storage.model_dir() / f"checkpoints-{source}") as trained:
         check = register_and_gate(context, storage, mlflow, trained)
     if not check.passed:
@@ -214,7 +216,8 @@ def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, comp
         )
         if problems:
             yield from publish.refuse(context, "predictions", [dest], [check])
-    context.log.info(f"{len(probs)} test rows predicted in {seconds:.1f}s ({len(probs) / max(seconds, 1e-9):,.0f} rows/s)")
+    context.log.info(f"{len(probs)} test rows predicted in {seconds:.1f}s "
+                     f"({len(probs) / max(seconds, 1e-9):,.0f} rows/s)")
     yield dg.MaterializeResult(
         metadata={
             "dagster/row_count": len(written),
@@ -259,7 +262,8 @@ class SubmissionConfig(dg.Config):
     deps=[predictions],
     automation_condition=REFRESH_AFTER_UPSTREAM,
 )
-def submission_zip(context: dg.AssetExecutionContext, config: SubmissionConfig, storage: ProjectStorage) -> dg.MaterializeResult:
+def submission_zip(context: dg.AssetExecutionContext, config: SubmissionConfig,
+                   storage: ProjectStorage) -> dg.MaterializeResult:
     """The file to upload to Codabench: a zip whose only member is prediction.csv (ID, Task2)."""
     source = storage.predictions()
     if not source.exists():

@@ -91,4 +91,5 @@ def all_shards_tags() -> dict[str, str]:
 
 
 
-defs = dg.Definitions(jobs=[retrain_job, full_refresh_job, clip_shards_job, ctr_tuning_job], executor=executor_from_env())
+defs = dg.Definitions(jobs=[retrain_job, full_refresh_job, clip_shards_job, ctr_tuning_job],
+                      executor=executor_from_env())

@@ -23,7 +23,8 @@ IMAGE_FAILURE_WARN_SHARE = 0.05
 MAX_UNUSABLE_COVER_SHARE = 0.5
 
 _DESCRIPTIONS = {
-    "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, click label.",
+    "train": "Training interactions: user history (left-padded item_seq), target item, likes/views levels, "
+             "click label.",
     "valid": "Validation interactions; the model is selected on this table's AUC.",
     "test": "Test interactions keyed by ID, without labels; the submission predicts these rows.",
     "item_info": "One row per item 0..N (row 0 = padding): tags and the organisers' 128-d embedding.",
@@ -36,7 +37,8 @@ def _schema_metadata(frame: pl.DataFrame) -> dg.TableSchema:
 
 
 def _preview(frame: pl.DataFrame, rows: int = 5) -> dg.MetadataValue:
-    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True, fmt_table_cell_list_len=6, fmt_str_lengths=60):
+    with pl.Config(tbl_formatting="MARKDOWN", tbl_hide_dataframe_shape=True, fmt_table_cell_list_len=6,
+                   fmt_str_lengths=60):
         return dg.MetadataValue.md(str(frame.head(rows)))
 
 

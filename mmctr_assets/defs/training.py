@@ -113,7 +113,8 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
         trained = Trained(result, frames, valid_t, fp, model_config, train_config, source, device, run,
                           mlflow.run_url(run), seconds)
         if plots:
-            curves, roc = plot_training_curves(result.history), plot_roc(valid_t.label.numpy(), result.valid_predictions)
+            curves = plot_training_curves(result.history)
+            roc = plot_roc(valid_t.label.numpy(), result.valid_predictions)
             mlflow.log_png(curves, "training_curves.png")
             mlflow.log_png(roc, "valid_roc.png")
             trained.plots = {"training_curves": png_metadata(curves, "training curves"),
@@ -174,7 +175,8 @@ def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage
         config_file = Path(tmp) / "model_config.json"
         config_file.write_text(json.dumps({"model": trained.model_config.to_dict(),
                                            "train": trained.train_config.to_dict(), "embedding_source": trained.source,
-                                           "data_fingerprint": fp.run, "item_info_fingerprint": fp.item_info}, indent=2))
+                                           "data_fingerprint": fp.run, "item_info_fingerprint": fp.item_info},
+                                          indent=2))
         version = mlflow.register_model(trained.run, model_file, config_file, {
             TAG_AUC: f"{result.best_valid_auc:.8f}", "data_fingerprint": fp.run, TAG_ITEMS: fp.item_info,
             "dagster.run_id": context.run.run_id, "embedding_source": trained.source,

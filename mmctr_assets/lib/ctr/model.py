@@ -159,7 +159,8 @@ class CTRModel(nn.Module):
         summary, matches = self._history(target, item_seq)
         parts = [target, summary, self.likes_embedding(likes_level), self.views_embedding(views_level)]
         if self.config.reads_user_id() and user_id is None:
-            raise ValueError("use_user_embedding / use_user_bias: the model needs user_id (the user_id column of the frame)")
+            raise ValueError("use_user_embedding / use_user_bias: the model needs user_id "
+                             "(the user_id column of the frame)")
         if self.config.use_user_embedding:
             parts.append(self.user_embedding(user_id))
         if self.config.history_match_features:

@@ -24,7 +24,8 @@ def run_config_sections(doc: dict, source: str) -> dict[str, dict]:
     try:
         config = doc["ops"]["dcn_din_model"]["config"]
     except (KeyError, TypeError):
-        raise ValueError(f"{source}: expected a run config 'ops: dcn_din_model: config: model: ... train: ...'") from None
+        raise ValueError(f"{source}: expected a run config "
+                         "'ops: dcn_din_model: config: model: ... train: ...'") from None
     unknown = sorted(set(config) - {"model", "train", "embedding_source", "tuned"})
     if unknown:
         raise ValueError(f"{source}: unknown keys {unknown} under ops.dcn_din_model.config; expected model:, train:")
