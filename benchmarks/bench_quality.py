@@ -7,9 +7,10 @@ demo data once into ``--cache`` (seed 0), then train each config with the librar
 labels are the generator's ``ground_truth/test.parquet``). ``--item-table organisers`` (default)
 is the demo data's own ``item_emb_d128``: a fast, weak stand-in. ``--item-table fused`` is what
 ``dcn_din_model`` trains on: the Task 1 table built once per world through the real assets (tiny
-CLIP fitted on the demo covers/titles, item2vec, fusion; ``bench_pipeline.build_task1``) and cached. One JSON line per result: world, size,
-config, valid and test AUC, their gaps to the manifest's ceilings (the true click probabilities;
-without each user's bias; v3: without each item's appeal), wall time, epochs and the config.
+CLIP fitted on the demo covers/titles, item2vec, fusion; ``bench_pipeline.build_task1``) and cached.
+One JSON line per result: world, size, config, valid and test AUC, their gaps to the manifest's
+ceilings (the true click probabilities; without each user's bias; v3: without each item's appeal),
+wall time, epochs and the config.
 
 Configs: every preset in ``mmctr_assets/deploy/presets/`` (``lib/ctr/presets.PRESETS``; ``default``
 is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the whole history as

@@ -150,7 +150,8 @@ class ComputeResource(dg.ConfigurableResource):
                 raise RuntimeError(
                     f"ComputeResource.device is {self.device!r} but this machine has no usable CUDA "
                     f"device (torch {torch.__version__}, CUDA build: {torch.version.cuda}). Set "
-                    "device to 'cpu' or 'auto', or install a CUDA build of torch (docs/deployment.md, Install for a GPU)."
+                    "device to 'cpu' or 'auto', or install a CUDA build of torch "
+                    "(docs/deployment.md, Install for a GPU)."
                 )
             if device.index is not None and device.index >= torch.cuda.device_count():
                 raise RuntimeError(

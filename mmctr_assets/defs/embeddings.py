@@ -187,7 +187,8 @@ def item2vec_embeddings(
         )
     write_parquet_atomic(item2vec.to_frame(result), storage.item2vec())
     without = n_items - len(result.item_ids)
-    context.log.info(f"{len(result.item_ids)} items have a vector, {without} do not; trained in {result.seconds_train:.1f}s")
+    context.log.info(f"{len(result.item_ids)} items have a vector, {without} do not; "
+                     f"trained in {result.seconds_train:.1f}s")
     return dg.MaterializeResult(
         metadata={
             "items_with_vector": len(result.item_ids),
@@ -285,7 +286,8 @@ def fused_item_embeddings(
             yield from publish.refuse(context, "fused_item_embeddings", [out], [check])
 
     tag = info.get_column("item_tags").list.last().fill_null(0).to_numpy()
-    png = plot_embedding_projection(result.embeddings, np.where(tag > 0, tag, -1), "fused item embeddings (colour: last tag)")
+    png = plot_embedding_projection(result.embeddings, np.where(tag > 0, tag, -1),
+                                    "fused item embeddings (colour: last tag)")
     with mlflow.start_run("fused_item_embeddings", tags=run_tags(context) | {"stage": "task1"}) as run:
         mlflow.log_params({"alpha": config.alpha, "seed": config.seed, "pca_components": result.pca_components})
         mlflow.log_metrics({"pca_explained_variance": result.explained_variance_total}
