@@ -146,7 +146,7 @@ def check_dcn_din(device: torch.device, size: dict, work: Path) -> None:
     from mmctr_assets.lib.ctr.trainer import TrainConfig, train
     from mmctr_assets.lib.precision import autocast
 
-    frames, emb, _ = synthetic(size["ctr_rows"])
+    frames, emb, _, _ = synthetic(size["ctr_rows"])
     n_items = emb.shape[0] - 1
     config = ModelConfig()
     tensors = {k: to_tensors(f, config.max_len, n_items=n_items) for k, f in frames.items()}
