@@ -234,7 +234,13 @@ def tune(ds: Dataset, size: str, args) -> dict:
         return scores[trial.number]["valid_auc"]
 
     t0 = time.perf_counter()
-    tuning.run_study(study, space, runner, n_trials=args.tune, base_model=base_model, base_train=base_train)
+
+    def progress(study, trial) -> None:  # one line per trial, so a study cut short still tells
+        emit(bench="trial", number=trial.number, state=trial.state.name, valid_auc=trial.value,
+             epochs=len(trial.intermediate_values), elapsed_s=round(time.perf_counter() - t0, 1))
+
+    tuning.run_study(study, space, runner, n_trials=args.tune, base_model=base_model, base_train=base_train,
+                     on_trial_end=progress)
     states = [t.state.name for t in study.trials]
     best, model, train = tuning.best_sections(study)
     return {**scores[best.number], "study_s": round(time.perf_counter() - t0, 1), "trials": len(states),
