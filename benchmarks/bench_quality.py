@@ -237,7 +237,8 @@ def tune(ds: Dataset, size: str, args) -> dict:
 
     def progress(study, trial) -> None:  # one line per trial, so a study cut short still tells
         emit(bench="trial", number=trial.number, state=trial.state.name, valid_auc=trial.value,
-             epochs=len(trial.intermediate_values), elapsed_s=round(time.perf_counter() - t0, 1))
+             epochs=len(trial.intermediate_values), elapsed_s=round(time.perf_counter() - t0, 1),
+             params=trial.params)
 
     tuning.run_study(study, space, runner, n_trials=args.tune, base_model=base_model, base_train=base_train,
                      on_trial_end=progress)

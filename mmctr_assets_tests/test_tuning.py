@@ -188,6 +188,25 @@ def test_no_completed_trial_writes_no_best_config(tmp_path):
     assert good.read_text() == "last good"  # a failed study never replaces the last good config
 
 
+def test_pruner_starts_after_two_completed_trials_and_can_stop_a_trial_after_its_first_epoch(tmp_path):
+    # per-trial valid AUC curves (epochs 1, 2); the runner reports them as trainer.train would
+    curves = [[0.70, 0.75], [0.60, 0.78], [0.64, 0.90], [0.66, 0.70]]
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "prune", seed=0, n_trials=4)
+
+    def replay(trial, model_config, train_config):
+        for epoch, auc in enumerate(curves[trial.number], start=1):
+            tuning.report_epoch(trial, epoch, auc)
+        return max(curves[trial.number])
+
+    tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), replay, n_trials=4)
+    rows = tuning.trial_rows(study)
+    # trial 1 trails trial 0 but only one trial had completed; trial 2 trails the median of the
+    # two completed ones (0.65) after epoch 1, however well it would have ended; trial 3 passes
+    # epoch 1 (0.66) and is stopped after epoch 2 (0.70 < 0.765)
+    assert [(r["state"], r["epochs"]) for r in rows] == [("COMPLETE", 2), ("COMPLETE", 2), ("PRUNED", 1),
+                                                          ("PRUNED", 2)]
+
+
 KILLED_WORKER = textwrap.dedent("""
     import sys, time
     from mmctr_assets.lib.ctr import tuning
