@@ -2,7 +2,8 @@
 attention buy?
 
 Each family's preset (lib/ctr/presets.py; the user embedding needs the data's user_id), CPU,
-batch 4096, history cap ``--max-len`` (100: the data's full width), one process. Data: demo_data
+batch 4096 (``--batch-sizes 1024,4096``: a ``train_loop`` line per size), history cap ``--max-len``
+(100: the data's full width), one process. Data: demo_data
 ``medium`` (real MicroLens history-length distribution, generated once into ``--cache``), or
 with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8;
 ``--history-median 60`` for long histories, as some real click logs have). ``--families`` may
@@ -95,10 +96,11 @@ def synthetic(rows: int, n_items: int = 10_000, seed: int = 0, history_median: f
     return frames, emb, tags, f"synthetic, history median {history_median:g}"
 
 
-def batches_like_train(tensors: CTRTensors, seed: int) -> list[CTRTensors]:
+def batches_like_train(tensors: CTRTensors, cfg: TrainConfig) -> list[CTRTensors]:
     """The exact batches train() will draw in its first epoch, materialised in advance."""
-    perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(seed))
-    return [tensors.take(perm[i:i + BATCH]) for i in range(0, len(tensors), BATCH)]
+    perm = torch.randperm(len(tensors), generator=torch.Generator().manual_seed(cfg.seed))
+    size = cfg.batch_size
+    return [tensors.take(perm[i:i + size]) for i in range(0, len(tensors), size)]
 
 
 def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarray,
@@ -135,6 +137,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=100, help="history cap (the data's width: 100)")
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
     ap.add_argument("--history-median", type=float, default=6.0, help="--synthetic: median history length")
+    ap.add_argument("--batch-sizes", default=str(BATCH),
+                    help="comma-separated training batch sizes for the train_loop lines (default 4096)")
     ap.add_argument("--skip-attention", action="store_true", help="skip the attention comparison")
     ap.add_argument("--skip-predict", action="store_true", help="skip the inference comparison")
     args = ap.parse_args()
@@ -160,13 +164,27 @@ def main() -> None:
          history_len_median=float(real.median()), history_len_mean=round(float(real.mean()), 2),
          padding_share=round(1 - float(real.mean()) / MAX_LEN, 3))
 
-    cfg = TrainConfig(batch_size=BATCH, epochs=1, num_threads=args.threads)
     train_t, valid_t = tensors["train"], tensors["valid"]
     counts = item_frequency(train_t, n_items)  # what train() computes before its first step
-    batches = batches_like_train(train_t, cfg.seed)
+    # 1. per batch size and family: the real train() loop vs bare steps on pre-built batches (same
+    #    batches, same order), alternated and best-of-N, so load from other processes hits both sides alike.
+    #    Attention and inference below use the first batch size.
+    first = None
+    for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
+        cfg = TrainConfig(batch_size=batch_size, epochs=1, num_threads=args.threads)
+        batches = batches_like_train(train_t, cfg)
+        results = train_loop(args, cfg, batches, emb, counts, tags, train_t, valid_t)
+        first = first or (cfg, batches, results)
+    cfg, batches, results = first
 
-    # 1. per family: the real train() loop vs bare steps on pre-built batches (same batches, same
-    #    order), alternated and best-of-N, so load from other processes hits both sides alike.
+    if not args.skip_attention:
+        attention(args, emb, counts, batches, cfg)
+    if not args.skip_predict:
+        inference(args, results, tensors, cfg)
+
+
+def train_loop(args, cfg, batches, emb, counts, tags, train_t, valid_t) -> dict:
+    """One ``train_loop`` line per family at ``cfg.batch_size``; returns each family's TrainResult."""
     results = {}
     for family in args.families.split(","):
         model_config = ModelConfig(**(preset(family)["model"] | {"max_len": MAX_LEN}))
@@ -182,17 +200,14 @@ def main() -> None:
             loop.append(result.history[0].samples_per_s)
         bare, loop, end_to_end = max(bare), max(loop), max(end_to_end)
         results[family] = result
-        emit(bench="train_loop", family=family, model=model_config.to_dict(), batch_size=BATCH, max_len=MAX_LEN,
+        emit(bench="train_loop", family=family, model=model_config.to_dict(), batch_size=cfg.batch_size,
+             max_len=MAX_LEN,
              train_rows=len(train_t), repeats=args.repeats, bare_step_samples_per_s=round(bare),
              train_epoch_samples_per_s=round(loop), train_call_samples_per_s=round(end_to_end),
              ratio=round(loop / bare, 3), ratio_whole_call=round(end_to_end / bare, 3), goal_ratio=0.8,
              goal_samples_per_s=10_000, meets_goal=loop / bare >= 0.8 and loop >= 10_000,
              valid_auc_after_1_epoch=round(result.best_valid_auc, 4))
-
-    if not args.skip_attention:
-        attention(args, emb, counts, batches, cfg)
-    if not args.skip_predict:
-        inference(args, results, tensors, cfg)
+    return results
 
 
 def attention(args, emb, counts, batches, cfg) -> None:
@@ -205,7 +220,7 @@ def attention(args, emb, counts, batches, cfg) -> None:
             rates.setdefault(impl, []).append(
                 bare_train_rate(dataclasses.replace(model_config, attention_impl=impl), emb, counts, few, cfg))
     best = {k: max(v) for k, v in rates.items()}
-    emit(bench="attention", batch_size=BATCH, max_len=MAX_LEN, steps=len(few), repeats=args.repeats,
+    emit(bench="attention", batch_size=cfg.batch_size, max_len=MAX_LEN, steps=len(few), repeats=args.repeats,
          **{f"{k}_samples_per_s": round(v) for k, v in best.items()},
          packed_speedup=round(best["packed"] / best["padded"], 2),
          packed_split_speedup=round(best["packed_split"] / best["padded"], 2),
