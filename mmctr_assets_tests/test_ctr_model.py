@@ -446,18 +446,27 @@ def test_momo_preset_builds_momos_layers_and_its_padding_mask_is_right():
     assert after[row] != base[row]
 
 
-def test_the_default_presets_family_options_do_not_follow_a_run_config_to_another_family():
-    from mmctr_assets.lib.ctr.presets import for_family, preset
+def test_the_default_presets_values_that_no_longer_apply_do_not_follow_a_run_config():
+    from mmctr_assets.lib.ctr.presets import preset, without_inapplicable_defaults
 
     default = preset("default")["model"]
     assert default["family"] == "transformer_dcnv2" and default["cross_rank"] > 0
-    assert for_family(dict(default)) == default  # its own family: as written
-    din = for_family(default | {"family": "din"}, explicit={"family"})
+    assert without_inapplicable_defaults(dict(default)) == default  # its own family: as written
+    din = without_inapplicable_defaults(default | {"family": "din"}, explicit={"family"})
     assert din["cross_rank"] == 0 and din["use_id_embedding"]  # family option reset, shared options kept
     ModelConfig(**(din | {"max_len": 20}))  # din refuses a cross_rank: the reset makes it valid
-    kept = for_family(default | {"family": "dcn_din", "cross_version": "v2"},
+    kept = without_inapplicable_defaults(default | {"family": "dcn_din", "cross_version": "v2"},
                       explicit={"family", "cross_version", "cross_rank"})
     assert kept["cross_rank"] == default["cross_rank"]  # set by the user: kept
+    # every trainable table switched off: the default's regulariser has nothing to act on
+    off = {"use_id_embedding": False, "use_tag_embedding": False, "use_user_embedding": False}
+    plain = without_inapplicable_defaults(default | off, explicit=set(off))
+    assert default["embedding_regularizer"] > 0 and plain["embedding_regularizer"] == 0
+    ModelConfig(**(plain | {"max_len": 20}))
+    asked = without_inapplicable_defaults(default | off | {"embedding_regularizer": 1e-3},
+                                          explicit={*off, "embedding_regularizer"})
+    with pytest.raises(ValueError, match="needs a trainable embedding"):  # set by the user: kept, and refused
+        ModelConfig(**(asked | {"max_len": 20}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -52,6 +52,29 @@ def test_shipped_search_spaces_are_valid(name):
     assert space.params and {p.section for p in space.params} == {"model", "train"}
 
 
+@pytest.mark.parametrize("name", ["search_space.yaml", "search_space_demo.yaml"])
+def test_every_config_a_shipped_space_samples_is_one_the_model_accepts(name):
+    # a refused combination would cost a trial of the budget; random draws cover the `when` branches
+    from mmctr_assets.lib.ctr import presets
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
+
+    space = tuning.load_search_space(SHIPPED / name)
+    base = presets.preset("default")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    families, trainable = set(), set()
+    for _ in range(300):
+        trial = study.ask()
+        model, train = tuning.sample_config(trial, space, base["model"] | {"max_len": 100}, base["train"])
+        config = ModelConfig(**model, embedding_dim=128)
+        trainer.TrainConfig(**train)
+        families.add(config.family)
+        trainable.add(config.trainable_embeddings())
+        study.tell(trial, 0.5)
+    assert families == set(next(p.choices for p in space.params if p.name == "family"))
+    if name == "search_space.yaml":  # it can switch every table off: that draw once failed its trial
+        assert trainable == {True, False}
+
+
 def test_unknown_parameter_names_it_the_allowed_keys_and_the_file(tmp_path):
     path = write_space(tmp_path, {"params": {"learning_rate": {"low": 1e-4, "high": 1e-2}}})
     with pytest.raises(tuning.SearchSpaceError) as e:

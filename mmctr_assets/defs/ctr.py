@@ -111,7 +111,7 @@ class DcnDinConfig(dg.PermissiveConfig):
                 f"two sections, e.g. {json.dumps({k: v for k, v in shape.items() if v})} "
                 "(ops: dcn_din_model: config: model: ... train: ...; docs/models.md)."
             )
-        model_values = presets.for_family(self.model.model_dump(), self.model.model_fields_set)
+        model_values = presets.without_inapplicable_defaults(self.model.model_dump(), self.model.model_fields_set)
         if model_values["max_len"] is None:
             model_values["max_len"] = history_width
         elif model_values["max_len"] > history_width:

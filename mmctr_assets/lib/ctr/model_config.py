@@ -22,6 +22,9 @@ _DEFAULTED = sorted({n for m in FAMILY_MODELS.values() for n in m.OPTIONS})  # N
 _READ_BY = {n: [f for f, m in FAMILY_MODELS.items() if n in m.READS] for m in FAMILY_MODELS.values() for n in m.READS}
 # options only some families read (the rest share the item representation and the head)
 FAMILY_SPECIFIC_OPTIONS = frozenset(_DEFAULTED) | frozenset(_READ_BY)
+# Switches that give the model a trainable table for embedding_regularizer to act on
+TRAINABLE_TABLE_SWITCHES = ("use_id_embedding", "use_tag_embedding", "use_user_embedding", "use_item_bias",
+                            "use_user_bias", "finetune_item_embeddings")
 
 
 @dataclass(frozen=True)
@@ -149,8 +152,7 @@ class ModelConfig:
         return problems
 
     def trainable_embeddings(self) -> bool:
-        return (self.use_id_embedding or self.use_tag_embedding or self.use_user_embedding
-                or self.use_item_bias or self.use_user_bias or self.finetune_item_embeddings)
+        return any(getattr(self, switch) for switch in TRAINABLE_TABLE_SWITCHES)
 
     def reads_user_id(self) -> bool:
         return self.use_user_embedding or self.use_user_bias

@@ -40,18 +40,22 @@ def _load() -> dict[str, dict[str, dict]]:
 PRESETS: dict[str, dict[str, dict]] = _load()
 
 
-def for_family(model: dict, explicit: set[str] | frozenset[str] = frozenset()) -> dict:
-    """``model`` with the default preset's family-specific options (``cross_rank`` of its DCN-V2,
-    say) put back to the library's defaults when ``model`` picks another family, unless set in
-    ``explicit``: the default's family options are tuned for its family, and another family may
-    not read them at all (``model: {family: din}`` must keep working)."""
-    from mmctr_assets.lib.ctr.model_config import FAMILY_SPECIFIC_OPTIONS, ModelConfig
+def without_inapplicable_defaults(model: dict, explicit: set[str] | frozenset[str] = frozenset()) -> dict:
+    """``model`` with the default preset's values that no longer apply put back to the library's
+    defaults, unless set in ``explicit``: its family-specific options (``cross_rank`` of its DCN-V2,
+    say) when ``model`` picks another family, since they are tuned for its family and another may not
+    read them at all (``model: {family: din}`` must keep working); and its ``embedding_regularizer``
+    when ``model`` switches every trainable table off, since it has nothing left to act on."""
+    from mmctr_assets.lib.ctr.model_config import FAMILY_SPECIFIC_OPTIONS, TRAINABLE_TABLE_SWITCHES, ModelConfig
 
-    default = PRESETS["default"]["model"]
-    if model.get("family", ModelConfig.family) == default.get("family", ModelConfig.family):
-        return model
-    fields = ModelConfig.__dataclass_fields__
-    return {**model, **{k: fields[k].default for k in (FAMILY_SPECIFIC_OPTIONS & default.keys()) - set(explicit)}}
+    default, fields = PRESETS["default"]["model"], ModelConfig.__dataclass_fields__
+    out = dict(model)
+    if out.get("family", ModelConfig.family) != default.get("family", ModelConfig.family):
+        out |= {k: fields[k].default for k in (FAMILY_SPECIFIC_OPTIONS & default.keys()) - set(explicit)}
+    if "embedding_regularizer" not in explicit and not any(out.get(k, fields[k].default)
+                                                           for k in TRAINABLE_TABLE_SWITCHES):
+        out["embedding_regularizer"] = fields["embedding_regularizer"].default
+    return out
 
 
 def preset(name: str) -> dict[str, dict]:

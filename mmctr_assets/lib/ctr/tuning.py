@@ -224,7 +224,7 @@ def sample_config(trial: optuna.Trial, space: SearchSpace, base_model: Mapping[s
     for p in space.params:
         if p.active(values):
             values[p.name] = sections[p.section][p.name] = p.suggest(trial)
-    model = presets.for_family(sections["model"], set(space.fixed) | set(values))
+    model = presets.without_inapplicable_defaults(sections["model"], set(space.fixed) | set(values))
     return model, sections["train"]
 
 
