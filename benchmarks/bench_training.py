@@ -169,12 +169,13 @@ def main() -> None:
     # 1. per batch size and family: the real train() loop vs bare steps on pre-built batches (same
     #    batches, same order), alternated and best-of-N, so load from other processes hits both sides alike.
     #    Attention and inference below use the first batch size.
-    first = None
+    first = None  # only the first size's batches are kept, for the sections below
     for batch_size in [int(b) for b in args.batch_sizes.split(",")]:
         cfg = TrainConfig(batch_size=batch_size, epochs=1, num_threads=args.threads)
         batches = batches_like_train(train_t, cfg)
         results = train_loop(args, cfg, batches, emb, counts, tags, train_t, valid_t)
-        first = first or (cfg, batches, results)
+        if first is None:
+            first = (cfg, batches, results)
     cfg, batches, results = first
 
     if not args.skip_attention:
@@ -201,8 +202,7 @@ def train_loop(args, cfg, batches, emb, counts, tags, train_t, valid_t) -> dict:
         bare, loop, end_to_end = max(bare), max(loop), max(end_to_end)
         results[family] = result
         emit(bench="train_loop", family=family, model=model_config.to_dict(), batch_size=cfg.batch_size,
-             max_len=MAX_LEN,
-             train_rows=len(train_t), repeats=args.repeats, bare_step_samples_per_s=round(bare),
+             max_len=MAX_LEN, train_rows=len(train_t), repeats=args.repeats, bare_step_samples_per_s=round(bare),
              train_epoch_samples_per_s=round(loop), train_call_samples_per_s=round(end_to_end),
              ratio=round(loop / bare, 3), ratio_whole_call=round(end_to_end / bare, 3), goal_ratio=0.8,
              goal_samples_per_s=10_000, meets_goal=loop / bare >= 0.8 and loop >= 10_000,

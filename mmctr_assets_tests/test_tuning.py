@@ -20,7 +20,8 @@ import yaml
 from mmctr_assets import settings
 from mmctr_assets.defs import ctr as task2
 from mmctr_assets.defs import tuning as tuning_defs
-from mmctr_assets.lib.ctr import tensors, trainer, tuning
+from mmctr_assets.lib.ctr import presets, tensors, trainer, tuning
+from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.data import microlens
 
 SHIPPED = settings.PACKAGE_DIR / "deploy" / "tuning"
@@ -55,9 +56,6 @@ def test_shipped_search_spaces_are_valid(name):
 @pytest.mark.parametrize("name", ["search_space.yaml", "search_space_demo.yaml"])
 def test_every_config_a_shipped_space_samples_is_one_the_model_accepts(name):
     # a refused combination would cost a trial of the budget; random draws cover the `when` branches
-    from mmctr_assets.lib.ctr import presets
-    from mmctr_assets.lib.ctr.model_config import ModelConfig
-
     space = tuning.load_search_space(SHIPPED / name)
     base = presets.preset("default")
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
