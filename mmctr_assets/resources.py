@@ -1,12 +1,16 @@
 """Dagster resources: where every asset's files live, which device computes, where runs are tracked.
 
-Defaults come from `settings` (environment variables) when the code location loads; every field
-can also be set per run in the launchpad or with `dagster asset materialize --config`.
+Defaults come from `settings` (environment variables) when the code location loads; most fields
+can also be set per run in the launchpad or with `dagster asset materialize --config`. Where
+outputs and runs are written (``storage.output_dir``, ``mlflow.tracking_uri``) cannot: anyone who
+can open the launchpad could otherwise point them at any folder or database the process may write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import tempfile
 import typing
 import warnings
@@ -19,13 +23,40 @@ from pydantic import Field
 from . import settings
 from .lib.data.microlens import IMAGES_DIR, table_path
 from .lib.precision import PRECISIONS, check_precision
+from .lib.redaction import redact, redacted_errors
+
+
+def refuse_launch_override(context: dg.InitResourceContext, fields: tuple[str, ...], variables: str) -> None:
+    """Fail the step when the run's config changes one of ``fields`` of this resource from the value
+    the code location was loaded with (the deployment's, from ``variables``); the same value passes."""
+    run = context.dagster_run
+    keys = [k for k, d in (context.all_resource_defs or {}).items() if d is context.resource_def]
+    if run is None or not keys:
+        return
+    given = ((run.run_config.get("resources") or {}).get(keys[0]) or {}).get("config") or {}
+    schema = context.resource_def.config_schema
+    deployed = json.loads(schema.default_value_as_json_str) if schema.default_provided else {}
+    changed = sorted(f for f in fields if f in given and given[f] != deployed.get(f))
+    if changed:
+        raise dg.Failure(description=redact(
+            f"The run config sets resources.{keys[0]}.config.{', '.join(changed)}: where outputs and runs are "
+            f"written is the deployment's setting ({variables}, read when the code location loads), not a "
+            "launch config's. Remove it from the run config, or set the variable and reload the code location."),
+            allow_retries=False)
 
 
 class ProjectStorage(dg.ConfigurableResource):
-    """The input data folder and the output folder: the one place that knows each asset's files."""
+    """The input data folder and the output folder: the one place that knows each asset's files.
+    The data folder is only read; every write and delete stays inside the output folder
+    (lib/output_paths.py), which only the deployment sets (MMCTR_OUTPUT_DIR)."""
 
-    data_dir: str = Field(description="Folder holding MicroLens_1M_x1/, item_feature.parquet, item_images/.")
-    output_dir: str = Field(description="Folder for every asset's files (raw snapshots, embeddings, model, zip).")
+    data_dir: str = Field(description="Folder holding MicroLens_1M_x1/, item_feature.parquet, item_images/ "
+                          "(only read).")
+    output_dir: str = Field(description="Folder for every asset's files (raw snapshots, embeddings, model, zip). "
+                            "Set by the deployment (MMCTR_OUTPUT_DIR); a run config may not change it.")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        refuse_launch_override(context, ("output_dir",), "MMCTR_OUTPUT_DIR")
 
     # ------------------------------------------------------------------------------ inputs
     def source(self, table: str) -> Path:
@@ -167,7 +198,8 @@ class MlflowResource(dg.ConfigurableResource):
     asset; every dcn_din_model run registers a version of ``registered_model`` (lib/ctr/registry.py).
     The one place the assets reach MLflow through."""
 
-    tracking_uri: str = Field(description="sqlite:///... by default; http://host:5000 for a tracking server.")
+    tracking_uri: str = Field(description="sqlite:///... by default; http://host:5000 for a tracking server. Set "
+                              "by the deployment (MLFLOW_TRACKING_URI); a run config may not change it.")
     experiment_name: str = Field(default="mmctr", description="MLflow experiment that holds the runs.")
     registered_model: str = Field(default="mmctr-ctr", description="Registered model whose alias "
                                   "'champion' serves predictions; every dcn_din_model run adds a version.")
@@ -175,15 +207,19 @@ class MlflowResource(dg.ConfigurableResource):
                                        "champion when its valid AUC >= the champion's (scored on the same "
                                        "validation data) minus this.")
 
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        refuse_launch_override(context, ("tracking_uri",), "MLFLOW_TRACKING_URI")
+
     # ------------------------------------------------------------------------------ tracking
     @contextlib.contextmanager
     def start_run(self, run_name: str, tags: dict[str, str] | None = None):
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        self._ensure_experiment()
-        with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
-            yield run
+        with redacted_errors():  # MLflow's own errors quote the server URL, credentials included
+            mlflow.set_tracking_uri(self.tracking_uri)
+            self._ensure_experiment()
+            with mlflow.start_run(run_name=run_name, tags=tags or {}) as run:
+                yield run
 
     @contextlib.contextmanager
     def start_child_run(self, run_name: str, tags: dict[str, str] | None = None, *,
@@ -264,12 +300,13 @@ class MlflowResource(dg.ConfigurableResource):
             self.log_files([path], "plots")
 
     def run_url(self, run) -> str:
-        """Where a person finds the run: the server's page, or the experiment/run ids for `mlflow ui`."""
+        """Where a person finds the run (metadata the UI shows): the server's page, or the
+        experiment/run ids for `mlflow ui`; never with the URI's credentials."""
         base = self.tracking_uri.rstrip("/")
         path = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
         if base.startswith("http"):
-            return f"{base}/{path}"
-        return f"mlflow ui --backend-store-uri {self.tracking_uri} -> {path}"
+            return redact(f"{base}/{path}")
+        return redact(f"mlflow ui --backend-store-uri {self.tracking_uri} -> {path}")
 
     # ------------------------------------------------------------------------------ registry
     def registry(self):
@@ -309,8 +346,11 @@ class MlflowResource(dg.ConfigurableResource):
 
 
 def default_resources() -> dict:
+    # A tracking URI from the environment stays an EnvVar: the UI's resource page then shows the
+    # variable's name, not a URI that may carry a password.
+    uri = dg.EnvVar("MLFLOW_TRACKING_URI") if os.environ.get("MLFLOW_TRACKING_URI") else settings.mlflow_tracking_uri()
     return {
         "storage": ProjectStorage(data_dir=str(settings.data_dir()), output_dir=str(settings.output_dir())),
         "compute": ComputeResource(),
-        "mlflow": MlflowResource(tracking_uri=settings.mlflow_tracking_uri()),
+        "mlflow": MlflowResource(tracking_uri=uri),
     }

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -20,9 +19,11 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from ..lib import output_paths
 from ..lib.ctr import training_run
 from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig, TrainResult
+from ..lib.redaction import redact
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ProgressLog, cpu_cores, png_metadata, run_tags, torch_threads
 
@@ -77,6 +78,8 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
     from ..lib.ctr import trainer
     from ..lib.plots import plot_roc, plot_training_curves
 
+    if checkpoint_dir is not None:  # refused before training, not at the delete afterwards
+        output_paths.inside(storage.output_dir, checkpoint_dir, "checkpoint folder")
     device = compute.torch_device()
     n_items = emb.shape[0] - 1
     train_t, valid_t = training_run.build_tensors(frames, model_config, n_items)
@@ -121,7 +124,8 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
                              "valid_roc": png_metadata(roc, "validation ROC")}
         yield trained
     if checkpoint_dir is not None:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)  # finished: the next materialisation trains anew
+        # finished: the next materialisation trains anew
+        output_paths.remove_tree(storage.output_dir, checkpoint_dir, "checkpoint folder")
 
 
 # ------------------------------------------------------------------------------ champion gate
@@ -136,7 +140,7 @@ def champion_model_file(storage: ProjectStorage, mlflow: MlflowResource):
     champion = registry.champion()
     if champion is None:
         raise ChampionFilesMissing(
-            f"registered model {mlflow.registered_model!r} in {mlflow.tracking_uri} has no version with alias "
+            f"registered model {mlflow.registered_model!r} in {redact(mlflow.tracking_uri)} has no version with alias "
             "'champion': materialise dcn_din_model (its first version is promoted), or promote a registered "
             "version: `mmctr-model list`, then `mmctr-model promote VERSION`.")
     return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion

@@ -2,19 +2,21 @@
 (lib/ctr/tuning.py, docs/tuning.md). Each trial is an MLflow child run under one parent run; the
 best trial becomes a run-config file that dcn_din_model trains with `tuned: true`."""
 
-import shutil
 from pathlib import Path
 
 import dagster as dg
+from pydantic import field_validator
 
-from .. import settings
+from .. import deploy, settings
+from ..lib import output_paths
 from ..lib.ctr import presets, tuning
 from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
+from ..lib.redaction import redact
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import TRAINED_ON_FUSED, cpu_cores, png_metadata, run_tags, torch_threads
 
 GROUP = "task2_ctr"
-DEFAULT_SEARCH_SPACE = settings.PACKAGE_DIR / "deploy" / "tuning" / "search_space.yaml"
+DEFAULT_SEARCH_SPACE = deploy.path("tuning", "search_space.yaml")
 # Optuna's tables in the instance's Postgres database live in their own schema: both Optuna and
 # Dagster keep an `alembic_version` table, which would collide in one schema.
 PG_SCHEMA = "optuna"
@@ -29,7 +31,8 @@ class TuningConfig(dg.Config):
     search_space: str = str(DEFAULT_SEARCH_SPACE)
     """Search-space YAML (docs/tuning.md); deploy/tuning/search_space_demo.yaml is the demo's."""
     study_name: str = "ctr_tuning"
-    """Same name and storage: the study resumes (load_if_exists); a new name starts a new study."""
+    """Same name and storage: the study resumes (load_if_exists); a new name starts a new study. A
+    plain name (letters, digits, . _ -): it names the study's checkpoint folder in the outputs."""
     storage: str = ""
     """Optuna RDB storage URL; empty: the Dagster instance's own database (sqlite file in its
     home, or its Postgres database, schema optuna, which workers on several pods share)."""
@@ -37,6 +40,11 @@ class TuningConfig(dg.Config):
     """Seeds the TPE sampler and every trial's training."""
     pruning: bool = True
     """Stop a trial whose valid AUC trails the median of earlier trials at the same epoch."""
+
+    @field_validator("study_name")
+    @classmethod
+    def _plain_study_name(cls, value: str) -> str:
+        return output_paths.check_name(value, "ctr_tuning config study_name")
 
 
 def instance_storage_url(instance: dg.DagsterInstance) -> str:
@@ -55,7 +63,8 @@ def instance_storage_url(instance: dg.DagsterInstance) -> str:
     return f"{pg_url}{'&' if '?' in pg_url else '?'}options=-csearch_path%3D{PG_SCHEMA}"
 
 
-def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir: Path, parent_tags: dict):
+def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: str, work_dir: Path,
+                  parent_tags: dict):
     """Trains one trial as an MLflow child run of the active (parent) run, reporting each epoch's
     valid AUC to the pruner."""
     import optuna
@@ -68,7 +77,7 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir:
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.set_tag("optuna.pruned", str(error))
                 return "KILLED"
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            mlflow.set_tag("error", redact(f"{type(error).__name__}: {error}")[:5000])
             return "FAILED"
 
         logged: set[int] = set()
@@ -93,7 +102,7 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir:
                 mlflow.log_metrics({"best_valid_auc": result.best_valid_auc})
                 return result.best_valid_auc
         finally:
-            shutil.rmtree(work_dir / f"trial-{trial.number}", ignore_errors=True)
+            output_paths.remove_tree(outputs, work_dir / f"trial-{trial.number}", "trial checkpoint folder")
 
     return run
 
@@ -128,17 +137,22 @@ def ctr_tuning(
     """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
     the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
     same name: a killed run leaves trials that are marked failed and retried."""
-    space = tuning.load_search_space(config.search_space)
+    space = tuning.load_search_space(config.search_space)  # read only
     if config.n_trials < 1:
         raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")
+    # before anything is written: a symlinked checkpoint folder or a sqlite file outside is refused
+    work_dir = output_paths.inside(storage.output_dir, storage.out("ctr_tuning", "checkpoints", config.study_name),
+                                   "study checkpoint folder")
+    if config.storage:
+        output_paths.check_sqlite_url(config.storage, [storage.output_dir, context.instance.root_directory],
+                                      "ctr_tuning config storage")
     url = config.storage or instance_storage_url(context.instance)
     study = tuning.open_study(url, config.study_name, config.seed, config.n_trials, config.pruning)
-    context.log.info(f"study {config.study_name!r} in {tuning.redact(url)}: {tuning.counted_trials(study)} of "
+    context.log.info(f"study {config.study_name!r} in {redact(url)}: {tuning.counted_trials(study)} of "
                      f"{config.n_trials} trials done before this run")
     data, width = _load_data(storage, config.seed)
     tuning.check_max_len(space, width)
     device = compute.torch_device()
-    work_dir = storage.out("ctr_tuning", "checkpoints", config.study_name)
     tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
     best_path = tuning.tuned_file(storage.output_dir)
     default = presets.preset("default")  # what a parameter the space does not sample keeps
@@ -147,12 +161,12 @@ def ctr_tuning(
         _log_study(mlflow, config, url, data["fingerprint"])
         with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
             ran = tuning.run_study(
-                study, space, _trial_runner(context, mlflow, data, device, work_dir, tags),
+                study, space, _trial_runner(context, mlflow, data, device, storage.output_dir, work_dir, tags),
                 n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
                 base_model=default["model"] | {"max_len": width, "level_vocab_size": settings.max_level() + 1},
                 base_train=default["train"] | {"seed": config.seed, "precision": compute.precision},
                 on_trial_end=lambda study, trial: context.log.info(_trial_line(trial)))
-        shutil.rmtree(work_dir, ignore_errors=True)
+        output_paths.remove_tree(storage.output_dir, work_dir, "study checkpoint folder")
         tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed
         rows, plot = _log_best(mlflow, study, best_path)
     return dg.MaterializeResult(metadata=_study_metadata(study, rows, plot, ran, best_path, url, config) | {
@@ -166,7 +180,7 @@ def _trial_line(trial) -> str:
 
 def _log_study(mlflow: MlflowResource, config: TuningConfig, url: str, data_fingerprint: str) -> None:
     """The parent run's parameters: budget, storage, seed, the search space and the data."""
-    mlflow.log_params({"study_name": config.study_name, "storage": tuning.redact(url),
+    mlflow.log_params({"study_name": config.study_name, "storage": redact(url),
                        "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
                        "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
                        "search_space_fingerprint": file_fingerprint(config.search_space),
@@ -196,7 +210,7 @@ def _study_metadata(study, rows: list[dict], plot: bytes, ran: int, best_path: P
         "best_params": dg.MetadataValue.json(best.params),
         "best_config_path": dg.MetadataValue.path(str(best_path)),
         "study_name": config.study_name,
-        "storage": tuning.redact(url),
+        "storage": redact(url),
         "trials_run_now": ran,
         "trials": dg.MetadataValue.md(tuning.trials_markdown(rows)),
         **{f"trials_{s.lower()}": states.count(s) for s in ("COMPLETE", "PRUNED", "FAIL")},

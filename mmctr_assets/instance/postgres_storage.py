@@ -8,8 +8,8 @@ in "too many retries for DB connection". `PostgresStorage` connects once first, 
 timeout, and turns a failure into one message that says what is wrong and which variable to set;
 after that it is exactly `dagster_postgres.DagsterPostgresStorage` (same tables, same config).
 
-This module imports only dagster, dagster-postgres and psycopg2 (the `prod` extra), so the
-webserver and daemon images load it without the asset code.
+This module imports only dagster, dagster-postgres, psycopg2 (the `prod` extra) and the small
+lib/redaction.py, so the webserver and daemon images load it without the asset code.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from typing import Any
 
 import click
 from dagster_postgres import DagsterPostgresStorage
+
+from mmctr_assets.lib.redaction import redact
 
 # The variables deploy/dagster.prod.yaml reads each postgres_db field from (test_deploy_configs
 # checks that they agree).
@@ -66,7 +68,7 @@ def _where(config: Mapping[str, Any]) -> str:
 
 def _diagnose(exc: Exception, config: Mapping[str, Any]) -> tuple[str, bool]:
     """(message, worth retrying) for a failed connection, naming the variable to fix."""
-    detail = " ".join(str(exc).split())
+    detail = redact(" ".join(str(exc).split()))
     text = detail.lower()
     where = _where(config)
     if config.get("postgres_url"):

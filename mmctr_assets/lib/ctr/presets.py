@@ -12,7 +12,9 @@ from pathlib import Path
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "deploy" / "presets"
+from mmctr_assets import deploy
+
+PRESET_DIR = deploy.path("presets")  # package data: a checkout's and an installed wheel's
 
 
 def preset_file(name: str) -> Path:

@@ -19,12 +19,14 @@ import shutil
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from mmctr_assets.lib.io import atomic_path
+from mmctr_assets.lib.redaction import redact
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 MODEL_FILE, CONFIG_FILE = "model.pt", "model_config.json"
@@ -64,29 +66,67 @@ def quiet_transfers() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def server_request(tracking_uri: str, path: str) -> tuple[urllib.request.Request, str]:
+    """A GET of ``path`` on the tracking server, authenticated as MLflow's client does it:
+    MLFLOW_TRACKING_USERNAME/PASSWORD, else the URI's ``user:password@``, else MLFLOW_TRACKING_TOKEN.
+    The URL it requests carries no credentials (urllib cannot parse them, and errors quote it).
+    -> (request, where its credentials came from, for messages)."""
+    import base64
+
+    parts = urllib.parse.urlsplit(tracking_uri)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    url = urllib.parse.urlunsplit((parts.scheme, netloc, parts.path.rstrip("/") + path, "", ""))
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    source = "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+    if not (user and password) and parts.username is not None:
+        user, password = urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+        source = "the tracking URI's user:password"
+    headers = {}
+    if user and password is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+        source = f"user {user!r} from {source}"
+    elif token := os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+        source = "MLFLOW_TRACKING_TOKEN"
+    else:
+        source = "no credentials (none in the URI, MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)"
+    return urllib.request.Request(url, headers=headers), source
+
+
 def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast when the registry cannot be reached: MLflow's own HTTP retries take minutes, so a
-    server gets one short ``/health`` probe; a database gets one query."""
+    server gets one short authenticated request to the registry API (``/health`` answers without a
+    login, so it cannot tell wrong credentials); a database gets one query. Messages are redacted."""
     fix = ("Start the tracking server (deploy/mlflow-server.sh) or point MLFLOW_TRACKING_URI / "
            "resources.mlflow.config.tracking_uri at a reachable one; nothing was trained or overwritten.")
+    where = redact(tracking_uri)
     if tracking_uri.startswith(("http://", "https://")):
-        url = tracking_uri.rstrip("/") + "/health"
+        request, credentials = server_request(tracking_uri, "/api/2.0/mlflow/registered-models/search?max_results=1")
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            with urllib.request.urlopen(request, timeout=timeout_s) as r:
                 if r.status == 200:
                     return
                 problem = f"HTTP {r.status}"
-        except (urllib.error.URLError, OSError) as e:
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise RegistryUnavailable(
+                    f"MLflow tracking server {where} is up but refused the request as unauthorised (HTTP {e.code}) "
+                    f"with {credentials}. Set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                    "MLFLOW_TRACKING_TOKEN) to an account on that server; nothing was trained or overwritten."
+                ) from None
+            problem = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, OSError, ValueError) as e:
             problem = str(getattr(e, "reason", e))
-        raise RegistryUnavailable(f"MLflow tracking server {tracking_uri} does not answer {url} ({problem}). {fix}")
+        raise RegistryUnavailable(redact(f"MLflow tracking server {where} does not answer {request.full_url} "
+                                         f"({problem}). {fix}")) from None
     try:
         from mlflow import MlflowClient
 
         MlflowClient(tracking_uri, registry_uri=tracking_uri).search_registered_models(max_results=1)
     except Exception as e:  # noqa: BLE001 - any store error means the same thing here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RegistryUnavailable(f"MLflow registry at {tracking_uri} cannot be used ({type(e).__name__}: "
-                                  f"{first[:300]}). {fix}") from None
+        raise RegistryUnavailable(redact(f"MLflow registry at {where} cannot be used ({type(e).__name__}: "
+                                         f"{first[:300]}). {fix}")) from None
 
 
 @dataclass(frozen=True)

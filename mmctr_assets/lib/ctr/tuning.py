@@ -31,6 +31,7 @@ from mmctr_assets.lib.ctr import presets
 from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.trainer import TrainConfig
 from mmctr_assets.lib.io import atomic_path
+from mmctr_assets.lib.redaction import redact
 
 # Set by the platform, not searchable: the item table sets embedding_dim, the compute resource
 # precision.
@@ -238,24 +239,14 @@ def check_max_len(space: SearchSpace, history_width: int) -> None:
 
 
 # --------------------------------------------------------------------------- the study
-def redact(url: str) -> str:
-    """The storage URL without its password, for messages and metadata."""
-    import sqlalchemy
-
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
-
-
 def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int | None = None) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats, or StudyStorageError naming the URL."""
     engine_kwargs = {"connect_args": {"connect_timeout": 5}} if url.startswith("postgres") else {}
     if url.startswith("sqlite:///"):
         folder = Path(url.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
-            raise StudyStorageError(f"Optuna study storage {url} is unreachable: folder {folder} does not exist. "
-                                    "Create it, or set ctr_tuning's config storage to another URL")
+            raise StudyStorageError(f"Optuna study storage {redact(url)} is unreachable: folder {folder} does not "
+                                    "exist. Create it, or set ctr_tuning's config storage to another URL")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
@@ -263,7 +254,7 @@ def open_storage(url: str, heartbeat_interval: int = 30, grace_period: int | Non
                 url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
         except Exception as e:  # sqlalchemy's OperationalError, a missing driver, a bad URL
-            detail = " ".join(str(e).split())[:500]
+            detail = redact(" ".join(str(e).split()))[:500]
             raise StudyStorageError(f"Optuna study storage {redact(url)} is unreachable ({type(e).__name__}: "
                                     f"{detail}). Check the URL, that the server runs and accepts this user, or "
                                     "set ctr_tuning's config storage to another URL") from None
@@ -341,7 +332,7 @@ def run_study(study: optuna.Study, space: SearchSpace, runner: Runner, *, n_tria
         except optuna.TrialPruned:
             raise
         except Exception as e:
-            trial.set_user_attr(_ERROR_ATTR, f"{type(e).__name__}: {e}"[:2000])
+            trial.set_user_attr(_ERROR_ATTR, redact(f"{type(e).__name__}: {e}")[:2000])
             raise
 
     ran = []
