@@ -29,7 +29,7 @@ from .lib.redaction import redact, redacted_errors
 def refuse_launch_override(context: dg.InitResourceContext, fields: tuple[str, ...], variables: str) -> None:
     """Fail the step when the run's config changes one of ``fields`` of this resource from the value
     the code location was loaded with (the deployment's, from ``variables``); the same value passes."""
-    run = context.dagster_run
+    run = context.run
     keys = [k for k, d in (context.all_resource_defs or {}).items() if d is context.resource_def]
     if run is None or not keys:
         return
