@@ -50,6 +50,17 @@ def k8s_manifests() -> dict[str, dict]:
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in docs}
 
 
+def test_k8s_manifest_exposes_nothing_outside_the_cluster():
+    """The webserver and MLflow have no login: no Ingress, no NodePort or LoadBalancer Service
+    (docs/deployment.md, "Who can reach the UI"); the way in is `kubectl port-forward`."""
+    manifests = k8s_manifests()
+    assert manifests  # the file parsed
+    exposed = [name for name, d in manifests.items() if d["kind"] in ("Ingress", "Gateway", "HTTPRoute")
+               or (d["kind"] == "Service" and (d.get("spec") or {}).get("type", "ClusterIP") != "ClusterIP")]
+    assert exposed == []
+    assert "kubectl -n mmctr port-forward" in (DEPLOY / "k8s" / "mmctr.yaml").read_text()
+
+
 @pytest.mark.parametrize("name", ["dagster.yaml", "dagster.prod.yaml"])
 def test_instance_configs_validate_against_dagster_schema(name):
     config, _ = dagster_instance_config(str(DEPLOY), name)
