@@ -112,6 +112,16 @@ def test_wrong_or_missing_credentials_say_unauthorised_without_the_password(cred
     assert PASSWORD not in message and host in message
 
 
+def test_mmctr_model_says_unauthorised_without_the_password(no_mlflow_credentials, tmp_path, capsys):
+    from mmctr_assets.lib.ctr import registry_cli
+
+    with basic_auth_server() as (host, _):
+        code = registry_cli.main(["--tracking-uri", f"http://{USER}:wrong-{PASSWORD}@{host}",
+                                  "--output-dir", str(tmp_path), "list"])
+    said = capsys.readouterr()
+    assert code == 2 and "unauthorised" in said.err and PASSWORD not in said.out + said.err
+
+
 def test_a_refused_run_stores_no_password_in_events_logs_or_output(no_mlflow_credentials, tmp_path, capfd,
                                                                    make_resources, tiny_data):
     """dcn_din_model checks the registry first: with the wrong password it stops there, and neither

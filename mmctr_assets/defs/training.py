@@ -23,7 +23,7 @@ from ..lib import output_paths
 from ..lib.ctr import training_run
 from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig, TrainResult
-from ..lib.redaction import redact
+from ..lib.redaction import redact, redacted_errors
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ProgressLog, cpu_cores, png_metadata, run_tags, torch_threads
 
@@ -136,14 +136,16 @@ def champion_model_file(storage: ProjectStorage, mlflow: MlflowResource):
     hash matches the champion's, else a copy downloaded from the registry."""
     from ..lib.ctr.registry import ChampionFilesMissing
 
-    registry = mlflow.registry()
-    champion = registry.champion()
+    with redacted_errors():  # MLflow's errors quote the server URL, credentials included
+        registry = mlflow.registry()
+        champion = registry.champion()
     if champion is None:
         raise ChampionFilesMissing(
             f"registered model {mlflow.registered_model!r} in {redact(mlflow.tracking_uri)} has no version with alias "
             "'champion': materialise dcn_din_model (its first version is promoted), or promote a registered "
             "version: `mmctr-model list`, then `mmctr-model promote VERSION`.")
-    return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion
+    with redacted_errors():
+        return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion
 
 
 def _score_champion(storage: ProjectStorage, mlflow: MlflowResource, trained: Trained, champion) -> float:

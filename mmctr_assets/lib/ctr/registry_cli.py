@@ -31,6 +31,7 @@ from mmctr_assets.lib.ctr.registry import (
     check_reachable,
 )
 from mmctr_assets.lib.io import file_fingerprint
+from mmctr_assets.lib.redaction import redact
 
 
 def _current_item_fingerprint(output_dir: Path) -> str | None:
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PromotionRefused, RegistryUnavailable) as e:
         print(f"mmctr-model: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # MLflow's own errors quote the server URL, credentials included
+        if redact(str(e)) == str(e):
+            raise
+        print(f"mmctr-model: {type(e).__name__}: {redact(str(e))}", file=sys.stderr)
+        return 1
     if args.command != "list":
         print("Now re-materialise predictions and submission_zip: dg launch --assets predictions,submission_zip")
     return 0
