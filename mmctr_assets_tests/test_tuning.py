@@ -326,7 +326,7 @@ def test_study_logs_parent_and_child_runs_and_writes_the_best_config(tuned_outpu
 def test_rerun_resumes_the_study_and_adds_only_missing_trials(tuned_outputs, tiny_data, make_resources, tmp_path):
     out, _, root = tuned_outputs
     out = Path(shutil.copytree(out, tmp_path / "outputs"))
-    db = tmp_path / "optuna.db"
+    db = out / "optuna.db"  # a sqlite storage lies in the outputs or the instance's home (test_output_paths)
     shutil.copy(root / "home" / "optuna.db", db)
     config = {"n_trials": 4, "search_space": str(root / "space.yaml"), "study_name": "tiny", "seed": 5,
               "storage": f"sqlite:///{db}"}
