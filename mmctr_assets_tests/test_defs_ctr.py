@@ -448,7 +448,7 @@ def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outpu
     result = dg.materialize(TASK2, resources=make_resources(tiny_data, outputs, uri), instance=instance,
                             run_config=train_config(), raise_on_error=False)
     message = _failure(result)
-    assert f"MLflow tracking server {uri} does not answer {uri}/health" in message
+    assert f"MLflow tracking server {uri} does not answer {uri}/api/2.0/mlflow/registered-models/search" in message
     assert "nothing was trained or overwritten" in message
     assert not any("epoch 1" in (e.user_message or "") for e in instance.all_logs(result.run_id))
     assert not (outputs / "dcn_din_model" / "checkpoints-fused").exists()
