@@ -137,8 +137,8 @@ def champion_model_file(storage: ProjectStorage, mlflow: MlflowResource):
     if champion is None:
         raise ChampionFilesMissing(
             f"registered model {mlflow.registered_model!r} in {mlflow.tracking_uri} has no version with alias "
-            "'champion': materialise dcn_din_model (its first version is promoted), or promote a registered "
-            "version: `mmctr-model list`, then `mmctr-model promote VERSION`.")
+            "'champion': promote a registered version (`mmctr-model list`, then `mmctr-model promote VERSION`), "
+            "or, in a registry without versions, materialise dcn_din_model (its first version is promoted).")
     return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion
 
 
@@ -198,4 +198,5 @@ def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage
     return dg.AssetCheckResult(
         check_name=NOT_WORSE, passed=decision.promoted, metadata=metadata,
         description=f"version {version} -> alias {decision.alias}: {decision.note}"
-        + ("" if decision.promoted else "; the champion keeps serving predictions and the submission"))
+        + ("" if decision.promoted or not decision.champion_version
+           else "; the champion keeps serving predictions and the submission"))
