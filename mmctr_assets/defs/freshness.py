@@ -55,19 +55,24 @@ class StaleUpstream:
 
 
 def upstream_keys(asset_graph, key: dg.AssetKey) -> list[dg.AssetKey]:
-    """Every ancestor of ``key`` the graph knows, not following the NOT_READ edges."""
-    seen: set[dg.AssetKey] = set()
-    todo = [key]
-    while todo:
-        child = todo.pop()
-        if not asset_graph.has(child):
-            continue
-        for parent in asset_graph.get(child).parent_keys:
-            if parent in seen or (child.to_user_string(), parent.to_user_string()) in NOT_READ:
+    """Every ancestor of ``key`` the graph knows, not following the NOT_READ edges, the farthest
+    first (the order to repair them in)."""
+    depth: dict[dg.AssetKey, int] = {}
+    level, frontier = 0, [key]
+    while frontier:
+        level += 1
+        parents = []
+        for child in frontier:
+            if not asset_graph.has(child):
                 continue
-            seen.add(parent)
-            todo.append(parent)
-    return sorted(seen, key=lambda k: k.to_user_string())
+            for parent in asset_graph.get(child).parent_keys:
+                # the longest path decides the depth: an input read directly and through another
+                # asset is repaired before that other asset
+                if (child.to_user_string(), parent.to_user_string()) not in NOT_READ and depth.get(parent, 0) < level:
+                    depth[parent] = level
+                    parents.append(parent)
+        frontier = parents
+    return sorted(depth, key=lambda k: (-depth[k], k.to_user_string()))
 
 
 def _when(run_record) -> str:
@@ -98,7 +103,8 @@ def stale_upstream(instance: dg.DagsterInstance, keys: list[dg.AssetKey], this_r
     found = instance.get_run_records(dg.RunsFilter(run_ids=run_ids)) if run_ids else []
     runs = {r.dagster_run.run_id: r for r in found}
     stale = []
-    for (key, partition), run_id in sorted(attempts.items(), key=lambda a: (a[0][0].to_user_string(), a[0][1] or "")):
+    order = {k: i for i, k in enumerate(keys)}
+    for (key, partition), run_id in sorted(attempts.items(), key=lambda a: (order[a[0][0]], a[0][1] or "")):
         record = runs.get(run_id)
         if record is None or record.dagster_run.status not in _FAILED:
             continue  # this run, one in progress, one that succeeded without it, or a deleted run
@@ -115,7 +121,7 @@ def require_fresh_upstream(context: dg.AssetExecutionContext, config: FreshnessC
     stale = stale_upstream(context.instance, keys, context.run.run_id)
     if not stale:
         return
-    names = sorted({s.asset for s in stale})
+    names = list(dict.fromkeys(s.asset for s in stale))
     listed = "; ".join(s.describe() for s in stale)
     if config is not None and config.allow_stale_upstream:
         context.log.warning(f"{me} runs on STALE upstream data (allow_stale_upstream: true): the latest "
