@@ -113,11 +113,22 @@ def stale_upstream(instance: dg.DagsterInstance, keys: list[dg.AssetKey], this_r
     return stale
 
 
+def _asset_graph(context: dg.AssetExecutionContext):
+    """The code location's whole asset graph (a run of a few assets knows only them and their
+    parents); the run's own where no code location is set (``dg.materialize`` in tests)."""
+    from dagster_shared.check import CheckError
+
+    try:
+        return context.repository_def.asset_graph
+    except CheckError:
+        return context.job_def.asset_layer.asset_graph
+
+
 def require_fresh_upstream(context: dg.AssetExecutionContext, config: FreshnessConfig | None) -> None:
     """Refuse to run (dg.Failure) while an upstream's latest materialisation attempt failed; with
     ``allow_stale_upstream: true`` log the same at WARNING and go on. Call first in an asset."""
     me = context.asset_key.to_user_string()
-    keys = upstream_keys(context.job_def.asset_layer.asset_graph, context.asset_key)
+    keys = upstream_keys(_asset_graph(context), context.asset_key)
     stale = stale_upstream(context.instance, keys, context.run.run_id)
     if not stale:
         return
