@@ -271,7 +271,7 @@ def fused_item_embeddings(
     from . import publish
 
     require_fresh_upstream(context, config)
-    mlflow.check_reachable()
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     info_path = storage.require(storage.raw("item_info"), "raw_item_info")
     info = pl.read_parquet(info_path, columns=["item_id", "item_tags"])
     n_items = info.height - 1

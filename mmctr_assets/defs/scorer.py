@@ -67,7 +67,7 @@ def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, sto
     SCORER_TRAIN in defs/scorer.py) trained on the chosen item table: the Task 1 number. The same
     table on the same device gives the same score. Not refreshed by automation or the weekly job."""
     require_fresh_upstream(context, config)
-    mlflow.check_reachable()
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     source, model_config = config.embedding_source, scorer_model()
     emb = item_embedding_table(storage, source, SCORER_TRAIN.seed)
     # torch's default threads, not a claim of the free cores: the score must not depend on what runs beside it

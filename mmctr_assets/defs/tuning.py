@@ -130,7 +130,7 @@ def ctr_tuning(
     the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
     same name: a killed run leaves trials that are marked failed and retried."""
     require_fresh_upstream(context, config)
-    mlflow.check_reachable()
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     space = tuning.load_search_space(config.search_space)
     if config.n_trials < 1:
         raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")
