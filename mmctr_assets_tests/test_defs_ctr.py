@@ -420,6 +420,7 @@ def test_better_model_is_promoted_and_rollback_serves_the_previous_champion_agai
     from mmctr_assets.lib.ctr import registry_cli
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # a registry whose first champion is weak
+    (outputs / "dcn_din_model" / "model.pt").unlink()  # a new registry: the old one's model moves away first
     resources = make_resources(tiny_data, outputs, uri)
     weak = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(epochs=1, lr=1e-5))
     weak_served = _served(outputs)
@@ -462,6 +463,7 @@ def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outpu
 
 def test_champion_whose_files_are_missing_says_how_to_fix(outputs, tiny_data, make_resources, tmp_path, instance):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (outputs / "dcn_din_model" / "model.pt").unlink()  # a new registry: the old one's model moves away first
     resources = make_resources(tiny_data, outputs, uri)
     assert dg.materialize([task2.dcn_din_model], resources=resources, instance=instance,
                           run_config=train_config(epochs=1)).success
