@@ -314,11 +314,12 @@ class MlflowResource(dg.ConfigurableResource):
 
         return Registry(self.tracking_uri, self.registered_model)
 
-    def check_reachable(self) -> None:
-        """Raise RegistryUnavailable in seconds when the tracking store does not answer."""
+    def check_reachable(self, must_exist: bool = False) -> None:
+        """Raise RegistryUnavailable in seconds when the tracking store does not answer (or, with
+        ``must_exist``, when its sqlite file is missing: a reader never creates an empty store)."""
         from .lib.ctr.registry import check_reachable
 
-        check_reachable(self.tracking_uri)
+        check_reachable(self.tracking_uri, must_exist=must_exist)
 
     def register_model(self, run, model_file: Path, config_file: Path, tags: dict[str, str]) -> str:
         """Log ``model_file`` + ``config_file`` as a pyfunc model of the active run (lib/ctr/serving.py,

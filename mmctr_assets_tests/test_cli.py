@@ -1,6 +1,7 @@
 """The documented commands, run for real: the cold start of the whole graph and a zip rebuild."""
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -81,6 +82,24 @@ def test_cold_start_then_rebuild_zip_from_cli(tiny_data, tiny_clip_dir, tmp_path
     status = instance.get_status_by_partition(dg.AssetKey("clip_embeddings"), SHARDS,
                                               dg.StaticPartitionsDefinition(SHARDS))
     assert set(status.values()) == {dg.AssetPartitionStatus.MATERIALIZED}
+
+    # issue 29: raw_test refused (a duplicated ID): serving refuses from the CLI, the zip alone too
+    # (through predictions and raw_test: the code location's whole graph), and nothing changes
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    test = pl.read_parquet(data / "MicroLens_1M_x1" / "test.parquet")
+    test.with_columns(ID=pl.when(pl.int_range(pl.len()) == 1).then(test["ID"][0]).otherwise(pl.col("ID"))) \
+        .write_parquet(data / "MicroLens_1M_x1" / "test.parquet")
+    env = env | {"MMCTR_DATA_DIR": str(data)}
+    served = {p: (out / p).read_bytes() for p in ("raw/test.parquet", "prediction.csv", "submission.zip")}
+    assert run(["asset", "materialize", "-m", "mmctr_assets", "--select", "raw_test"], env).returncode != 0
+    refused_run = instance.get_runs(limit=1)[0].run_id
+    serving = run(["asset", "materialize", "-m", "mmctr_assets", "--select", "predictions,submission_zip"], env)
+    assert serving.returncode != 0 and f"predictions did not run: the latest materialisation of raw_test (run " \
+        f"{refused_run[:8]} failure" in serving.stderr, serving.stderr[-3000:]
+    zip_alone = run(["asset", "materialize", "-m", "mmctr_assets", "--select", "submission_zip"], env)
+    assert zip_alone.returncode != 0 and f"raw_test (run {refused_run[:8]}" in zip_alone.stderr
+    assert "dg launch --assets raw_test,predictions" in zip_alone.stderr, zip_alone.stderr[-3000:]
+    assert {p: (out / p).read_bytes() for p in served} == served
 
 
 @pytest.mark.slow

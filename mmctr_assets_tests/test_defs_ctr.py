@@ -394,7 +394,12 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     assert "version 2 -> alias challenger" in check.description and "< champion v1's" in check.description
     assert not result.asset_materializations_for_node("dcn_din_model")
     assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"dcn_din_model"}
-    assert "dcn_din_model was NOT materialised" in _failure_message(result, "dcn_din_model")
+    message = _failure_message(result, "dcn_din_model")
+    assert "dcn_din_model was NOT materialised" in message
+    # only the model was worse: no "until the input is fixed", but who serves and how to override (issue 29)
+    assert "The champion (version 1) keeps serving predictions and the submission; nothing downstream is " \
+        "blocked. To serve version 2 anyway: `mmctr-model promote 2`." in message
+    assert "until the input is fixed" not in message
     assert _served(outputs) == before  # model, its config, prediction.csv, the zip
     registry = _registry(resources["mlflow"].tracking_uri)
     assert str(registry.champion().version) == "1"
@@ -415,6 +420,7 @@ def test_better_model_is_promoted_and_rollback_serves_the_previous_champion_agai
     from mmctr_assets.lib.ctr import registry_cli
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"  # a registry whose first champion is weak
+    (outputs / "dcn_din_model" / "model.pt").unlink()  # a new registry: the old one's model moves away first
     resources = make_resources(tiny_data, outputs, uri)
     weak = dg.materialize(TASK2, resources=resources, instance=instance, run_config=train_config(epochs=1, lr=1e-5))
     weak_served = _served(outputs)
@@ -457,6 +463,7 @@ def test_unreachable_registry_fails_before_training_and_overwrites_nothing(outpu
 
 def test_champion_whose_files_are_missing_says_how_to_fix(outputs, tiny_data, make_resources, tmp_path, instance):
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    (outputs / "dcn_din_model" / "model.pt").unlink()  # a new registry: the old one's model moves away first
     resources = make_resources(tiny_data, outputs, uri)
     assert dg.materialize([task2.dcn_din_model], resources=resources, instance=instance,
                           run_config=train_config(epochs=1)).success
@@ -501,3 +508,124 @@ def test_config_fields_carry_descriptions_to_the_launchpad():
     assert all(f.description for f in dcn["model"].config_type.fields.values())
     assert "Task2 for a CTR submission" in fields(task2.submission_zip)["column"].description
     assert fields(scorer.task1_score)["embedding_source"].description == dcn["embedding_source"].description
+
+
+# ---- issue 29: nothing stale (defs/freshness.py), the gate holds, failures name their cause ----------
+
+
+def _sha256s(out: Path) -> dict[str, str]:
+    """Every output file and the MLflow store beside them, by content."""
+    import hashlib
+
+    files = [p for p in sorted(out.rglob("*")) if p.is_file()] + [out.parent / "mlflow.db"]
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _raw(table: str):
+    from mmctr_assets.defs.raw import raw_assets
+
+    return next(a for a in raw_assets if a.key == dg.AssetKey(f"raw_{table}"))
+
+
+def test_training_refuses_while_raw_train_failed_for_a_missing_column(outputs, data_copy, make_resources, instance):
+    resources = make_resources(data_copy, outputs)
+    path = microlens.table_path(data_copy, "train")
+    pl.read_parquet(path).drop("likes_level").write_parquet(path)
+    failed = dg.materialize([_raw("train")], resources=resources, instance=instance, raise_on_error=False)
+    assert not failed.success  # failed before its checks ran: they stay planned
+    before = _sha256s(outputs)
+    result = dg.materialize([task2.dcn_din_model], resources=resources, instance=instance, run_config=train_config(),
+                            raise_on_error=False)
+    message = _failure_message(result, "dcn_din_model")
+    assert f"dcn_din_model did not run: the latest materialisation of raw_train (run {failed.run_id[:8]} failure" \
+        in message
+    assert "repair the input, and materialise raw_train again" in message and "allow_stale_upstream: true" in message
+    assert not result.asset_materializations_for_node("dcn_din_model")
+    assert _sha256s(outputs) == before  # model, predictions, zip, snapshots and the MLflow store: no new run
+    assert not any("epoch 1" in (e.user_message or "") for e in instance.all_logs(result.run_id))
+
+
+def test_serving_refuses_while_raw_test_was_refused_and_runs_again_once_it_is_fixed(outputs, data_copy,
+                                                                                     make_resources, instance):
+    from mmctr_assets.defs.raw import raw_assets
+
+    resources = make_resources(data_copy, outputs)
+    path = microlens.table_path(data_copy, "test")
+    good = pl.read_parquet(path)
+    good.with_columns(ID=pl.when(pl.int_range(pl.len()) == 1).then(good["ID"][0]).otherwise(pl.col("ID"))) \
+        .write_parquet(path)
+    refused = dg.materialize([_raw("test")], resources=resources, instance=instance, raise_on_error=False)
+    assert not refused.success
+    before = _sha256s(outputs)
+    result = dg.materialize(TASK2[1:], resources=resources, instance=instance, raise_on_error=False)
+    assert f"raw_test (run {refused.run_id[:8]} failure" in _failure_message(result, "predictions")
+    assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"predictions"}
+    # the zip alone: its input predictions last failed, and raw_test before it
+    everything = [*raw_assets, *TASK2]
+    alone = dg.materialize(everything, selection=["submission_zip"], resources=resources, instance=instance,
+                           raise_on_error=False)
+    message = _failure_message(alone, "submission_zip")
+    assert f"raw_test (run {refused.run_id[:8]}" in message and f"predictions (run {result.run_id[:8]}" in message
+    assert "dg launch --assets raw_test,predictions" in message
+    assert _sha256s(outputs) == before
+    # repaired: the input and everything after it in one run serve again
+    good.write_parquet(path)
+    again = dg.materialize(everything, selection=["raw_test", "predictions", "submission_zip"], resources=resources,
+                           instance=instance)
+    assert again.asset_materializations_for_node("submission_zip")
+
+
+def test_no_champion_alias_means_no_automatic_promotion(outputs, tiny_data, make_resources, instance, capsys):
+    from mmctr_assets.lib.ctr import registry_cli
+
+    resources = lenient(make_resources(tiny_data, outputs))  # any version would pass the AUC comparison
+    uri = resources["mlflow"].tracking_uri
+    _registry(uri).client.delete_registered_model_alias("mmctr-ctr", "champion")
+    before = _served(outputs)
+    result = dg.materialize([task2.dcn_din_model], resources=resources, instance=instance,
+                            run_config=train_config(epochs=1), raise_on_error=False)
+    check = _check(result)
+    assert not check.passed
+    assert "has versions 1 but none holds the alias 'champion'" in check.description
+    assert "`mmctr-model promote 2`" in check.description
+    message = _failure_message(result, "dcn_din_model")
+    assert "No version serves until one is promoted. To serve version 2 anyway: `mmctr-model promote 2`" in message
+    assert "until the input is fixed" not in message
+    assert _served(outputs) == before and _registry(uri).champion() is None
+    # predictions says how to choose one; mmctr-model list shows the state
+    served = dg.materialize(TASK2[1:], resources=resources, instance=instance, raise_on_error=False)
+    assert "`mmctr-model promote VERSION`" in _failure(served)
+    assert registry_cli.main(["--tracking-uri", uri, "--output-dir", str(outputs), "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "champion: none" in listing and "challenger: version 2" in listing and "model.pt: version 1" in listing
+    assert _served(outputs) == before
+
+
+def test_predictions_refuse_a_missing_or_locked_store_without_creating_one(outputs, tiny_data, make_resources,
+                                                                            instance, tmp_path):
+    import sqlite3
+
+    before = _served(outputs)
+    missing = tmp_path / "elsewhere" / "mlflow.db"
+    result = dg.materialize(TASK2[1:], resources=make_resources(tiny_data, outputs, f"sqlite:///{missing}"),
+                            instance=instance, raise_on_error=False)
+    assert f"MLflow store {missing} does not exist" in _failure(result) and "it was not created" in _failure(result)
+    assert not missing.parent.exists()
+    # dcn_din_model too, when model.pt came from a store that is gone (the first version would be promoted)
+    trained = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, outputs, f"sqlite:///{missing}"),
+                             instance=instance, run_config=train_config(epochs=1), raise_on_error=False)
+    assert f"MLflow store {missing} does not exist" in _failure(trained) and not missing.parent.exists()
+    holder = sqlite3.connect(tmp_path / "mlflow.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        locked = dg.materialize(TASK2[1:], resources=make_resources(tiny_data, outputs), instance=instance,
+                                raise_on_error=False)
+    finally:
+        holder.rollback()
+        holder.close()
+    message = _failure(locked)
+    assert "database is locked" in message and "holds a write lock on this sqlite store" in message
+    error = next(e for e in locked.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data.error
+    assert error.cause.cls_name == "RegistryUnavailable"  # one clear error, not SQLAlchemy's frames
+    assert error.cause.cause is None and len(error.cause.stack) < 20
+    assert _served(outputs) == before

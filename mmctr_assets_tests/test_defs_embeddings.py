@@ -227,6 +227,20 @@ def test_failed_fusion_check_keeps_the_previous_deliverable(outputs, tiny_data, 
     assert not [p for p in outputs.iterdir() if p.name.startswith(".")]
 
 
+def test_fusion_does_not_recreate_a_deleted_store_that_served_a_model(outputs, tiny_data, instance, make_resources):
+    """issue 29: with a model.pt in the output folder, an empty new MLflow store would let the next
+    dcn_din_model be promoted as the "first" version; fusion logs to MLflow first in a full run."""
+    (outputs / "dcn_din_model").mkdir()
+    (outputs / "dcn_din_model" / "model.pt").write_bytes(b"served from the store that is gone")
+    before = (outputs / "item_info_updated.parquet").read_bytes()
+    result = dg.materialize([task1.fused_item_embeddings], resources=make_resources(tiny_data, outputs),
+                            instance=instance, raise_on_error=False)
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    db = outputs.parent / "mlflow.db"
+    assert f"MLflow store {db} does not exist" in str(failure.event_specific_data.error) and not db.exists()
+    assert (outputs / "item_info_updated.parquet").read_bytes() == before
+
+
 # ---------------------------------------------------------------------------------------------
 # task1_score: the fixed DIN scorer of an item table
 

@@ -225,13 +225,14 @@ def test_a_model_does_not_train_on_a_snapshot_whose_newer_input_was_refused(data
     assert materialize_raw(resources, instance).success
     path = microlens.table_path(data_copy, "train")
     pl.read_parquet(path).with_columns(label=pl.lit(3.0)).write_parquet(path)
-    assert not materialize_raw(resources, instance).success  # raw_train refused, old snapshot kept
+    refused = materialize_raw(resources, instance)
+    assert not refused.success  # raw_train refused, old snapshot kept
 
     result = dg.materialize([dcn_din_model], resources=resources, instance=instance, raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     message = failure.event_specific_data.error.message
-    assert "dcn_din_model did not run" in message and "raw_train:labels_binary" in message
+    assert "dcn_din_model did not run" in message and f"raw_train (run {refused.run_id[:8]} failure" in message
     assert "dg launch --assets raw_train" in message
     assert not (tmp_path / "out" / "dcn_din_model").exists()  # nothing trained, nothing written
 

@@ -292,3 +292,16 @@ def test_cpu_heavy_steps_share_the_cores(tmp_path, monkeypatch):
             assert waiter.is_alive() and not got  # no 2 cores free: it waits
         waiter.join(10)
         assert got == [2]  # clip's two cores came back
+
+
+def test_the_freed_slot_warning_prints_with_time_and_level_on_the_cli():
+    """issue 29: the waiting run's console line says when and at which level, as Dagster's own lines do."""
+    import re
+
+    code = ("from mmctr_assets.instance import local_instance as li; "
+            "li.log.warning(\"pool 'gpu': the slot this step waited for was held by a dead run\")")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    line = done.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d [+-]\d{4} - mmctr_assets\.instance\.local_instance - "
+                        r"WARNING - pool 'gpu': the slot this step waited for was held by a dead run", line), line
+    assert done.stderr.count("held by a dead run") == 1  # printed once, not again by the root logger

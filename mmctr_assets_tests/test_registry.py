@@ -148,7 +148,9 @@ def test_rollback_goes_to_the_previous_champion_and_refuses_other_item_tables(st
     assert str(registry.champion().version) == v2
     assert registry_cli.main(args + ["list"]) == 0
     listing = capsys.readouterr().out
-    assert "champion" in listing and "rolled back" not in listing.split("\n")[2]
+    assert f"champion: version {v2}" in listing
+    row = next(line for line in listing.splitlines() if line.startswith(f"{v2} "))
+    assert "champion" in row and "serving" in row and "rolled back" not in row
     assert registry_cli.main(args + ["rollback"]) == 0
     assert str(registry.champion().version) == v1
 
@@ -222,3 +224,101 @@ def test_registered_pyfunc_predicts_what_the_project_predicts(store):
     model = load_model(registry.model_file(registry.champion(), Path(resource.tracking_uri[10:]).parent / "c"))
     want = predict(model, to_tensors(frame, WIDTH, n_items=N_ITEMS))
     np.testing.assert_array_equal(got, want)  # same code path, same batch: same floats
+
+
+# ---- issue 29: the gate holds without a champion alias; `list` shows who serves, on both stores ------
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_store(request, tmp_path, monkeypatch):
+    """(resource, add) as ``store``, on a sqlite file and on a Postgres database (MLflow's SQL store)."""
+    monkeypatch.chdir(tmp_path)  # a database store puts run artifacts under ./mlruns
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+        server = None
+    else:
+        from pg_server import postgres_server
+
+        server = postgres_server()
+        pg = server.__enter__()
+        pg.create_database("mlflow")
+        uri = pg.url("mlflow")
+    resource = MlflowResource(tracking_uri=uri, experiment_name="t")
+
+    def add(auc: float, seed: int = 0) -> str:
+        folder = tmp_path / f"m{seed}-{time.monotonic_ns()}"
+        folder.mkdir()
+        model, config = _model_file(folder / "model.pt", seed), folder / "model_config.json"
+        config.write_text("{}")
+        with resource.start_run("r") as run:
+            return resource.register_model(run, model, config, {reg.TAG_AUC: str(auc), reg.TAG_ITEMS: "items-A"})
+
+    try:
+        yield resource, add
+    finally:
+        if server is not None:
+            server.__exit__(None, None, None)
+
+
+def test_without_a_champion_alias_nothing_is_promoted_and_list_shows_who_serves(any_store, tmp_path, capsys):
+    resource, add = any_store
+    registry = resource.registry()
+    v1 = add(0.9)
+    assert registry.gate(v1, 0.9, _by_tag(registry), 0.0, owner="a").promoted
+    out = tmp_path / "outputs"
+    (out / "dcn_din_model").mkdir(parents=True)
+    shutil.copy(registry.model_file(registry.champion(), tmp_path / "cache"), out / "dcn_din_model" / "model.pt")
+    args = ["--tracking-uri", resource.tracking_uri, "--output-dir", str(out)]
+
+    registry.client.delete_registered_model_alias(NAME, "champion")  # e.g. removed in the UI
+    v2 = add(0.5, seed=1)  # a worse model must not slip through
+    decision = registry.gate(v2, 0.5, _by_tag(registry), 0.0, owner="a")
+    assert not decision.promoted and registry.champion() is None
+    assert f"has versions {v1} but none holds the alias 'champion'" in decision.note
+    assert f"`mmctr-model promote {v2}`" in decision.note and "mmctr-model promote VERSION" in decision.note
+    assert registry.aliases() == {"challenger": v2}
+
+    assert registry_cli.main(args + ["list"]) == 0
+    listing = capsys.readouterr().out
+    assert "champion: none (`mmctr-model promote VERSION` chooses one)" in listing
+    assert f"challenger: version {v2}" in listing and f"model.pt: version {v1}" in listing
+    assert "serving" not in listing  # nobody serves; v1 served before
+    assert "served before" in next(line for line in listing.splitlines() if line.startswith(f"{v1} "))
+
+    assert registry_cli.main(args + ["promote", v1]) == 0
+    capsys.readouterr()
+    assert registry_cli.main(args + ["list"]) == 0
+    listing = capsys.readouterr().out
+    assert f"champion: version {v1}" in listing and f"model.pt: version {v1}" in listing
+    rows = {line.split()[0]: line for line in listing.splitlines()[4:]}
+    assert "champion" in rows[v1] and "serving" in rows[v1]
+    assert "challenger" in rows[v2] and "serving" not in rows[v2] and "served" not in rows[v2]
+
+
+def test_a_missing_sqlite_store_is_refused_by_readers_and_never_created(tmp_path, capsys):
+    db = tmp_path / "gone" / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    for command in (["list"], ["promote", "1"], ["rollback"]):
+        assert registry_cli.main(["--tracking-uri", uri, "--output-dir", str(tmp_path), *command]) == 2
+        err = capsys.readouterr().err
+        assert f"MLflow store {db} does not exist" in err and "it was not created" in err
+    assert not db.exists() and not db.parent.exists()
+    # a writer in a new deployment (no model.pt yet) may create it
+    reg.check_reachable(uri, must_exist=False)
+    assert db.exists()
+
+
+def test_a_locked_sqlite_store_says_so_and_what_to_do(tmp_path):
+    import sqlite3
+
+    resource = MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment_name="t")
+    resource.check_reachable()  # creates the store
+    holder = sqlite3.connect(tmp_path / "mlflow.db")
+    holder.execute("BEGIN EXCLUSIVE")  # another process mid-write
+    try:
+        with pytest.raises(reg.RegistryUnavailable, match=r"database is locked.*holds a write lock on this sqlite "
+                                                          r"store.*let it finish or stop it"):
+            resource.check_reachable(must_exist=True)
+    finally:
+        holder.rollback()
+        holder.close()

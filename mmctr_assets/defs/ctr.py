@@ -20,6 +20,7 @@ from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN
 from .embeddings import EMBEDDING_SOURCES, item_embedding_table
+from .freshness import FreshnessConfig, require_fresh_upstream
 from .training import NOT_WORSE, champion_model_file, read_train_valid, register_and_gate, train_tracked
 
 GROUP = "task2_ctr"
@@ -74,7 +75,7 @@ ModelSection = _config_section("ModelSection", ModelConfig)
 TrainSection = _config_section("TrainSection", TrainConfig)
 
 
-class DcnDinConfig(dg.PermissiveConfig):
+class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
     """DCN-DIN run config: the item table, `model:` (lib/ctr/model_config.py ModelConfig) and `train:`
     (lib/ctr/trainer.py TrainConfig). Extra keys are accepted only to be refused with the shape
     that works (the flat keys of earlier versions)."""
@@ -101,7 +102,7 @@ class DcnDinConfig(dg.PermissiveConfig):
         ``model.max_len`` unset reads every position the data holds (``history_width``, the
         training histories' width: 100 on MicroLens); a longer one is refused.
         """
-        extra = sorted(set(self.model_dump()) - {"embedding_source", "model", "train", "tuned"})
+        extra = sorted(set(self.model_dump()) - {"embedding_source", "model", "train", "tuned", "allow_stale_upstream"})
         if extra:
             model_keys = set(ModelSection.model_fields)
             shape = {"model": {k: "..." for k in extra if k in model_keys},
@@ -146,8 +147,9 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     from ..lib.ctr import tensors
     from . import publish
 
-    mlflow.check_reachable()  # before hours of training, not after
-    publish.require_upstream_checks_passed(context, ["train", "valid", "item_info"])
+    require_fresh_upstream(context, config)
+    # before hours of training, not after; a registry that served model.pt must still exist
+    mlflow.check_reachable(must_exist=storage.model().exists())
     frames = read_train_valid(storage)
     config = config.with_tuned(storage.output_dir)
     model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
@@ -162,7 +164,8 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
                        checkpoint_dir=storage.model_dir() / f"checkpoints-{source}") as trained:
         check = register_and_gate(context, storage, mlflow, trained)
     if not check.passed:
-        yield from publish.refuse(context, "dcn_din_model", [storage.model()], [check])
+        yield from publish.refuse(context, "dcn_din_model", [storage.model()], [check],
+                                  next_step=_gate_next_step(check))
     yield dg.MaterializeResult(check_results=[check], metadata=trained.metadata() | trained.plots | {
         "best_valid_auc": dg.MetadataValue.float(trained.result.best_valid_auc),
         "data_fingerprint": trained.fingerprints.run,
@@ -170,6 +173,18 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
         "resume": trained.result.resume_note, "stopped_early": trained.result.stopped_early,
         "model_path": dg.MetadataValue.path(str(storage.model())),
     })
+
+
+class PredictionsConfig(FreshnessConfig):
+    """predictions has no settings of its own: the champion decides the model."""
+
+
+def _gate_next_step(check: dg.AssetCheckResult) -> str:
+    """What a champion-gate refusal means for serving, and how to serve the new version anyway."""
+    version, champion = check.metadata["version"].value, check.metadata["champion_version"].value
+    serving = (f"The champion (version {champion}) keeps serving predictions and the submission; nothing "
+               "downstream is blocked." if champion else "No version serves until one is promoted.")
+    return f"{serving} To serve version {version} anyway: `mmctr-model promote {version}`."
 
 
 @dg.asset(
@@ -182,8 +197,8 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
-def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource,
-                mlflow: MlflowResource):
+def predictions(context: dg.AssetExecutionContext, config: PredictionsConfig, storage: ProjectStorage,
+                compute: ComputeResource, mlflow: MlflowResource):
     """Click probability of every test row, keyed by test's own ID column (prediction.csv), by the
     registered model's champion (models:/<registered_model>@champion, read from its verified local
     copy). The new file is checked under a temporary name and replaces the old one only when it
@@ -193,6 +208,8 @@ def predictions(context: dg.AssetExecutionContext, storage: ProjectStorage, comp
     from ..lib.ctr import artifacts, inference, tensors
     from . import publish
 
+    require_fresh_upstream(context, config)
+    mlflow.check_reachable(must_exist=True)  # a reader: a missing store is an error, never created here
     model_file, champion = champion_model_file(storage, mlflow)
     context.log.info(f"serving {mlflow.registered_model} version {champion.version} (champion) from {model_file}")
     model = artifacts.load_model(model_file)
@@ -248,7 +265,7 @@ def _prediction_problems(pred: pl.DataFrame, test_ids: pl.Series) -> list[str]:
     return problems
 
 
-class SubmissionConfig(dg.Config):
+class SubmissionConfig(FreshnessConfig):
     column: typing.Literal["Task2", "Task1"] = Field(
         default="Task2", description="Probability column of prediction.csv: Task2 for a CTR submission, "
         "Task1 when scoring Task 1 embeddings (the scorer reads no other name).")
@@ -265,6 +282,7 @@ class SubmissionConfig(dg.Config):
 def submission_zip(context: dg.AssetExecutionContext, config: SubmissionConfig,
                    storage: ProjectStorage) -> dg.MaterializeResult:
     """The file to upload to Codabench: a zip whose only member is prediction.csv (ID, Task2)."""
+    require_fresh_upstream(context, config)
     source = storage.predictions()
     if not source.exists():
         raise FileNotFoundError(

@@ -26,13 +26,14 @@ from .common import (
     run_tags,
     torch_threads,
 )
+from .freshness import FreshnessConfig, require_fresh_upstream
 
 GROUP = "task1_embeddings"
 # the item tables a model can read (dcn_din_model's and task1_score's embedding_source)
 EMBEDDING_SOURCES = ("fused", "content", "item2vec", "organisers")
 
 
-class ClipConfig(dg.Config):
+class ClipConfig(FreshnessConfig):
     model: str = settings.clip_model()
     """Hub id or local directory for CLIPModel.from_pretrained (env MMCTR_CLIP_MODEL)."""
     combine: str = "mean"
@@ -71,6 +72,7 @@ def clip_embeddings(
     from ..lib.embeddings import clip as clip_encoder
     from ..lib.embeddings.clip_shards import encode_shards
 
+    require_fresh_upstream(context, config)
     items = clip_encoder.item_content_frame(
         storage.read_raw("item_info"), storage.read_raw("item_feature"), storage.read_image_manifest())
     bundle = clip_encoder.load_clip(config.model, compute.torch_device(), compute.precision)
@@ -125,7 +127,7 @@ def _text_only_check(done, config: ClipConfig) -> dg.AssetCheckResult:
     )
 
 
-class Item2VecConfig(dg.Config):
+class Item2VecConfig(FreshnessConfig):
     dim: int = 128
     window: int = 5
     min_count: int = 1
@@ -161,6 +163,7 @@ def item2vec_embeddings(
     """
     from ..lib.embeddings import item2vec
 
+    require_fresh_upstream(context, config)
     if config.workers > 1:
         context.log.warning(f"item2vec with workers={config.workers}: faster, but NOT reproducible (vectors "
                             "and downstream AUC differ slightly run to run). workers=1 is bit-identical.")
@@ -241,7 +244,7 @@ def item_embedding_table(storage: ProjectStorage, source: str, seed: int) -> np.
     return fuse_stored_embeddings(storage, 1.0 if source == "content" else 0.0, seed).embeddings
 
 
-class FusionConfig(dg.Config):
+class FusionConfig(FreshnessConfig):
     alpha: float = 0.5
     """Weight of the content (CLIP) part; 1 - alpha goes to item2vec."""
     seed: int = settings.seed()
@@ -267,6 +270,8 @@ def fused_item_embeddings(
     from ..lib.plots import plot_embedding_projection
     from . import publish
 
+    require_fresh_upstream(context, config)
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     info_path = storage.require(storage.raw("item_info"), "raw_item_info")
     info = pl.read_parquet(info_path, columns=["item_id", "item_tags"])
     n_items = info.height - 1

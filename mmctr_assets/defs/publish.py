@@ -33,9 +33,10 @@ def _previous(context: dg.AssetExecutionContext, asset: str) -> str:
 
 
 def refuse(context: dg.AssetExecutionContext, asset: str, kept: Sequence[Path],
-           results: Sequence[dg.AssetCheckResult]) -> Iterator[dg.AssetCheckResult]:
+           results: Sequence[dg.AssetCheckResult], next_step: str | None = None) -> Iterator[dg.AssetCheckResult]:
     """Record every check result (the failed ones as failed), then fail the step without
-    publishing: the files in ``kept`` stay exactly as they were."""
+    publishing: the files in ``kept`` stay exactly as they were. ``next_step`` replaces the default
+    last sentence (downstream blocked until the input is fixed) where that is not what happens."""
     yield from results
     failed = failed_blocking(results)
     files = ", ".join(str(p) for p in kept)
@@ -44,9 +45,10 @@ def refuse(context: dg.AssetExecutionContext, asset: str, kept: Sequence[Path],
                  else f"nothing was written to {files} (no earlier file).")
     lines = "\n".join(f"  - {r.check_name}: {r.description}" for r in failed)
     description = (
-        f"{asset} was NOT materialised: {len(failed)} blocking check(s) failed on the new data:\n{lines}\n"
-        f"{kept_note} Downstream assets stay blocked until the input is fixed and {asset} is "
-        "materialised again."
+        f"{asset} was NOT materialised: {len(failed)} blocking check(s) failed:\n{lines}\n"
+        f"{kept_note} "
+        + (next_step or f"Downstream assets stay blocked until the input is fixed and {asset} is materialised "
+           "again (defs/freshness.py).")
     )
     context.log.error(description)
     raise dg.Failure(
@@ -57,26 +59,3 @@ def refuse(context: dg.AssetExecutionContext, asset: str, kept: Sequence[Path],
         },
         allow_retries=False,
     )
-
-
-def require_upstream_checks_passed(context: dg.AssetExecutionContext, tables: Sequence[str]) -> None:
-    """Refuse to run on a raw snapshot whose newer input failed a blocking check.
-
-    A refused raw table keeps its old snapshot on disk, and a run that selects only a downstream
-    asset would read that old snapshot without a word. The latest evaluation of each blocking raw
-    check is in the instance: if one failed, the data the user supplied last is not what this
-    step would train on, so it stops and says which check and what to do."""
-    from ..lib.data import checks
-
-    keys = [dg.AssetCheckKey(dg.AssetKey(f"raw_{t}"), name) for t in tables
-            for name in checks.CHECK_NAMES[t] if name not in checks.WARNING_CHECKS]
-    records = context.instance.event_log_storage.get_latest_asset_check_execution_by_key(keys)
-    failed = sorted((k, r) for k, r in records.items() if r.status.value == "FAILED")
-    if failed:
-        names = ", ".join(f"{k.asset_key.to_user_string()}:{k.name} (run {r.run_id[:8]})" for k, r in failed)
-        assets = sorted({k.asset_key.to_user_string() for k, _ in failed})
-        raise dg.Failure(
-            description=f"{context.asset_key.to_user_string()} did not run: the latest input of {', '.join(assets)} "
-            f"failed blocking check(s) {names}, so its snapshot on disk is older than the data you supplied. "
-            f"Fix the source table, then materialise {', '.join(assets)} again "
-            f"(dg launch --assets {','.join(assets)}) before this asset.")

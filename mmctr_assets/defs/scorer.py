@@ -22,6 +22,7 @@ from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, SINGLE_RUN
 from .ctr import EMBEDDING_SOURCE_HELP, EmbeddingSource
 from .embeddings import GROUP, item_embedding_table
+from .freshness import FreshnessConfig, require_fresh_upstream
 from .training import read_train_valid, train_tracked
 
 # Bump when SCORER_MODEL or SCORER_TRAIN change: scores of different versions are not comparable.
@@ -47,7 +48,7 @@ SCORER_TRAIN = TrainConfig(
 )
 
 
-class Task1ScoreConfig(dg.Config):
+class Task1ScoreConfig(FreshnessConfig):
     embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
 
 
@@ -65,6 +66,8 @@ def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, sto
     """Validation AUC of one fixed DIN (seed, budget and architecture fixed: SCORER_MODEL /
     SCORER_TRAIN in defs/scorer.py) trained on the chosen item table: the Task 1 number. The same
     table on the same device gives the same score. Not refreshed by automation or the weekly job."""
+    require_fresh_upstream(context, config)
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     source, model_config = config.embedding_source, scorer_model()
     emb = item_embedding_table(storage, source, SCORER_TRAIN.seed)
     # torch's default threads, not a claim of the free cores: the score must not depend on what runs beside it

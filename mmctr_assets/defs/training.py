@@ -23,6 +23,7 @@ from ..lib import output_paths
 from ..lib.ctr import training_run
 from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig, TrainResult
+from ..lib.io import DiskFullError
 from ..lib.redaction import redact, redacted_errors
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ProgressLog, cpu_cores, png_metadata, run_tags, torch_threads
@@ -102,11 +103,17 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
             stack.enter_context(torch_threads(stack.enter_context(
                 cpu_cores(context.log, storage.cpu_lock_dir(), want, what=context.asset_key.to_user_string()))))
         started = time.perf_counter()
-        result = trainer.train(
-            model_config, train_config, train_t, valid_t, emb, item_tags=item_tags, device=device,
-            checkpoint_dir=folder, data_fingerprint=fp.run, on_epoch_end=on_epoch_end,
-            progress=lambda epoch, step, steps: progress(step, steps),
-        )
+        try:
+            result = trainer.train(
+                model_config, train_config, train_t, valid_t, emb, item_tags=item_tags, device=device,
+                checkpoint_dir=folder, data_fingerprint=fp.run, on_epoch_end=on_epoch_end,
+                progress=lambda epoch, step, steps: progress(step, steps),
+            )
+        except DiskFullError as e:  # say what the checkpoint folder left on disk is for
+            kept = sorted(p.name for p in Path(folder).glob("*.pt"))
+            raise DiskFullError(e.errno, f"{e.strerror} Training stopped; {folder} keeps {kept or 'no checkpoint'}"
+                                + (" (the last completed epoch): the next materialisation resumes from there, or "
+                                   "delete the folder to start over." if kept and checkpoint_dir else ".")) from e
         seconds = time.perf_counter() - started
         stack.close()  # cores back before the caller's registry work
         context.log.info(result.resume_note)
@@ -142,8 +149,8 @@ def champion_model_file(storage: ProjectStorage, mlflow: MlflowResource):
     if champion is None:
         raise ChampionFilesMissing(
             f"registered model {mlflow.registered_model!r} in {redact(mlflow.tracking_uri)} has no version with alias "
-            "'champion': materialise dcn_din_model (its first version is promoted), or promote a registered "
-            "version: `mmctr-model list`, then `mmctr-model promote VERSION`.")
+            "'champion': promote a registered version (`mmctr-model list`, then `mmctr-model promote VERSION`), "
+            "or, in a registry without versions, materialise dcn_din_model (its first version is promoted).")
     with redacted_errors():
         return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion
 
@@ -204,4 +211,5 @@ def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage
     return dg.AssetCheckResult(
         check_name=NOT_WORSE, passed=decision.promoted, metadata=metadata,
         description=f"version {version} -> alias {decision.alias}: {decision.note}"
-        + ("" if decision.promoted else "; the champion keeps serving predictions and the submission"))
+        + ("" if decision.promoted or not decision.champion_version
+           else "; the champion keeps serving predictions and the submission"))

@@ -14,6 +14,7 @@ from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
 from ..lib.redaction import redact
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import TRAINED_ON_FUSED, cpu_cores, png_metadata, run_tags, torch_threads
+from .freshness import FreshnessConfig, require_fresh_upstream
 
 GROUP = "task2_ctr"
 DEFAULT_SEARCH_SPACE = deploy.path("tuning", "search_space.yaml")
@@ -22,7 +23,7 @@ DEFAULT_SEARCH_SPACE = deploy.path("tuning", "search_space.yaml")
 PG_SCHEMA = "optuna"
 
 
-class TuningConfig(dg.Config):
+class TuningConfig(FreshnessConfig):
     n_trials: int = 12
     """Trials the study should hold (finished, pruned or failed by their own error); a resumed study
     counts its earlier ones, so re-running after a kill runs only the rest."""
@@ -137,6 +138,8 @@ def ctr_tuning(
     """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
     the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
     same name: a killed run leaves trials that are marked failed and retried."""
+    require_fresh_upstream(context, config)
+    mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     space = tuning.load_search_space(config.search_space)  # read only
     if config.n_trials < 1:
         raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")

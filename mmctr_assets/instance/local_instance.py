@@ -36,7 +36,23 @@ from dagster._utils import mkdir_p
 from mmctr_assets.instance import run_health
 
 CHECK_EVERY_S = 10.0
-log = logging.getLogger(__name__)
+
+
+def _console_log() -> logging.Logger:
+    """This module's logger, printing as Dagster's console lines do (time, level): with no handler
+    configured, Python would print the bare message on the CLI."""
+    from dagster._utils.log import default_date_format_string, default_format_string
+
+    logger = logging.getLogger(__name__)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(default_format_string(), default_date_format_string()))
+        logger.addHandler(handler)
+        logger.propagate = False  # printed once, here
+    return logger
+
+
+log = _console_log()
 
 
 class LocalInstance(dg.DagsterInstance):

@@ -93,13 +93,28 @@ def server_request(tracking_uri: str, path: str) -> tuple[urllib.request.Request
     return urllib.request.Request(url, headers=headers), source
 
 
-def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for a server or another database)."""
+    return Path(tracking_uri.removeprefix("sqlite:///")) if tracking_uri.startswith("sqlite:///") else None
+
+
+def check_reachable(tracking_uri: str, timeout_s: float = 5.0, must_exist: bool = False) -> None:
     """Fail fast when the registry cannot be reached: MLflow's own HTTP retries take minutes, so a
     server gets one short authenticated request to the registry API (``/health`` answers without a
-    login, so it cannot tell wrong credentials); a database gets one query. Messages are redacted."""
+    login, so it cannot tell wrong credentials); a database gets one query. Messages are redacted.
+    ``must_exist``: a sqlite file that is missing is an error (opening it would create an empty store,
+    losing sight of the champion), for readers and for a writer whose model.pt came from that store."""
     fix = ("Start the tracking server (deploy/mlflow-server.sh) or point MLFLOW_TRACKING_URI / "
            "resources.mlflow.config.tracking_uri at a reachable one; nothing was trained or overwritten.")
     where = redact(tracking_uri)
+    db = sqlite_path(tracking_uri)
+    if must_exist and db is not None and not db.exists():
+        raise RegistryUnavailable(
+            f"MLflow store {db} does not exist (tracking URI {where}), so the registered model and its "
+            "champion cannot be read; it was not created. Restore the file from a backup, or point "
+            "MLFLOW_TRACKING_URI / resources.mlflow.config.tracking_uri at the store that holds the models. In a "
+            "new deployment materialise dcn_din_model first (it creates the store); to start a new registry on "
+            "purpose, move the output folder's dcn_din_model/model.pt away first. Nothing was read or written.")
     if tracking_uri.startswith(("http://", "https://")):
         request, credentials = server_request(tracking_uri, "/api/2.0/mlflow/registered-models/search?max_results=1")
         try:
@@ -125,6 +140,10 @@ def check_reachable(tracking_uri: str, timeout_s: float = 5.0) -> None:
         MlflowClient(tracking_uri, registry_uri=tracking_uri).search_registered_models(max_results=1)
     except Exception as e:  # noqa: BLE001 - any store error means the same thing here
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "database is locked" in str(e):
+            fix = ("Another process holds a write lock on this sqlite store (sqlite lets one writer in at a "
+                   "time): let it finish or stop it, then run again; several concurrent writers need a tracking "
+                   "server (deploy/mlflow-server.sh). Nothing was trained or overwritten.")
         raise RegistryUnavailable(redact(f"MLflow registry at {where} cannot be used ({type(e).__name__}: "
                                          f"{first[:300]}). {fix}")) from None
 
@@ -193,6 +212,18 @@ class Registry:
             known = ", ".join(str(v.version) for v in self.versions()) or "none"
             raise PromotionRefused(f"{self.name} has no version {version} (registered: {known}; "
                                    "`mmctr-model list` shows them)") from None
+
+    def aliases(self) -> dict[str, str]:
+        """alias -> version, from the registered model itself: a version search leaves ModelVersion
+        .aliases empty on some stores (sqlite), this look-up fills it on every store."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return {a: str(v) for a, v in self.client.get_registered_model(self.name).aliases.items()}
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return {}
+            raise
 
     def champion(self):
         """The champion's ModelVersion, or None when no version holds the alias yet."""
@@ -276,7 +307,15 @@ class Registry:
         promotion lock, so a race cannot promote against a champion that was just replaced."""
         with self.promotion_lock(owner):
             champion = self.champion()
-            if champion is None:
+            earlier = [str(v.version) for v in self.versions() if str(v.version) != str(version)]
+            if champion is None and earlier:  # the alias was removed (or its version deleted): no silent bypass
+                decision = GateDecision(
+                    version, False, new_auc, None, None, tolerance,
+                    f"{self.name} has versions {', '.join(earlier)} but none holds the alias {CHAMPION!r}, so "
+                    "there is nothing to compare with and nothing is promoted automatically; choose the version "
+                    f"to serve: `mmctr-model list`, then `mmctr-model promote VERSION` (this one: "
+                    f"`mmctr-model promote {version}`)")
+            elif champion is None:
                 decision = GateDecision(version, True, new_auc, None, None, tolerance,
                                         "first version of the registered model: promoted")
             else:

@@ -1,6 +1,7 @@
 """`mmctr-model`: the operator's view of the CTR model registry (docs/registry.md).
 
-    mmctr-model list                 every version: AUC, aliases, run, the item table it was trained on
+    mmctr-model list                 champion, challenger and the version model.pt holds; then every
+                                     version: AUC, aliases, run, the item table it was trained on
     mmctr-model promote VERSION      make VERSION the champion
     mmctr-model rollback [VERSION]   champion back to the one that served before (or to VERSION)
 
@@ -20,15 +21,19 @@ from pathlib import Path
 
 from mmctr_assets import settings
 from mmctr_assets.lib.ctr.registry import (
+    CHALLENGER,
     CHAMPION,
+    MODEL_FILE,
     TAG_AUC,
     TAG_ITEMS,
     TAG_PROMOTED,
     TAG_ROLLED_BACK,
+    TAG_SHA,
     PromotionRefused,
     Registry,
     RegistryUnavailable,
     check_reachable,
+    sha256,
 )
 from mmctr_assets.lib.io import file_fingerprint
 from mmctr_assets.lib.redaction import redact
@@ -40,14 +45,38 @@ def _current_item_fingerprint(output_dir: Path) -> str | None:
     return file_fingerprint(path) if path.exists() else None
 
 
-def _table(registry: Registry) -> str:
+def _state(v, aliases: dict[str, str]) -> str:
+    if aliases.get(CHAMPION) == str(v.version):
+        return "serving"
+    if TAG_ROLLED_BACK in v.tags:
+        return "rolled back"
+    return "served before" if TAG_PROMOTED in v.tags else ""
+
+
+def _table(registry: Registry, output_dir: Path) -> str:
+    """Who serves (the aliases, read from the registered model) and what the output folder's
+    model.pt is (by its sha256), then one row per version."""
+    versions, aliases = registry.versions(), registry.aliases()
+    model_file = output_dir / "dcn_din_model" / MODEL_FILE
+    if model_file.exists():
+        digest = sha256(model_file)
+        held = [str(v.version) for v in versions if v.tags.get(TAG_SHA) == digest]
+        local = f"version {held[-1]}" if held else "no registered version (its sha256 matches none)"
+    else:
+        local = "absent"
+    head = [f"{CHAMPION}: " + (f"version {aliases[CHAMPION]}" if CHAMPION in aliases else
+                               "none (`mmctr-model promote VERSION` chooses one)" if versions else "none"),
+            f"{CHALLENGER}: " + (f"version {aliases[CHALLENGER]}" if CHALLENGER in aliases else "none"),
+            f"{model_file}: {local}", ""]
+    by_version: dict[str, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        by_version.setdefault(version, []).append(alias)
     rows = [("version", "aliases", "valid_auc", "item_info", "run_id", "state")]
-    for v in registry.versions():
-        state = "rolled back" if TAG_ROLLED_BACK in v.tags else ("served" if TAG_PROMOTED in v.tags else "")
-        rows.append((str(v.version), ",".join(v.aliases), v.tags.get(TAG_AUC, "?")[:8], v.tags.get(TAG_ITEMS, "?")[:12],
-                     v.run_id or "", state))
+    for v in versions:
+        rows.append((str(v.version), ",".join(by_version.get(str(v.version), [])), v.tags.get(TAG_AUC, "?")[:8],
+                     v.tags.get(TAG_ITEMS, "?")[:12], v.run_id or "", _state(v, aliases)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return "\n".join(head + ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     owner = f"{getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
     try:
-        check_reachable(args.tracking_uri)
+        check_reachable(args.tracking_uri, must_exist=True)  # an operator's look never creates a store
         registry = Registry(args.tracking_uri, args.model)
         items = _current_item_fingerprint(args.output_dir)
         if args.command == "list":
-            print(_table(registry))
+            print(_table(registry, args.output_dir))
         elif args.command == "promote":
             before = registry.promote(args.version, items, owner)
             print(f"{args.model} version {args.version} is now {CHAMPION} (was: {before or 'none'})")

@@ -153,20 +153,25 @@ def check_labels(frame: pl.DataFrame, table: str) -> CheckOutcome:
 def check_levels(frame: pl.DataFrame, table: str, max_level: int) -> CheckOutcome:
     name = "levels_in_range"
     lo, hi = level_range(max_level)
-    problems = {}
+    problems, nulls, outside = {}, {}, {}
     for col in ("likes_level", "views_level"):
         s = frame.get_column(col)
-        n_bad = int(((s < lo) | (s > hi) | s.is_null()).sum())
-        if n_bad:
-            problems[col] = n_bad
+        n_null, n_out = s.null_count(), int(((s < lo) | (s > hi)).sum())
+        if n_null:
+            nulls[col] = n_null
+        if n_out:
+            outside[col] = n_out
+        if n_null or n_out:
+            problems[col] = n_null + n_out
     if problems:
-        return CheckOutcome(
-            name, False,
-            f"{table}: values outside {lo}..{hi} (or null) in {problems}. likes_level/views_level are "
-            f"bucketed levels; set MMCTR_MAX_LEVEL (and the model's level_vocab_size) if your data "
-            "uses more buckets.",
-            problems,
-        )
+        said = []
+        if nulls:  # a missing value is not a bigger bucket: no MMCTR_MAX_LEVEL hint for it
+            said.append(f"null (missing) levels in {nulls}: every row needs a likes_level and views_level; fill "
+                        f"them in the source table (a bucket {lo}..{hi}) or drop those rows.")
+        if outside:
+            said.append(f"values outside {lo}..{hi} in {outside}. likes_level/views_level are bucketed levels; set "
+                        "MMCTR_MAX_LEVEL (and the model's level_vocab_size) if your data uses more buckets.")
+        return CheckOutcome(name, False, f"{table}: " + " ".join(said), problems)
     return CheckOutcome(name, True, f"{table}: likes/views levels within {lo}..{hi}.")
 
 
