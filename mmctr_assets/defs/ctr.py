@@ -17,7 +17,7 @@ from ..lib.ctr.model_config import FAMILIES, ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN
+from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, launched_config
 from .embeddings import EMBEDDING_SOURCES, item_embedding_table
 from .training import NOT_WORSE, champion_model_file, read_train_valid, register_and_gate, train_tracked
 
@@ -127,13 +127,6 @@ class DcnDinConfig(dg.PermissiveConfig):
         except ValueError as e:
             raise ValueError(f"dcn_din_model config, section model: {e}") from None
         return model_config, self.train.model_dump()
-
-
-def launched_config(context: dg.AssetExecutionContext) -> dict:
-    """This asset's config as its run was launched (run config ``ops: <asset>: config:``), before
-    Dagster fills in defaults."""
-    ops = (context.run.run_config or {}).get("ops") or {}
-    return dict((ops.get(context.op_def.name) or {}).get("config") or {})
 
 
 def _item_tags(storage: ProjectStorage) -> np.ndarray:

@@ -22,6 +22,7 @@ from .common import (
     ProgressLog,
     clip_shards,
     cpu_cores,
+    launched_config,
     png_metadata,
     run_tags,
     torch_threads,
@@ -51,9 +52,8 @@ def leaves_core_for_item2vec(context: dg.AssetExecutionContext) -> int:
     keys = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
     if dg.AssetKey("item2vec_embeddings") not in keys:
         return 0
-    ops = (context.run.run_config or {}).get("ops") or {}
-    launched = (ops.get("item2vec_embeddings") or {}).get("config") or {}
-    return int(launched.get("workers", Item2VecConfig.model_fields["workers"].default) == 1)
+    default = Item2VecConfig.model_fields["workers"].default
+    return int(launched_config(context, "item2vec_embeddings").get("workers", default) == 1)
 
 
 @dg.asset(
