@@ -444,3 +444,40 @@ def test_tuned_trains_the_studys_family_when_launched_through_dagster_config(
     # every model field is the study's (library defaults for what it left out), every train field too
     assert {k: params[f"model.{k}"] for k in resolved} == {k: str(v) for k, v in resolved.items()}
     assert {k: params[f"train.{k}"] for k in best_train} == {k: str(v) for k, v in best_train.items()}
+
+
+def test_a_trial_the_budget_stops_inside_the_asset_ends_pruned_and_the_last_best_config_stays(
+        task1_outputs, tiny_data, make_resources, tmp_path, monkeypatch):
+    """The asset's trial runner checks the budget during training: with a budget already spent once
+    trials run (a stand-in that still lets them start, as when the deadline falls inside a trial),
+    every trial stops at its first step, ends PRUNED (its MLflow child run KILLED), and the step fails
+    saying to raise the budget, keeping the previous best config."""
+
+    class SpentDuringTrials(tuning.Budget):
+        def left_s(self):
+            return None  # trials start ...
+
+        def check(self, trial, epoch):
+            self.deadline = time.monotonic() - 1  # ... and the deadline has passed by the first step
+            super().check(trial, epoch)
+
+    monkeypatch.setattr(tuning_defs.tuning, "Budget", SpentDuringTrials)
+    out = Path(shutil.copytree(task1_outputs[0], tmp_path / "outputs"))
+    best = tuning.tuned_file(out)
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_text("last good")
+    config = {"n_trials": 2, "search_space": str(write_space(tmp_path, TINY_SPACE)), "study_name": "spent",
+              "budget_minutes": 5, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
+                                run_config={"ops": {"ctr_tuning": {"config": config}}}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "stopped at the study's wall-time budget: raise budget_minutes" in str(failure.event_specific_data.error)
+    assert best.read_text() == "last good"
+    study = optuna.load_study(study_name="spent", storage=config["storage"])
+    assert [(t.state.name, t.user_attrs.get("stopped_at_budget")) for t in study.trials] == [("PRUNED", 1)] * 2
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`optuna.state` = 'PRUNED'")
+    assert len(children) == 2 and all(c.info.status == "KILLED" for c in children)
