@@ -281,6 +281,27 @@ def test_the_budget_stops_a_running_trial_and_starts_no_other(tmp_path):
         tuning.Budget(0)
 
 
+def test_a_trial_the_budget_stops_after_an_epoch_completes_with_its_auc_so_far(tmp_path):
+    """The budget ends inside the default (first) trial after its first epoch: the study still returns
+    it, scored at the fidelity it reached, instead of nothing."""
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "cut", seed=0, n_trials=3)
+    budget = tuning.Budget(0.01)
+
+    def one_epoch_then_endless(trial, model_config, train_config):
+        tuning.report_epoch(trial, 1, 0.61)
+        while True:
+            budget.check(trial, epoch=2)
+            time.sleep(0.01)
+
+    space = tuning.parse_search_space(TINY_SPACE)
+    assert tuning.run_study(study, space, one_epoch_then_endless, n_trials=3, budget=budget) == 1
+    (row,) = tuning.trial_rows(study)
+    assert (row["state"], row["auc"], row["default"], row["stopped_at_budget"]) == ("COMPLETE", 0.61, True, True)
+    assert "COMPLETE (budget) (default)" in tuning.trials_markdown([row])
+    best, model, _ = tuning.best_sections(study)
+    assert best.number == 0 and ModelConfig(**model, max_len=20).family == "transformer_dcnv2"
+
+
 KILLED_WORKER = textwrap.dedent("""
     import sys, time
     from mmctr_assets.lib.ctr import tuning
@@ -479,5 +500,5 @@ def test_a_trial_the_budget_stops_inside_the_asset_ends_pruned_and_the_last_best
     assert [(t.state.name, t.user_attrs.get("stopped_at_budget")) for t in study.trials] == [("PRUNED", 1)] * 2
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
     children = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                  filter_string="tags.`optuna.state` = 'PRUNED'")
+                                  filter_string="tags.`optuna.state` = 'STOPPED_AT_BUDGET'")
     assert len(children) == 2 and all(c.info.status == "KILLED" for c in children)

@@ -72,6 +72,10 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, work_dir:
 
     def run(trial, model_config, train_config) -> float:
         def status(error: BaseException) -> str:
+            if isinstance(error, tuning.BudgetSpent):  # Optuna keeps its AUC so far when it finished an epoch
+                mlflow.set_tag("optuna.state", "STOPPED_AT_BUDGET")
+                mlflow.set_tag("optuna.pruned", str(error))
+                return "KILLED"
             if isinstance(error, optuna.TrialPruned):
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.set_tag("optuna.pruned", str(error))

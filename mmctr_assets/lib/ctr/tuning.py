@@ -61,6 +61,10 @@ class StudyStorageError(RuntimeError):
     """The study's storage URL cannot be opened."""
 
 
+class BudgetSpent(optuna.TrialPruned):
+    """A running trial stopped because the study's budget is spent (see run_study for its state)."""
+
+
 class Budget:
     """A study's wall-time budget in minutes (None: unbounded), counted from construction: no trial
     starts after it (``left_s``), and a runner calls ``check`` during training so a running trial
@@ -76,11 +80,10 @@ class Budget:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
 
     def check(self, trial: optuna.Trial, epoch: int) -> None:
-        """Raise optuna.TrialPruned once the budget is spent (the trial ends PRUNED, cleanly)."""
+        """Raise BudgetSpent once the budget is spent (run_study ends the trial cleanly)."""
         if self.deadline is not None and time.monotonic() >= self.deadline:
             trial.set_user_attr(_BUDGET_ATTR, epoch)
-            raise optuna.TrialPruned(f"stopped in epoch {epoch}: the study's budget of {self.minutes:g} minutes "
-                                     "is spent")
+            raise BudgetSpent(f"stopped in epoch {epoch}: the study's budget of {self.minutes:g} minutes is spent")
 
 
 # --------------------------------------------------------------------------- the study
@@ -166,7 +169,8 @@ def run_study(study: optuna.Study, space: SearchSpace, runner: Runner, *, n_tria
               on_trial_end: Callable[[optuna.Study, optuna.trial.FrozenTrial], None] | None = None) -> int:
     """Run trials until the study holds ``n_trials`` counted trials (resuming counts earlier ones)
     or the ``budget`` is spent (no trial starts after it; the runner stops a running one with
-    ``budget.check``). A new study's first trial is the base config (:func:`default_params`). A
+    ``budget.check``: COMPLETE with its best valid AUC so far when it finished an epoch, else
+    PRUNED). A new study's first trial is the base config (:func:`default_params`). A
     trial that raises is recorded FAIL with its error in user attr ``error`` and the study goes
     on. Returns the trials run now."""
     if n_trials < 1:
@@ -188,6 +192,14 @@ def run_study(study: optuna.Study, space: SearchSpace, runner: Runner, *, n_tria
             if not math.isfinite(value):
                 raise FloatingPointError(f"the trial's valid AUC is {value}")
             return value
+        except BudgetSpent:
+            # a trial cut by the budget after a finished epoch is a lower-fidelity measurement, as at
+            # a Hyperband rung: it completes with its best valid AUC so far, so a study whose budget
+            # ends inside its first (default) trial still returns it. Before any epoch: pruned.
+            (frozen,) = [t for t in study.get_trials(deepcopy=False) if t.number == trial.number]
+            if frozen.intermediate_values:
+                return max(frozen.intermediate_values.values())
+            raise
         except optuna.TrialPruned:
             raise
         except Exception as e:
