@@ -495,7 +495,7 @@ def test_config_fields_carry_descriptions_to_the_launchpad():
 
     dcn = fields(task2.dcn_din_model)
     assert "fused (Task 1's deliverable)" in dcn["embedding_source"].description
-    assert "dcn_din (default)" in dcn["model"].config_type.fields["family"].description
+    assert "transformer_dcnv2 (default)" in dcn["model"].config_type.fields["family"].description
     assert "learning rate" in dcn["train"].config_type.fields["lr"].description
     assert all(f.description for f in dcn["train"].config_type.fields.values())
     assert all(f.description for f in dcn["model"].config_type.fields.values())
