@@ -253,7 +253,10 @@ def tune(ds: Dataset, size: str, args) -> dict:
     states, rows = [t.state.name for t in study.trials], tuning.trial_rows(study)
     best, model, train = tuning.best_sections(study)
     default = next(r for r in rows if r["default"])
-    return {**scores[best.number], "study_s": round(time.perf_counter() - t0, 1), "budget_minutes": args.budget_minutes,
+    # a best trial the budget cut has no kept model to score on test rows: its valid AUC so far only
+    cut = {"valid_auc": round(best.value, 4), "test_auc": None, "epochs": len(best.intermediate_values)}
+    return {**scores.get(best.number, cut), "study_s": round(time.perf_counter() - t0, 1),
+            "budget_minutes": args.budget_minutes,
             "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
             "stopped_at_budget": sum(r["stopped_at_budget"] for r in rows), "pruning": not args.no_pruning,
             "default_trial_valid_auc": default["auc"], "default_trial_state": default["state"],
