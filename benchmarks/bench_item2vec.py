@@ -13,6 +13,13 @@ phase's peak includes what is still held from before it: the baseline runs after
 
     .venv/bin/python benchmarks/bench_item2vec.py [--data-dir DIR] [--epochs 5] [--workers 2]
 
+``--compare`` instead trains once in each mode of ``item2vec_embeddings`` on one corpus, side by
+side: reproducible (one worker, the asset's default) and fast (one worker per core this process may
+use, the asset's ``workers: 0``), with their wall and CPU seconds and how alike the two embeddings
+are (the share of each sampled item's 10 nearest neighbours the two agree on):
+
+    .venv/bin/python benchmarks/bench_item2vec.py --compare [--seed-baseline]
+
 ``--determinism 1,2`` instead trains our pipeline twice per worker count on one corpus and reports
 the training time and whether the two runs' vectors are bit-identical (the price of the
 reproducible default, workers=1; README, item2vec):
@@ -73,6 +80,10 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compare", action="store_true",
+                        help="one training per mode: reproducible (1 worker) vs fast (a worker per core)")
+    parser.add_argument("--seed-baseline", action="store_true",
+                        help="--compare: also a reproducible run with another seed (the neighbour-overlap noise floor)")
     parser.add_argument("--determinism", metavar="W1,W2,...",
                         help="train twice per worker count; report seconds and bit-identical vectors")
     args = parser.parse_args(argv)
@@ -95,6 +106,8 @@ def main(argv=None) -> int:
             demo_data.generate(data_dir, size=args.size, seed=args.seed, progress=False)
             emit(phase="generate_demo_data", size=args.size, seconds=round(time.perf_counter() - t, 1))
         train = data_dir / "MicroLens_1M_x1" / "train.parquet"
+        if args.compare:
+            return _compare(train, tmp, params, emit, args.seed_baseline)
         if args.determinism:
             return _determinism(train, tmp, params, [int(w) for w in args.determinism.split(",")], emit)
         rss0 = round(psutil.Process().memory_info().rss / MB)
@@ -167,6 +180,55 @@ def _determinism(train: Path, tmp: Path, params: dict, workers: list[int], emit)
         emit(phase="determinism", workers=w, seconds_train=seconds, cpu_seconds=cpu, bit_identical=same,
              time_vs_first_count=round(min(seconds) / base, 3),
              max_abs_diff=float(np.abs(runs[0].vectors - runs[1].vectors).max()))
+    return 0
+
+
+def _neighbours(vectors, rows, k: int = 10, chunk: int = 256):
+    """Indices of each sampled row's k nearest neighbours (cosine), itself excluded."""
+    import numpy as np
+
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    out = []
+    for a in range(0, len(rows), chunk):
+        idx = rows[a:a + chunk]
+        sim = unit[idx] @ unit.T
+        sim[np.arange(len(idx)), idx] = -np.inf
+        out.append(np.argpartition(-sim, k, axis=1)[:, :k])
+    return np.concatenate(out)
+
+
+def _compare(train: Path, tmp: Path, params: dict, emit, seed_baseline: bool, sample: int = 2000) -> int:
+    """The asset's two modes on one corpus: reproducible (1 worker) then fast (a worker per core)."""
+    import numpy as np
+
+    from mmctr_assets.lib.embeddings.clip import available_cpus
+
+    stats = item2vec.build_corpus(train, tmp / "corpus.txt")
+    emit(phase="corpus", rows=stats.n_rows, sentences=stats.n_sentences, tokens=stats.n_tokens, items=stats.n_items,
+         seconds=round(stats.seconds, 1))
+    results = {}
+    modes = [("reproducible", 1, params["seed"]), ("fast", available_cpus(), params["seed"])]
+    if seed_baseline:  # the noise floor: how alike two reproducible runs with different seeds are
+        modes.append(("reproducible_other_seed", 1, params["seed"] + 1))
+    for mode, workers, seed in modes:
+        before, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        results[mode] = item2vec.train_item2vec(stats.path, **(params | {"workers": workers, "seed": seed}))
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        emit(phase="mode", mode=mode, workers=workers, seconds=round(time.perf_counter() - t, 1),
+             seconds_gensim_train=round(results[mode].seconds_train, 1),
+             cpu_seconds=round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1))
+    a, b = results["reproducible"], results["fast"]
+    assert np.array_equal(a.item_ids, b.item_ids)
+    rows = np.random.default_rng(0).choice(len(a.item_ids), min(sample, len(a.item_ids)), replace=False)
+    near = {mode: _neighbours(r.vectors, rows) for mode, r in results.items()}
+
+    def overlap(x: str, y: str) -> float:
+        return round(float(np.mean([len(set(p) & set(q)) / len(p) for p, q in zip(near[x], near[y])])), 3)
+
+    emit(phase="comparison", speedup=round(a.seconds_train / b.seconds_train, 2),
+         fast_vs_reproducible_top10_neighbour_overlap=overlap("fast", "reproducible"),
+         **({"other_seed_vs_reproducible_top10_neighbour_overlap": overlap("reproducible_other_seed", "reproducible")}
+            if seed_baseline else {}), sampled_items=len(rows))
     return 0
 
 

@@ -25,13 +25,16 @@ length, and the share of the whole / the last 5 history items sharing a tag with
 
     .venv/bin/python benchmarks/bench_quality.py [--worlds v2,v3] [--sizes small,medium]
         [--item-table organisers|fused] [--only default,dcn_din] [--config extra.yaml ...] [--no-lr]
-        [--max-epochs N] [--threads N] [--batch-size 512] [--tune N [--search-space S.yaml] [--no-pruning]]
+        [--max-epochs N] [--threads N] [--batch-size 512]
+        [--tune N [--search-space S.yaml] [--no-pruning] [--budget-minutes M]]
 
 ``--tune N``: also an Optuna study of N trials per world (``lib/ctr/tuning``, what ``ctr_tuning``
-runs, without Dagster or MLflow; base = the default preset; search space: the demo space for small
-data, the default space for medium, or ``--search-space``), pruned on per-epoch valid AUC unless
-``--no-pruning``. One line ``config: "tuned"``: the best trial's valid AUC, that model's test AUC,
-trials pruned and the study's wall time.
+runs, without Dagster or MLflow; base = the default preset, i.e. the library defaults, and the first
+trial; search space: the demo space for small data, the default space for medium, or
+``--search-space``), Hyperband-pruned on per-epoch valid AUC unless ``--no-pruning``, within
+``--budget-minutes`` if given (a running trial is stopped at it). One line ``config: "tuned"``: the
+best trial's valid AUC, that model's test AUC, the default trial's valid AUC, trials pruned or
+stopped at the budget, and the study's wall time beside its budget.
 
 Small data needs ``--batch-size 512`` (as ``make demo``'s run config): at the configs' own 4096 an
 epoch of its 20k training rows is 5 steps, and early stopping ends most runs before they learn.
@@ -171,7 +174,7 @@ def _values(ds: Dataset, sections: dict, seed: int, max_epochs: int | None, thre
     return model_values, train_values
 
 
-def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None) -> dict:
+def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, progress=None) -> dict:
     """Train one config and score it: valid AUC (best epoch), test AUC, the curve."""
     import torch
     from sklearn.metrics import roc_auc_score
@@ -186,7 +189,7 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None) ->
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model_config, train_config, tensors["train"], tensors["valid"], ds.emb,
                        item_tags=ds.tags if model_config.use_tag_embedding else None, checkpoint_dir=tmp,
-                       on_epoch_end=on_epoch_end)
+                       on_epoch_end=on_epoch_end, progress=progress)
     train_s = time.perf_counter() - t0
     test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
     test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))
@@ -212,10 +215,13 @@ def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int
 
 
 def tune(ds: Dataset, size: str, args) -> dict:
-    """An Optuna study of ``args.tune`` trials over the default preset (what ctr_tuning runs)."""
+    """An Optuna study of ``args.tune`` trials over the default preset (what ctr_tuning runs: the
+    default config first, Hyperband over epochs, within ``--budget-minutes``)."""
     import optuna
 
     from mmctr_assets.lib.ctr import presets, tuning
+
+    budget = tuning.Budget(args.budget_minutes)
 
     space_file = args.search_space or REPO / "mmctr_assets" / "deploy" / "tuning" / (
         "search_space_demo.yaml" if size == "small" else "search_space.yaml")
@@ -225,12 +231,14 @@ def tune(ds: Dataset, size: str, args) -> dict:
     tuning.check_max_len(space, base_model["max_len"])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = Path(tempfile.mkdtemp()) / "study.db"
-    study = tuning.open_study(f"sqlite:///{storage}", "bench", args.seed, args.tune, pruning=not args.no_pruning)
+    study = tuning.open_study(f"sqlite:///{storage}", "bench", args.seed, args.tune, pruning=not args.no_pruning,
+                              max_epochs=tuning.epochs_cap(space, base_train))
     scores: dict[int, dict] = {}
 
     def runner(trial, model_config, train_config) -> float:
         scores[trial.number] = fit_and_score(
-            ds, model_config, train_config, on_epoch_end=lambda e: tuning.report_epoch(trial, e.epoch, e.valid_auc))
+            ds, model_config, train_config, on_epoch_end=lambda e: tuning.report_epoch(trial, e.epoch, e.valid_auc),
+            progress=lambda epoch, step, steps: budget.check(trial, epoch))
         return scores[trial.number]["valid_auc"]
 
     t0 = time.perf_counter()
@@ -241,11 +249,17 @@ def tune(ds: Dataset, size: str, args) -> dict:
              params=trial.params)
 
     tuning.run_study(study, space, runner, n_trials=args.tune, base_model=base_model, base_train=base_train,
-                     on_trial_end=progress)
-    states = [t.state.name for t in study.trials]
+                     on_trial_end=progress, budget=budget)
+    states, rows = [t.state.name for t in study.trials], tuning.trial_rows(study)
     best, model, train = tuning.best_sections(study)
-    return {**scores[best.number], "study_s": round(time.perf_counter() - t0, 1), "trials": len(states),
-            "pruned": states.count("PRUNED"), "failed": states.count("FAIL"), "pruning": not args.no_pruning,
+    default = next(r for r in rows if r["default"])
+    # a best trial the budget cut has no kept model to score on test rows: its valid AUC so far only
+    cut = {"valid_auc": round(best.value, 4), "test_auc": None, "epochs": len(best.intermediate_values)}
+    return {**scores.get(best.number, cut), "study_s": round(time.perf_counter() - t0, 1),
+            "budget_minutes": args.budget_minutes,
+            "trials": len(states), "pruned": states.count("PRUNED"), "failed": states.count("FAIL"),
+            "stopped_at_budget": sum(r["stopped_at_budget"] for r in rows), "pruning": not args.no_pruning,
+            "default_trial_valid_auc": default["auc"], "default_trial_state": default["state"],
             "best_trial": best.number, "search_space": str(Path(space_file).relative_to(REPO)),
             "model": model, "train": train}
 
@@ -336,7 +350,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="the demo data's own item_emb_d128 (fast stand-in) or the Task 1 fused table (real assets)")
     ap.add_argument("--tune", type=int, default=0, metavar="N", help="also an Optuna study of N trials per world")
     ap.add_argument("--search-space", type=Path, default=None, help="--tune's search space (default by size)")
-    ap.add_argument("--no-pruning", action="store_true", help="--tune without the median pruner")
+    ap.add_argument("--no-pruning", action="store_true", help="--tune without the Hyperband pruner")
+    ap.add_argument("--budget-minutes", type=float, default=None,
+                    help="--tune's wall-time budget (ctr_tuning's budget_minutes; default: none)")
     args = ap.parse_args(argv)
 
     todo = configs(args.config)

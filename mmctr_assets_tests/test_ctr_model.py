@@ -8,7 +8,16 @@ from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
 from mmctr_assets.lib.ctr.model_config import FAMILIES, ModelConfig
 
 N_ITEMS, D, B, L = 50, 16, 8, 10
-SMALL = dict(embedding_dim=D, attention_units=(16, 8), deep_units=(32, 16))
+# a DCN-DIN over the item table alone (no trainable tables): the library's default model is the
+# Transformer + DCN-V2 with id, tag and user tables, which the tests that need them ask for
+PLAIN = dict(family="dcn_din", use_id_embedding=False, use_tag_embedding=False, use_user_embedding=False,
+             embedding_regularizer=0.0)
+SMALL = dict(embedding_dim=D, attention_units=(16, 8), deep_units=(32, 16), **PLAIN)
+
+
+def _cfg(**options) -> ModelConfig:
+    """SMALL with ``options`` over it."""
+    return ModelConfig(**(SMALL | options))
 
 
 @pytest.fixture(autouse=True)
@@ -35,7 +44,7 @@ def _counts(seed=0):
 
 
 def _model(config=None, emb=None, tags=None):
-    return CTRModel(config or ModelConfig(**SMALL), _embeddings() if emb is None else emb, tags,
+    return CTRModel(config or _cfg(), _embeddings() if emb is None else emb, tags,
                   item_frequency=_counts())
 
 
@@ -89,14 +98,14 @@ def test_all_padding_history_equals_zero_interest():
 @pytest.mark.parametrize("impl", ["packed", "padded"])
 def test_attention_implementations_agree(impl):
     split = _warmed(_model())
-    other = _model(ModelConfig(**SMALL, attention_impl=impl))
+    other = _model(_cfg(attention_impl=impl))
     other.load_state_dict(split.state_dict())
     other.eval()
     torch.testing.assert_close(other(*_batch(7)), split(*_batch(7)), atol=1e-5, rtol=1e-5)
 
 
 def test_frozen_item_embeddings_get_no_gradient_and_everything_else_does():
-    model = _model(ModelConfig(**SMALL, use_id_embedding=True, use_tag_embedding=True),
+    model = _model(_cfg(use_id_embedding=True, use_tag_embedding=True),
                    tags=_tags())
     bce_loss(model(*_batch()), torch.tensor([0.0, 1.0] * (B // 2))).backward()
     assert not model.item_embedding.weight.requires_grad and model.item_embedding.weight.grad is None
@@ -108,7 +117,7 @@ def test_frozen_item_embeddings_get_no_gradient_and_everything_else_does():
 
 
 def test_finetuned_item_embeddings_learn_except_the_padding_row():
-    model = _model(ModelConfig(**SMALL, finetune_item_embeddings=True))
+    model = _model(_cfg(finetune_item_embeddings=True))
     model(*_batch()).sum().backward()
     grad = model.item_embedding.weight.grad
     assert grad is not None and grad[1:].abs().sum() > 0
@@ -118,7 +127,7 @@ def test_finetuned_item_embeddings_learn_except_the_padding_row():
 def test_item_vectors_concatenate_id_and_mean_pooled_tags():
     tags = _tags()
     tags[3] = [0, 0, 4, 9, 0]
-    model = _model(ModelConfig(**SMALL, use_id_embedding=True, id_embedding_dim=4,
+    model = _model(_cfg(use_id_embedding=True, id_embedding_dim=4,
                                use_tag_embedding=True, tag_embedding_dim=6), tags=tags)
     vec = model.item_vectors(torch.tensor([3, 0]))
     assert vec.shape == (2, D + 4 + 6) and model.item_dim == D + 4 + 6
@@ -129,7 +138,7 @@ def test_item_vectors_concatenate_id_and_mean_pooled_tags():
 
 
 def test_to_dict_from_dict_rebuilds_the_same_model():
-    config = ModelConfig(**SMALL, use_id_embedding=True, use_tag_embedding=True, cross_version="v2")
+    config = _cfg(use_id_embedding=True, use_tag_embedding=True, cross_version="v2")
     model = _warmed(_model(config, tags=_tags()))
     spec = json.loads(json.dumps(model.to_dict()))  # must survive JSON (MLflow params, metadata)
     rebuilt = CTRModel.from_dict(spec, ModelConfig.from_dict(spec["config"]))
@@ -148,23 +157,23 @@ def test_bad_configs_and_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="Unknown ModelConfig fields \\['hidden'\\]"):
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(ValueError, match=r"shape \[n_items \+ 1, 128\].*got \(51, 16\)"):
-        _model(ModelConfig())
+        _model(ModelConfig(**PLAIN))
     bad = _embeddings()
     bad[7, 2] = np.nan
     with pytest.raises(ValueError, match="NaN/inf in 1 rows \\(e.g. item 7\\)"):
         _model(emb=bad)
     with pytest.raises(ValueError, match="use_tag_embedding=True needs item_tags"):
-        _model(ModelConfig(**SMALL, use_tag_embedding=True))
+        _model(_cfg(use_tag_embedding=True))
     with pytest.raises(ValueError, match="use_item_frequency=True needs item_frequency"):
-        CTRModel(ModelConfig(**SMALL), _embeddings())
+        CTRModel(_cfg(), _embeddings())
     with pytest.raises(ValueError, match="item_frequency must be 51 finite counts"):
-        CTRModel(ModelConfig(**SMALL), _embeddings(), item_frequency=np.ones(50))
+        CTRModel(_cfg(), _embeddings(), item_frequency=np.ones(50))
     with pytest.raises(ValueError, match="history_match_features needs attention_output_activation='sigmoid'"):
-        ModelConfig(attention_output_activation="linear")
+        ModelConfig(family="dcn_din", attention_output_activation="linear")
     with pytest.raises(ValueError,
                        match=r"attention_output_activation for family 'dcn_din' must be one of "
                              r"\['linear', 'sigmoid'\]"):
-        ModelConfig(attention_output_activation="softmax")
+        ModelConfig(family="dcn_din", attention_output_activation="softmax")
 
 
 def test_history_match_features_are_the_share_and_log_count_of_matching_items():
@@ -211,7 +220,7 @@ def test_item_frequency_is_a_standardised_log_count_saved_with_the_model():
 
 
 def test_plain_din_config_still_builds_without_the_extra_inputs():
-    config = ModelConfig(**SMALL, attention_output_activation="linear", history_match_features=False,
+    config = _cfg(attention_output_activation="linear", history_match_features=False,
                          use_item_frequency=False)
     model = CTRModel(config, _embeddings())
     assert not hasattr(model, "item_log_frequency")
@@ -225,9 +234,9 @@ TINY_TRANSFORMER = dict(transformer_dim=8, transformer_heads=2, transformer_ff_d
 
 
 def _family(family, **options):
-    small = {k: v for k, v in SMALL.items() if k != "attention_units"}
+    small = {k: v for k, v in SMALL.items() if k not in ("attention_units", "family")}
     extra = TINY_TRANSFORMER if family == "transformer_dcnv2" else {"attention_units": SMALL["attention_units"]}
-    config = ModelConfig(**small, family=family, max_len=L, **extra, **options)
+    config = ModelConfig(**(small | {"family": family, "max_len": L} | extra | options))
     return CTRModel(config, _embeddings(), _tags() if config.use_tag_embedding else None,
                     item_frequency=_counts())
 
@@ -350,8 +359,11 @@ def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_froze
     ({"family": "transformer_dcnv2", "attention_units": (8,)}, r"attention_units is not an option of family"),
     ({"family": "dcn_din", "last_k": 4}, r"last_k is not an option of family 'dcn_din'"),
     ({"user_buckets": 0}, r"user_buckets must be >= 1, got 0"),
-    ({"embedding_regularizer": 1e-3}, r"embedding_regularizer > 0 needs a trainable embedding"),
-    ({"cross_rank": 8}, r"cross_rank must be 0 \(full rank\) or > 0 with cross_version='v2'"),
+    # the library default's regulariser on a model without tables: the message says what to set
+    ({"use_id_embedding": False, "use_tag_embedding": False, "use_user_embedding": False},
+     r"embedding_regularizer > 0 needs a trainable embedding.*sets embedding_regularizer: 0"),
+    ({"family": "dcn_din", "cross_rank": 8}, r"cross_rank must be 0 \(full rank\) or > 0 with cross_version='v2'"),
+    ({"family": "din", "cross_rank": 0}, r"cross_rank is not an option of family 'din'"),
     ({"family": "transformer_dcnv2", "transformer_dim": 10, "transformer_heads": 3}, r"divisible"),
 ])
 def test_family_option_errors_name_the_field_and_the_allowed_values(options, message):
@@ -363,12 +375,17 @@ def test_family_defaults_are_filled_in_and_survive_a_round_trip():
     din = ModelConfig(family="din")
     assert (din.position, din.attention_output_activation, din.history_match_features,
             din.use_item_frequency, din.cross_layers) == ("none", "linear", False, False, None)
-    dcn = ModelConfig()
-    assert (dcn.position, dcn.cross_version, dcn.cross_layers, dcn.history_match_features) == ("key", "v1", 3, True)
+    dcn = ModelConfig(family="dcn_din")
+    assert (dcn.position, dcn.cross_version, dcn.cross_layers, dcn.history_match_features,
+            dcn.cross_rank) == ("key", "v1", 3, True, 0)
     tr = ModelConfig(family="transformer_dcnv2")
-    assert (tr.position, tr.cross_version, tr.history_match_features) == ("token", "v2", None)
+    assert (tr.position, tr.cross_version, tr.history_match_features, tr.cross_rank) == ("token", "v2", None, 32)
+    assert din.cross_rank is None  # no cross net
     for config in (din, dcn, tr):
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    # a model saved by an earlier version stored cross_rank as a plain 0 on every family
+    old_din = din.to_dict() | {"cross_rank": 0}
+    assert ModelConfig.from_dict(old_din) == din
 
 
 def test_every_preset_is_a_valid_config_of_its_family_and_unknown_names_are_refused():
@@ -446,27 +463,22 @@ def test_momo_preset_builds_momos_layers_and_its_padding_mask_is_right():
     assert after[row] != base[row]
 
 
-def test_the_default_presets_values_that_no_longer_apply_do_not_follow_a_run_config():
-    from mmctr_assets.lib.ctr.presets import preset, without_inapplicable_defaults
+def test_the_library_defaults_are_the_default_model_and_a_preset_file_means_what_it_says():
+    """default.yaml restates nothing (ModelConfig/TrainConfig defaults are the default model); another
+    preset's missing field is the library default, never the default preset's tuned value."""
+    from mmctr_assets.lib.ctr.presets import preset
+    from mmctr_assets.lib.ctr.trainer import TrainConfig
 
-    default = preset("default")["model"]
-    assert default["family"] == "transformer_dcnv2" and default["cross_rank"] > 0
-    assert without_inapplicable_defaults(dict(default)) == default  # its own family: as written
-    din = without_inapplicable_defaults(default | {"family": "din"}, explicit={"family"})
-    assert din["cross_rank"] == 0 and din["use_id_embedding"]  # family option reset, shared options kept
-    ModelConfig(**(din | {"max_len": 20}))  # din refuses a cross_rank: the reset makes it valid
-    kept = without_inapplicable_defaults(default | {"family": "dcn_din", "cross_version": "v2"},
-                      explicit={"family", "cross_version", "cross_rank"})
-    assert kept["cross_rank"] == default["cross_rank"]  # set by the user: kept
-    # every trainable table switched off: the default's regulariser has nothing to act on
-    off = {"use_id_embedding": False, "use_tag_embedding": False, "use_user_embedding": False}
-    plain = without_inapplicable_defaults(default | off, explicit=set(off))
-    assert default["embedding_regularizer"] > 0 and plain["embedding_regularizer"] == 0
-    ModelConfig(**(plain | {"max_len": 20}))
-    asked = without_inapplicable_defaults(default | off | {"embedding_regularizer": 1e-3},
-                                          explicit={*off, "embedding_regularizer"})
-    with pytest.raises(ValueError, match="needs a trainable embedding"):  # set by the user: kept, and refused
-        ModelConfig(**(asked | {"max_len": 20}))
+    assert preset("default") == {"model": {}, "train": {}}
+    default = ModelConfig(max_len=20)
+    assert (default.family, default.use_id_embedding, default.use_tag_embedding, default.use_user_embedding,
+            default.cross_rank) == ("transformer_dcnv2", True, True, True, 32)
+    assert default.embedding_regularizer > 0 and TrainConfig().lr_factor == 0.5
+    # another family: its own family options (din reads no cross net), the shared defaults kept
+    din = ModelConfig(family="din", max_len=20)
+    assert din.cross_rank is None and din.use_id_embedding
+    dcn_din = ModelConfig(**(preset("dcn_din")["model"] | {"max_len": 20}))
+    assert (dcn_din.use_id_embedding, dcn_din.use_tag_embedding, dcn_din.cross_rank) == (False, False, 0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -475,7 +487,7 @@ def test_each_family_is_its_own_module_over_the_shared_parts(family):
     family does not declare are refused for it, and its own get its defaults."""
     from mmctr_assets.lib.ctr.model_config import FAMILY_MODELS
 
-    base = {"embedding_dim": D, "family": family}
+    base = PLAIN | {"embedding_dim": D, "family": family}
     model = _model(ModelConfig(**base))
     assert type(model) is FAMILY_MODELS[family] and type(model).__module__ == f"mmctr_assets.lib.ctr.{family}"
     assert isinstance(model, CTRModel) and model.config.position == type(model).OPTIONS["position"][0]

@@ -14,11 +14,14 @@ from mmctr_assets.lib.metrics import auc
 
 N_ITEMS, N_TOPICS, DIM, WIDTH, MAX_LEN = 300, 4, 16, 30, 24
 # This world has no popularity signal (uniform targets): the item-frequency input is noise here.
+# a DCN-DIN over the item table alone (the library's default model adds id, tag and user tables)
+PLAIN = dict(family="dcn_din", use_id_embedding=False, use_tag_embedding=False, use_user_embedding=False,
+             embedding_regularizer=0.0)
 MODEL = ModelConfig(embedding_dim=DIM, max_len=MAX_LEN, attention_units=(16, 8), deep_units=(32, 16),
-                    use_item_frequency=False)
+                    use_item_frequency=False, **PLAIN)
 # One thread: on a shared 2-core box two OpenMP threads can run 10x slower under contention.
 FAST = TrainConfig(batch_size=256, epochs=2, lr=3e-3, eval_batch_size=1024,
-                   num_threads=1)
+                   num_threads=1, lr_factor=0.1, early_stopping_patience=2)
 
 
 def _world(seed=0):
@@ -229,7 +232,7 @@ def small_data(data):
 @pytest.mark.parametrize("family", FAMILY_RUNS)
 def test_new_families_are_deterministic_and_resume_exactly(small_data, tmp_path, family):
     model = ModelConfig(
-        embedding_dim=DIM, max_len=MAX_LEN, deep_units=(16,), **FAMILY_RUNS[family])
+        embedding_dim=DIM, max_len=MAX_LEN, deep_units=(16,), **(PLAIN | FAMILY_RUNS[family]))
     whole = _train(small_data, tmp_path, "whole", model=model)
     again = _train(small_data, tmp_path, "again", model=model)
     np.testing.assert_array_equal(whole.valid_predictions, again.valid_predictions)
@@ -245,7 +248,8 @@ def test_new_families_are_deterministic_and_resume_exactly(small_data, tmp_path,
 
 
 def test_user_embedding_needs_user_ids_and_max_len_must_fit_the_histories(data, tmp_path):
-    users = ModelConfig(embedding_dim=DIM, max_len=MAX_LEN, use_user_embedding=True, use_item_frequency=False)
+    users = ModelConfig(**(PLAIN | dict(embedding_dim=DIM, max_len=MAX_LEN, use_user_embedding=True,
+                                        use_item_frequency=False)))
     no_users = dataclasses.replace(data["train"], user_id=None)
     with pytest.raises(ValueError, match="train_tensors has no user_id"):
         train(users, FAST, no_users, data["valid"], data["emb"], checkpoint_dir=tmp_path)

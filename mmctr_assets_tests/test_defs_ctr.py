@@ -502,7 +502,7 @@ def test_config_fields_carry_descriptions_to_the_launchpad():
 
     dcn = fields(task2.dcn_din_model)
     assert "fused (Task 1's deliverable)" in dcn["embedding_source"].description
-    assert "dcn_din (default)" in dcn["model"].config_type.fields["family"].description
+    assert "transformer_dcnv2 (default)" in dcn["model"].config_type.fields["family"].description
     assert "learning rate" in dcn["train"].config_type.fields["lr"].description
     assert all(f.description for f in dcn["train"].config_type.fields.values())
     assert all(f.description for f in dcn["model"].config_type.fields.values())
@@ -629,3 +629,44 @@ def test_predictions_refuse_a_missing_or_locked_store_without_creating_one(outpu
     assert error.cause.cls_name == "RegistryUnavailable"  # one clear error, not SQLAlchemy's frames
     assert error.cause.cause is None and len(error.cause.stack) < 20
     assert _served(outputs) == before
+
+
+# ---- issue 31: a preset means what its file says ------------------------------------------------
+
+
+def test_every_shipped_preset_trains_through_the_asset_as_the_library_resolves_it(outputs, tiny_data,
+                                                                                 make_resources, instance):
+    """Each preset file, launched as users launch it (its YAML as the run config, one epoch), trains the
+    ModelConfig/TrainConfig that `presets.preset(name)` resolves to in the library (what bench_quality
+    and docs/results.md measure): a field the file leaves out is the library default, never another
+    preset's."""
+    import dataclasses
+
+    import yaml
+
+    from mmctr_assets import settings
+    from mmctr_assets.lib.ctr import presets
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
+    from mmctr_assets.lib.ctr.trainer import TrainConfig
+
+    width = 20  # the tiny data's history width: a preset reading more (qin_recipe's 64) reads all 20
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs.parent / 'mlflow.db'}")
+    res = lenient(make_resources(tiny_data, outputs))
+    assert {"default", "dcn_din", "din", "transformer_dcnv2", "momo", "qin_recipe"} <= set(presets.PRESETS)
+    for name in sorted(presets.PRESETS):
+        run_config = yaml.safe_load(presets.preset_file(name).read_text())
+        section = run_config["ops"]["dcn_din_model"]["config"]
+        section["train"] = (section.get("train") or {}) | {"epochs": 1}
+        if (section.get("model") or {}).get("max_len", 0) > width:
+            section["model"]["max_len"] = width
+        result = dg.materialize([task2.dcn_din_model], resources=res, instance=instance, run_config=run_config)
+        assert result.success, name
+        params = client.get_run(model_metadata(result)["mlflow_run_id"].value).data.params
+        library = presets.preset(name)
+        model = ModelConfig(**({"max_len": width, "embedding_dim": 128, "level_vocab_size": settings.max_level() + 1}
+                               | library["model"] | {"max_len": min(library["model"].get("max_len", width), width)}))
+        train = TrainConfig(**({"seed": settings.seed()} | library["train"] | {"epochs": 1}))
+        assert {k: params[f"model.{k}"] for k in model.to_dict()} == {
+            k: str(v) for k, v in model.to_dict().items()}, name
+        assert {k: params[f"train.{k}"] for k in train.to_dict()} == {
+            k: str(v) for k, v in dataclasses.asdict(train).items()}, name

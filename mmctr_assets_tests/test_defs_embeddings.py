@@ -98,22 +98,36 @@ def test_one_partition_recomputes_only_that_shard(outputs, tiny_data, tiny_clip_
     assert_same_embeddings(outputs / "clip_embeddings" / "shard-1.parquet", before["1"])  # same model and items
 
 
-def test_clip_leaves_a_core_for_item2vec_in_the_same_run(outputs, tiny_data, tiny_clip_dir, instance, make_resources,
-                                                        monkeypatch):
+def test_clip_leaves_a_core_for_item2vec_in_the_same_run_unless_item2vec_runs_fast(
+        outputs, tiny_data, tiny_clip_dir, instance, make_resources, monkeypatch):
     """item2vec's one worker is a whole-graph run's critical path: CLIP beside it takes all cores
-    but one, and all of them when it runs without item2vec."""
+    but one, and all of them when it runs without item2vec. In item2vec's fast mode (workers: 0)
+    CLIP leaves nothing: each step takes every free core, one after the other, and item2vec runs
+    one gensim worker per core it got (not reproducible, and its metadata says so)."""
     from mmctr_assets.lib.embeddings import clip
 
     monkeypatch.setattr(clip, "available_cpus", lambda: 3)
 
-    def clip_cores(assets) -> int:
+    def run(assets, item2vec: dict | None = None):
+        config = clip_config(tiny_clip_dir)
+        if item2vec is not None:
+            config["ops"]["item2vec_embeddings"] = {"config": item2vec}
         result = dg.materialize(assets, resources=make_resources(tiny_data, outputs), instance=instance, tags=RANGE,
-                                run_config=clip_config(tiny_clip_dir))
+                                run_config=config)
         assert result.success
-        return result.asset_materializations_for_node("clip_embeddings")[0].metadata["cpu_cores"].value
+        return {node: result.asset_materializations_for_node(node)[0].metadata
+                for node in ("clip_embeddings", "item2vec_embeddings") if result.asset_materializations_for_node(node)}
 
-    assert clip_cores([task1.clip_embeddings]) == 3
-    assert clip_cores([task1.clip_embeddings, task1.item2vec_embeddings]) == 2
+    both = [task1.clip_embeddings, task1.item2vec_embeddings]
+    assert run([task1.clip_embeddings])["clip_embeddings"]["cpu_cores"].value == 3
+    reproducible = run(both)
+    assert reproducible["clip_embeddings"]["cpu_cores"].value == 2
+    assert (reproducible["item2vec_embeddings"]["workers"].value, reproducible["item2vec_embeddings"]["deterministic"]
+            .value) == (1, True)
+    fast = run(both, {"workers": 0})
+    assert fast["clip_embeddings"]["cpu_cores"].value == 3
+    assert (fast["item2vec_embeddings"]["workers"].value, fast["item2vec_embeddings"]["deterministic"].value) == (
+        3, False)
 
 
 @pytest.mark.float_repro

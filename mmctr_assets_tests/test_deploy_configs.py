@@ -309,14 +309,18 @@ def test_mlflow_server_listens_on_loopback_unless_someone_authenticates(tmp_path
 
 @pytest.mark.parametrize("name", ["demo_run_config.yaml", "full_run_config.yaml"])
 def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
-    """`make demo` / `make demo-full` pass these with --config: they must parse as dcn_din_model config."""
+    """`make demo` / `make demo-full` pass these with --config: they must parse as dcn_din_model config
+    (and the full run's as item2vec_embeddings config: its fast mode)."""
     from mmctr_assets.defs.ctr import DcnDinConfig
+    from mmctr_assets.defs.embeddings import Item2VecConfig
 
     config = yaml.safe_load((settings.PACKAGE_DIR / "deploy" / name).read_text())
-    assert set(config["ops"]) == {"dcn_din_model"}
+    assert set(config["ops"]) == ({"dcn_din_model", "item2vec_embeddings"} if name.startswith("full")
+                                  else {"dcn_din_model"})
     _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs(history_width=100)
     if name.startswith("full"):
         assert train["batch_size"] == 4096 and train["epochs"] == 10
+        assert Item2VecConfig(**config["ops"]["item2vec_embeddings"]["config"]).workers == 0
 
 
 @pytest.mark.parametrize(("goal", "suffix", "config"), [("demo", "", "demo"), ("demo-full", "-full", "full")])

@@ -145,6 +145,31 @@ def test_learns_planted_co_occurrence(cluster_corpus):
     assert res.n_tokens == cluster_corpus.n_tokens and res.n_sentences == cluster_corpus.n_sentences
 
 
+def _neighbourhood(res):
+    """(each item's nearest neighbour's cluster, same-cluster minus other-cluster mean cosine)."""
+    v = res.vectors / np.linalg.norm(res.vectors, axis=1, keepdims=True)
+    cluster = (res.item_ids - 1) // 10
+    sim = v @ v.T
+    same = (cluster[:, None] == cluster[None, :]) & ~np.eye(len(v), dtype=bool)
+    margin = sim[same].mean() - sim[cluster[:, None] != cluster[None, :]].mean()
+    np.fill_diagonal(sim, -2)
+    return cluster[sim.argmax(axis=1)] == cluster, float(margin)
+
+
+def test_fast_mode_learns_the_same_neighbourhoods_as_the_reproducible_mode(cluster_corpus):
+    """The asset's fast mode (a gensim worker per core, Hogwild updates) is not bit-reproducible, so
+    its vectors are compared by what they are for: the planted structure. Both modes must put every
+    item's nearest neighbour in its own cluster, and separate the clusters by about as much: within
+    0.1 of cosine, about what two one-worker runs with different seeds differ by here."""
+    reproducible = i2v.train_item2vec(cluster_corpus.path, epochs=5, workers=1, seed=0)
+    other_seed = i2v.train_item2vec(cluster_corpus.path, epochs=5, workers=1, seed=1)
+    fast = i2v.train_item2vec(cluster_corpus.path, epochs=5, workers=4, seed=0)
+    assert fast.params["workers"] == 4 and np.array_equal(fast.item_ids, reproducible.item_ids)
+    (hit_r, margin_r), (hit_s, margin_s), (hit_f, margin_f) = map(_neighbourhood, (reproducible, other_seed, fast))
+    assert hit_r.all() and hit_s.all() and hit_f.all()
+    assert margin_r > 0.3 and abs(margin_f - margin_r) < 0.1 and abs(margin_s - margin_r) < 0.1
+
+
 @pytest.mark.float_repro
 def test_single_worker_is_bit_reproducible_across_processes(cluster_corpus):
     a = i2v.train_item2vec(cluster_corpus.path, epochs=2, workers=1, seed=7)

@@ -29,7 +29,8 @@ def _model_file(path: Path, seed: int) -> Path:
     emb = rng.normal(size=(N_ITEMS + 1, DIM)).astype(np.float32)
     emb[0] = 0
     config = ModelConfig(embedding_dim=DIM, max_len=WIDTH, attention_units=(8,), deep_units=(8,),
-                         use_item_frequency=False)
+                         use_item_frequency=False, family="dcn_din", use_id_embedding=False,
+                         use_tag_embedding=False, use_user_embedding=False, embedding_regularizer=0.0)
     import torch
 
     torch.manual_seed(seed)

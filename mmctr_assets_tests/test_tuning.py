@@ -25,9 +25,11 @@ from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.data import microlens
 
 SHIPPED = settings.PACKAGE_DIR / "deploy" / "tuning"
-# tiny data (2,000 training rows): small batches, one or two epochs per trial
+# tiny data (2,000 training rows): small batches, one or two epochs per trial, no id/tag tables
+# (the user table is the trainable one the regulariser depends on)
 TINY_SPACE = {
-    "fixed": {"epochs": 2, "batch_size": 256, "early_stopping_patience": 1},
+    "fixed": {"epochs": 2, "batch_size": 256, "early_stopping_patience": 1, "use_id_embedding": False,
+              "use_tag_embedding": False},
     "params": {
         "use_user_embedding": {"choices": [True, False]},
         "embedding_regularizer": {"low": 1e-4, "high": 1e-2, "log": True, "when": {"use_user_embedding": True}},
@@ -153,15 +155,17 @@ def tiny_tensors(tiny_data):
     frames = {t: microlens.read_table(tiny_data, t) for t in ("train", "valid")}
     width = tensors.history_width(frames["train"])
     data = {t: tensors.to_tensors(f, width, n_items=len(emb) - 1) for t, f in frames.items()}
-    return data, emb, width
+    tags = info.get_column("item_tags").list.to_array(5).to_numpy()
+    return data, emb, width, tags
 
 
 @pytest.fixture
 def tiny_runner(tiny_tensors, tmp_path):
-    data, emb, _ = tiny_tensors
+    data, emb, _, tags = tiny_tensors
 
     def run(trial, model_config, train_config):
         result = trainer.train(model_config, train_config, data["train"], data["valid"], emb,
+                               item_tags=tags if model_config.use_tag_embedding else None,
                                checkpoint_dir=tmp_path / f"trial-{trial.number}",
                                on_epoch_end=lambda e: tuning.report_epoch(trial, e.epoch, e.valid_auc))
         return result.best_valid_auc
@@ -209,23 +213,93 @@ def test_no_completed_trial_writes_no_best_config(tmp_path):
     assert good.read_text() == "last good"  # a failed study never replaces the last good config
 
 
-def test_pruner_starts_after_two_completed_trials_and_can_stop_a_trial_after_its_first_epoch(tmp_path):
+def test_the_default_config_is_the_first_trial_and_hyperband_stops_trials_outside_the_best_third(tmp_path):
     # per-trial valid AUC curves (epochs 1, 2); the runner reports them as trainer.train would
-    curves = [[0.70, 0.75], [0.60, 0.78], [0.64, 0.90], [0.66, 0.70]]
-    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "prune", seed=0, n_trials=4)
+    curves = [[0.70, 0.75], [0.72, 0.78], [0.64, 0.90], [0.75, 0.80], [0.71, 0.72]]
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "prune", seed=0, n_trials=5, max_epochs=2)
+    configs = []
 
     def replay(trial, model_config, train_config):
+        configs.append((model_config, train_config))
         for epoch, auc in enumerate(curves[trial.number], start=1):
             tuning.report_epoch(trial, epoch, auc)
         return max(curves[trial.number])
 
-    tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), replay, n_trials=4)
+    space = tuning.parse_search_space(TINY_SPACE)
+    tuning.run_study(study, space, replay, n_trials=5, base_model={"max_len": 20})
     rows = tuning.trial_rows(study)
-    # trial 1 trails trial 0 but only one trial had completed; trial 2 trails the median of the
-    # two completed ones (0.65) after epoch 1, however well it would have ended; trial 3 passes
-    # epoch 1 (0.66) and is stopped after epoch 2 (0.70 < 0.765)
+    # trial 0 is the default config (library defaults under `fixed`), whatever the sampler would pick
+    assert rows[0]["default"] and not any(r["default"] for r in rows[1:])
+    assert rows[0]["params"] == tuning.default_params(space, {"max_len": 20})
+    assert "(default)" in tuning.trials_markdown(rows)
+    model, train = configs[0]
+    assert (model.family, model.use_user_embedding, model.embedding_regularizer, train.lr) == (
+        "transformer_dcnv2", True, ModelConfig.embedding_regularizer, trainer.TrainConfig.lr)
+    # one bracket (2 epochs, reduction factor 3): at the epoch-1 rung a trial goes on while it is the
+    # best so far of fewer than three, then while in the best third. The first always goes on;
+    # 0.72 beats 0.70; 0.64 is pruned however well it would have ended; 0.75 is the best; 0.71
+    # is not in the best third of five
     assert [(r["state"], r["epochs"]) for r in rows] == [("COMPLETE", 2), ("COMPLETE", 2), ("PRUNED", 1),
-                                                          ("PRUNED", 2)]
+                                                          ("COMPLETE", 2), ("PRUNED", 1)]
+
+
+def test_a_search_space_without_the_default_config_is_refused():
+    space = tuning.parse_search_space({**TINY_SPACE, "params": {"batch_size": {"choices": [256, 512]}},
+                                       "fixed": {"epochs": 2}}, "narrow.yaml")
+    with pytest.raises(tuning.SearchSpaceError, match=r"narrow.yaml: params.batch_size \(one of \[256, 512\]\) "
+                                                      r"does not hold the default's batch_size=4096"):
+        tuning.run_study(optuna.create_study(direction="maximize"), space, lambda *a: 0.5, n_trials=1)
+
+
+@pytest.mark.parametrize("name", ["search_space.yaml", "search_space_demo.yaml"])
+def test_shipped_spaces_hold_the_default_config(name):
+    space = tuning.load_search_space(SHIPPED / name)
+    first = tuning.default_params(space, {"max_len": 100})
+    assert first["family"] == "transformer_dcnv2" and first["batch_size"] == 4096
+    assert first["use_id_embedding"] and first["use_user_embedding"]
+
+
+def test_the_budget_stops_a_running_trial_and_starts_no_other(tmp_path):
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "budget", seed=0, n_trials=5)
+    budget = tuning.Budget(0.01)  # 0.6 s
+    steps = []
+
+    def endless(trial, model_config, train_config):  # a training that would outlast any budget
+        while True:
+            steps.append(trial.number)
+            budget.check(trial, epoch=1)
+            time.sleep(0.01)
+
+    assert tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), endless, n_trials=5, budget=budget) == 1
+    (row,) = tuning.trial_rows(study)
+    assert row["state"] == "PRUNED" and row["stopped_at_budget"] and set(steps) == {0}
+    assert budget.left_s() == 0  # and a resumed run with the spent budget starts nothing
+    assert tuning.run_study(study, tuning.parse_search_space(TINY_SPACE), endless, n_trials=5, budget=budget) == 0
+    with pytest.raises(RuntimeError, match="stopped at the study's wall-time budget: raise budget_minutes"):
+        tuning.best_sections(study)
+    with pytest.raises(ValueError, match="budget must be > 0 minutes"):
+        tuning.Budget(0)
+
+
+def test_a_trial_the_budget_stops_after_an_epoch_completes_with_its_auc_so_far(tmp_path):
+    """The budget ends inside the default (first) trial after its first epoch: the study still returns
+    it, scored at the fidelity it reached, instead of nothing."""
+    study = tuning.open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "cut", seed=0, n_trials=3)
+    budget = tuning.Budget(0.01)
+
+    def one_epoch_then_endless(trial, model_config, train_config):
+        tuning.report_epoch(trial, 1, 0.61)
+        while True:
+            budget.check(trial, epoch=2)
+            time.sleep(0.01)
+
+    space = tuning.parse_search_space(TINY_SPACE)
+    assert tuning.run_study(study, space, one_epoch_then_endless, n_trials=3, budget=budget) == 1
+    (row,) = tuning.trial_rows(study)
+    assert (row["state"], row["auc"], row["default"], row["stopped_at_budget"]) == ("COMPLETE", 0.61, True, True)
+    assert "COMPLETE (budget) (default)" in tuning.trials_markdown([row])
+    best, model, _ = tuning.best_sections(study)
+    assert best.number == 0 and ModelConfig(**model, max_len=20).family == "transformer_dcnv2"
 
 
 KILLED_WORKER = textwrap.dedent("""
@@ -295,8 +369,9 @@ def tuned_outputs(task1_outputs, tiny_data, tmp_path_factory, make_resources):
 def test_study_logs_parent_and_child_runs_and_writes_the_best_config(tuned_outputs):
     out, result, root = tuned_outputs
     meta = result.asset_materializations_for_node("ctr_tuning")[0].metadata
-    # trials 0 and 1 complete (the pruner waits for two); trial 2 may be pruned after an epoch
+    # trial 0 (the default config) completes; Hyperband may stop trials 1 and 2 after an epoch
     assert meta["trials_complete"].value + meta["trials_pruned"].value == 3 and meta["trials_run_now"].value == 3
+    assert "| 0 | COMPLETE (default) |" in meta["trials"].value
     assert meta["storage"].value == f"sqlite:///{(root / 'home').resolve() / 'optuna.db'}"  # the instance's own
     assert meta["trials"].value.startswith("| trial | state | valid AUC |")
     assert meta["trial_aucs"].value.startswith("![")
@@ -312,11 +387,11 @@ def test_study_logs_parent_and_child_runs_and_writes_the_best_config(tuned_outpu
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.data.tags["optuna.trial"] for c in children) == ["0", "1", "2"]
     pruned = [c for c in children if c.data.tags.get("optuna.state") == "PRUNED"]
-    assert len(pruned) == meta["trials_pruned"].value and all(c.data.tags["optuna.trial"] == "2" for c in pruned)
+    assert len(pruned) == meta["trials_pruned"].value and all(c.data.tags["optuna.trial"] != "0" for c in pruned)
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "valid_auc")]
-        if child in pruned:  # ended by the pruner: the epochs it ran, and KILLED
-            assert steps in ([1], [1, 2]) and child.info.status == "KILLED"
+        if child in pruned:  # ended by the pruner after the epoch-1 rung, and KILLED
+            assert steps == [1] and child.info.status == "KILLED"
         else:
             assert steps == [1, 2] and child.info.status == "FINISHED"
     best_child = next(c for c in children if c.data.tags["optuna.trial"] == str(meta["best_trial"].value))
@@ -353,3 +428,77 @@ def test_dcn_din_model_trains_the_best_config(tuned_outputs, tiny_data, make_res
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
     params = client.get_run(model_meta["mlflow_run_id"].value).data.params
     assert params["train.lr"] == str(saved["train"]["lr"]) and params["train.epochs"] == "2"
+
+
+def _best_config_file(out: Path, model: dict, train: dict) -> Path:
+    """A best_run_config.yaml as ctr_tuning writes it, from a study whose best trial is ``model``/``train``."""
+    study = optuna.create_study(direction="maximize")
+    study.add_trial(optuna.trial.create_trial(
+        value=0.9, params={"lr": train["lr"]}, distributions={"lr": optuna.distributions.FloatDistribution(1e-4, 1e-2)},
+        user_attrs={"model": model, "train": train}))
+    return tuning.write_best_config(tuning.tuned_file(out), study, "sqlite:///study.db")
+
+
+@pytest.mark.parametrize("launched, family", [({"tuned": True}, "dcn_din"),
+                                              ({"tuned": True, "model": {"family": "din"}}, "din")])
+def test_tuned_trains_the_studys_family_when_launched_through_dagster_config(
+        task1_outputs, tiny_data, make_resources, tmp_path, launched, family):
+    """Dagster's config processing marks `family` set although the launch config never names it; the
+    study's best family must win over the default all the same, and a family the user types wins."""
+    out = Path(shutil.copytree(task1_outputs[0], tmp_path / "outputs"))
+    best_model = {"family": "dcn_din", "use_id_embedding": False, "use_tag_embedding": False, "position": "none",
+                  "deep_units": [16], "dropout": 0.05}
+    best_train = {"lr": 0.002, "batch_size": 512, "epochs": 1, "lr_factor": 0.1, "seed": 3}
+    _best_config_file(out, best_model, best_train)
+    if family == "din":  # din has no recency position to take from the study
+        best_model.pop("position")
+        _best_config_file(out, best_model, best_train)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, out), instance=instance,
+                                run_config={"ops": {"dcn_din_model": {"config": launched}}})
+    assert result.success
+    run_id = result.asset_materializations_for_node("dcn_din_model")[0].metadata["mlflow_run_id"].value
+    params = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}").get_run(run_id).data.params
+    assert params["model.family"] == family
+    expected = best_model | ({"family": family} if family == "din" else {})
+    resolved = ModelConfig(**(expected | {"max_len": int(params["model.max_len"])})).to_dict()
+    # every model field is the study's (library defaults for what it left out), every train field too
+    assert {k: params[f"model.{k}"] for k in resolved} == {k: str(v) for k, v in resolved.items()}
+    assert {k: params[f"train.{k}"] for k in best_train} == {k: str(v) for k, v in best_train.items()}
+
+
+def test_a_trial_the_budget_stops_inside_the_asset_ends_pruned_and_the_last_best_config_stays(
+        task1_outputs, tiny_data, make_resources, tmp_path, monkeypatch):
+    """The asset's trial runner checks the budget during training: with a budget already spent once
+    trials run (a stand-in that still lets them start, as when the deadline falls inside a trial),
+    every trial stops at its first step, ends PRUNED (its MLflow child run KILLED), and the step fails
+    saying to raise the budget, keeping the previous best config."""
+
+    class SpentDuringTrials(tuning.Budget):
+        def left_s(self):
+            return None  # trials start ...
+
+        def check(self, trial, epoch):
+            self.deadline = time.monotonic() - 1  # ... and the deadline has passed by the first step
+            super().check(trial, epoch)
+
+    monkeypatch.setattr(tuning_defs.tuning, "Budget", SpentDuringTrials)
+    out = Path(shutil.copytree(task1_outputs[0], tmp_path / "outputs"))
+    best = tuning.tuned_file(out)
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_text("last good")
+    config = {"n_trials": 2, "search_space": str(write_space(tmp_path, TINY_SPACE)), "study_name": "spent",
+              "budget_minutes": 5, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
+                                run_config={"ops": {"ctr_tuning": {"config": config}}}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "stopped at the study's wall-time budget: raise budget_minutes" in str(failure.event_specific_data.error)
+    assert best.read_text() == "last good"
+    study = optuna.load_study(study_name="spent", storage=config["storage"])
+    assert [(t.state.name, t.user_attrs.get("stopped_at_budget")) for t in study.trials] == [("PRUNED", 1)] * 2
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out.parent / 'mlflow.db'}")
+    children = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  filter_string="tags.`optuna.state` = 'STOPPED_AT_BUDGET'")
+    assert len(children) == 2 and all(c.info.status == "KILLED" for c in children)

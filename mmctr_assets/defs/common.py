@@ -115,3 +115,10 @@ def torch_threads(n: int):
         yield n
     finally:
         torch.set_num_threads(previous)
+
+
+def launched_config(context: dg.AssetExecutionContext, op_name: str | None = None) -> dict:
+    """An op's config as its run was launched (run config ``ops: <op>: config:``), before Dagster fills
+    in defaults: what the user typed. This step's own op unless ``op_name``."""
+    ops = (context.run.run_config or {}).get("ops") or {}
+    return dict((ops.get(op_name or context.op_def.name) or {}).get("config") or {})

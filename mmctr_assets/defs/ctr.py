@@ -1,4 +1,4 @@
-"""Task 2: the CTR model (tracked in MLflow; family dcn_din by default, transformer_dcnv2 or din by
+"""Task 2: the CTR model (tracked in MLflow; family transformer_dcnv2 by default, dcn_din or din by
 config), test-set predictions and the submission zip."""
 
 import dataclasses
@@ -13,12 +13,11 @@ import pydantic
 from pydantic import Field
 
 from .. import settings
-from ..lib.ctr import presets
 from ..lib.ctr.model_config import FAMILIES, ModelConfig
 from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
-from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN
+from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, launched_config
 from .embeddings import EMBEDDING_SOURCES, item_embedding_table
 from .freshness import FreshnessConfig, require_fresh_upstream
 from .training import NOT_WORSE, champion_model_file, read_train_valid, register_and_gate, train_tracked
@@ -28,16 +27,13 @@ GROUP = "task2_ctr"
 _NOT_CONFIG = {"precision", "embedding_dim"}
 # run config defaults that come from settings (environment variables)
 _SETTINGS_DEFAULTS = {"seed": settings.seed(), "level_vocab_size": settings.max_level() + 1}
-# what dcn_din_model trains with no config: deploy/presets/default.yaml (docs/models.md), over the
-# library dataclasses' own defaults
-_DEFAULT_PRESET = presets.preset("default")
 # the item tables a model can read (checked by Dagster at launch: a Literal becomes an enum)
 EmbeddingSource = typing.Literal[EMBEDDING_SOURCES]
 EMBEDDING_SOURCE_HELP = ("Item table the model reads: fused (Task 1's deliverable), content (PCA of CLIP), "
                          "item2vec, or organisers (item_info's own item_emb_d128).")
 # launchpad descriptions; a field without one points at its dataclass
 _HELP = {
-    "family": "Model family: dcn_din (default), transformer_dcnv2, or din (the organisers' baseline).",
+    "family": "Model family: transformer_dcnv2 (default), dcn_din, or din (the organisers' baseline).",
     "max_len": "History positions read (the most recent ones); unset: every position the data holds.",
     "lr": "AdamW learning rate.", "weight_decay": "AdamW weight decay.", "batch_size": "Training batch size.",
     "epochs": "Most epochs; early stopping on valid AUC may end sooner.",
@@ -52,14 +48,14 @@ _HELP = {
 
 def _config_section(name: str, cls) -> type[dg.Config]:
     """A Dagster config class mirroring one of the library's config dataclasses, so defaults and
-    field names live in one place."""
+    field names live in one place: a field a run config (or a preset file) leaves out takes the
+    library's default, which is the default model's (deploy/presets/default.yaml restates nothing)."""
     hints = typing.get_type_hints(cls)
     fields = {}
     for f in dataclasses.fields(cls):
         if f.name in _NOT_CONFIG:
             continue
-        preset_default = _DEFAULT_PRESET["model" if cls is ModelConfig else "train"].get(f.name, f.default)
-        hint, default = hints[f.name], _SETTINGS_DEFAULTS.get(f.name, preset_default)
+        hint, default = hints[f.name], _SETTINGS_DEFAULTS.get(f.name, f.default)
         if typing.get_origin(hint) is tuple:  # tuples of layer sizes arrive as JSON lists
             hint, default = list[int], list(default)
         if cls is ModelConfig and f.name == "max_len":  # the data decides (see library_configs)
@@ -86,14 +82,22 @@ class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
     tuned: bool = Field(default=False, description="Train ctr_tuning's best config (its best_run_config.yaml); "
                         "keys set in model:/train: here win.")
 
-    def with_tuned(self, output_dir: str) -> "DcnDinConfig":
-        """This config with ctr_tuning's best model:/train: merged in when `tuned` (lib/ctr/tuning.py)."""
+    def with_tuned(self, output_dir: str, launched: dict | None = None) -> "DcnDinConfig":
+        """This config with ctr_tuning's best model:/train: merged in when `tuned` (lib/ctr/tuning.py);
+        a key the user set in model:/train: wins. ``launched``: the op's config as the run was launched
+        (what the user typed). Dagster's config processing marks some fields set that the user never
+        typed (a Literal such as ``family`` always), so the pydantic field set alone would keep the
+        default family over the study's; without ``launched`` (a config built in code) it is used."""
         if not self.tuned:
             return self
         from ..lib.ctr.tuning import tuned_file, tuned_sections
 
+        if launched is None:
+            keep_model, keep_train = self.model.model_fields_set, self.train.model_fields_set
+        else:
+            keep_model, keep_train = (set(launched.get(section) or {}) for section in ("model", "train"))
         model, train = tuned_sections(tuned_file(output_dir), self.model.model_dump(), self.train.model_dump(),
-                                      self.model.model_fields_set, self.train.model_fields_set)
+                                      keep_model, keep_train)
         return self.model_copy(update={"model": ModelSection(**model), "train": TrainSection(**train)})
 
     def library_configs(self, history_width: int) -> tuple[ModelConfig, dict]:
@@ -112,7 +116,7 @@ class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
                 f"two sections, e.g. {json.dumps({k: v for k, v in shape.items() if v})} "
                 "(ops: dcn_din_model: config: model: ... train: ...; docs/models.md)."
             )
-        model_values = presets.without_inapplicable_defaults(self.model.model_dump(), self.model.model_fields_set)
+        model_values = self.model.model_dump()
         if model_values["max_len"] is None:
             model_values["max_len"] = history_width
         elif model_values["max_len"] > history_width:
@@ -139,9 +143,10 @@ def _item_tags(storage: ProjectStorage) -> np.ndarray:
                                          "same validation data) - MlflowResource.promotion_tolerance")])
 def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, storage: ProjectStorage,
                   compute: ComputeResource, mlflow: MlflowResource):
-    """The CTR model of config model.family: dcn_din (default; DIN target attention with a recency
-    embedding, a cross network and a deep network with Dice), transformer_dcnv2 (Transformer over
-    the real history items + DCN-V2) or din (the organisers' baseline). Every run is an MLflow run
+    """The CTR model of config model.family: transformer_dcnv2 (default; a Transformer over the real
+    history items + DCN-V2 over trainable id, tag and user tables), dcn_din (DIN target attention
+    with a recency embedding, a cross network and a deep network with Dice) or din (the organisers'
+    baseline). Every run is an MLflow run
     and a new version of the registered model; it replaces model.pt (and so feeds predictions) only
     when the champion gate promotes it. An interrupted materialisation resumes from its last epoch."""
     from ..lib.ctr import tensors
@@ -151,7 +156,7 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     # before hours of training, not after; a registry that served model.pt must still exist
     mlflow.check_reachable(must_exist=storage.model().exists())
     frames = read_train_valid(storage)
-    config = config.with_tuned(storage.output_dir)
+    config = config.with_tuned(storage.output_dir, launched_config(context))
     model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
     train_config = TrainConfig(**train_values, precision=compute.precision)
     source = config.embedding_source

@@ -22,6 +22,7 @@ from .common import (
     ProgressLog,
     clip_shards,
     cpu_cores,
+    launched_config,
     png_metadata,
     run_tags,
     torch_threads,
@@ -46,9 +47,14 @@ class ClipConfig(FreshnessConfig):
 
 
 def leaves_core_for_item2vec(context: dg.AssetExecutionContext) -> int:
-    """1 when this run also materialises item2vec_embeddings (and so runs it beside CLIP), else 0."""
+    """1 when this run also materialises item2vec_embeddings in its reproducible mode (one worker,
+    beside CLIP), else 0: in fast mode item2vec takes every free core itself, so the two steps run
+    one after the other, each on all the cores, whichever claims them first."""
     keys = context.run.asset_selection or context.job_def.asset_layer.selected_asset_keys
-    return int(dg.AssetKey("item2vec_embeddings") in keys)
+    if dg.AssetKey("item2vec_embeddings") not in keys:
+        return 0
+    default = Item2VecConfig.model_fields["workers"].default
+    return int(launched_config(context, "item2vec_embeddings").get("workers", default) == 1)
 
 
 @dg.asset(
@@ -81,7 +87,7 @@ def clip_embeddings(
             f"CLIP at {config.model} has RANDOM WEIGHTS (the offline demo encoder): its embeddings "
             "carry no semantic content. Set MMCTR_CLIP_MODEL to real ViT-B/32 weights for real use."
         )
-    # the free CPU cores, less one when this run also trains item2vec: its one worker is the
+    # the free CPU cores, less one when this run also trains item2vec with one worker: it is the
     # critical path of a whole-graph run and would otherwise wait for this step (docs/deployment.md, Full
     # size); torch threads and decode threads; one set of decode threads for every shard of the run
     want = compute.cpu_threads or max(1, clip_encoder.available_cpus() - leaves_core_for_item2vec(context))
@@ -134,10 +140,12 @@ class Item2VecConfig(FreshnessConfig):
     epochs: int = 5
     negative: int = 5
     workers: int = 1
-    """gensim threads. 1 (default) gives bit-identical vectors for the same data and seed, so two
-    runs of the whole graph give the same fused table and AUC. More threads train faster
-    (measured: docs/results.md) but update shared weights without locks: vectors, and so the
-    AUC, differ slightly run to run. A documented opt-in for speed, not the default."""
+    """gensim threads. 1 (default), the reproducible mode: bit-identical vectors for the same data
+    and seed, so two runs of the whole graph give the same fused table and AUC. 0, the fast mode:
+    one thread per core the step may take (every free core; defs/common.py cpu_cores); n > 1: n
+    cores, waiting for them. Several threads train faster (docs/results.md) but update shared weights
+    without locks (Hogwild): vectors, and so the AUC, differ slightly run to run, not in quality
+    (docs/assets.md, item2vec)."""
     seed: int = settings.seed()
     include_clicked_target: bool = True
     """Append the target to its history when clicked: the strongest co-occurrence signal."""
@@ -164,16 +172,19 @@ def item2vec_embeddings(
     from ..lib.embeddings import item2vec
 
     require_fresh_upstream(context, config)
-    if config.workers > 1:
-        context.log.warning(f"item2vec with workers={config.workers}: faster, but NOT reproducible (vectors "
-                            "and downstream AUC differ slightly run to run). workers=1 is bit-identical.")
+    if config.workers < 0:
+        raise ValueError(f"item2vec_embeddings config workers must be 1 (reproducible), 0 (every core the step "
+                         f"may take) or a number of cores, got {config.workers}")
     train = storage.require(storage.raw("train"), "raw_train")
     n_items = storage.n_items()
     out_dir = storage.item2vec().parent
     out_dir.mkdir(parents=True, exist_ok=True)
     # a core per gensim worker, shared with clip_embeddings when it runs beside this step
-    with cpu_cores(context.log, storage.cpu_lock_dir(), config.workers, need=config.workers, what="item2vec"), \
-            tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with cpu_cores(context.log, storage.cpu_lock_dir(), config.workers or None, need=config.workers or 1,
+                   what="item2vec") as workers, tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        if workers > 1:
+            context.log.warning(f"item2vec with {workers} gensim workers: faster, but NOT reproducible (vectors "
+                                "and downstream AUC differ slightly run to run); workers: 1 is bit-identical")
         corpus = item2vec.build_corpus(train, f"{tmp}/corpus.txt", config.include_clicked_target,
                                        one_line_per_user=config.one_line_per_user)
         context.log.info(f"corpus: {corpus.n_sentences} sentences, {corpus.n_tokens} tokens "
@@ -185,7 +196,7 @@ def item2vec_embeddings(
             min_count=config.min_count,
             epochs=config.epochs,
             negative=config.negative,
-            workers=config.workers,
+            workers=workers,
             seed=config.seed,
         )
     write_parquet_atomic(item2vec.to_frame(result), storage.item2vec())
@@ -203,7 +214,8 @@ def item2vec_embeddings(
             "seconds_corpus": round(corpus.seconds, 2),
             "seconds_train": round(result.seconds_train, 2),
             "params": dg.MetadataValue.json(result.params),
-            "deterministic": config.workers == 1,
+            "workers": workers,
+            "deterministic": workers == 1,
         }
     )
 

@@ -30,6 +30,11 @@ SCORER_VERSION = 1
 # The organisers' baseline is a DIN: target attention with unbounded (linear) weights over the
 # frozen item table, likes/views levels, a deep network; no cross network, no extra features.
 SCORER_MODEL = ModelConfig(
+    family="dcn_din",  # spelt out: the library's defaults are the default CTR model's, not the scorer's
+    use_id_embedding=False,
+    use_tag_embedding=False,
+    use_user_embedding=False,
+    embedding_regularizer=0.0,
     position="none",  # history as a set, as in the organisers' DIN (the model default reads order)
     attention_output_activation="linear",
     history_match_features=False,
@@ -42,6 +47,8 @@ SCORER_TRAIN = TrainConfig(
     lr=1e-3,
     batch_size=1024,
     epochs=5,
+    lr_factor=0.1,
+    early_stopping_patience=2,
     seed=2025,
     precision="fp32",
     deterministic=True,

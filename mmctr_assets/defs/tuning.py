@@ -9,7 +9,7 @@ from pydantic import field_validator
 
 from .. import deploy, settings
 from ..lib import output_paths
-from ..lib.ctr import presets, tuning
+from ..lib.ctr import tuning
 from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
 from ..lib.redaction import redact
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
@@ -27,8 +27,14 @@ class TuningConfig(FreshnessConfig):
     n_trials: int = 12
     """Trials the study should hold (finished, pruned or failed by their own error); a resumed study
     counts its earlier ones, so re-running after a kill runs only the rest."""
-    timeout_minutes: float | None = None
-    """Stop starting trials after this long (a running trial finishes); unset: no limit."""
+    budget_minutes: float | None = 60.0
+    """The study's wall time, counted from the step's start: no trial starts after it and a running
+    trial is stopped at it (pruned), so the step ends within it plus writing the best config at any
+    data size. Trials run few epochs first (Hyperband), on trial_rows rows. null: unbounded."""
+    trial_rows: int | None = 1_000_000
+    """Training rows each trial trains on: a seeded random sample when the data holds more (valid
+    stays whole). Only the best config then trains on every row (dcn_din_model, tuned: true).
+    null: every row."""
     search_space: str = str(DEFAULT_SEARCH_SPACE)
     """Search-space YAML (docs/tuning.md); deploy/tuning/search_space_demo.yaml is the demo's."""
     study_name: str = "ctr_tuning"
@@ -40,7 +46,8 @@ class TuningConfig(FreshnessConfig):
     seed: int = settings.seed()
     """Seeds the TPE sampler and every trial's training."""
     pruning: bool = True
-    """Stop a trial whose valid AUC trails the median of earlier trials at the same epoch."""
+    """Hyperband over epochs: stop a trial that is not in the best third of its bracket at an epoch
+    rung (1, 3, 9, ... epochs)."""
 
     @field_validator("study_name")
     @classmethod
@@ -65,15 +72,19 @@ def instance_storage_url(instance: dg.DagsterInstance) -> str:
 
 
 def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: str, work_dir: Path,
-                  parent_tags: dict):
+                  parent_tags: dict, budget: "tuning.Budget"):
     """Trains one trial as an MLflow child run of the active (parent) run, reporting each epoch's
-    valid AUC to the pruner."""
+    valid AUC to the pruner and stopping at the study's budget (checked after every step)."""
     import optuna
 
     from ..lib.ctr import trainer
 
     def run(trial, model_config, train_config) -> float:
         def status(error: BaseException) -> str:
+            if isinstance(error, tuning.BudgetSpent):  # Optuna keeps its AUC so far when it finished an epoch
+                mlflow.set_tag("optuna.state", "STOPPED_AT_BUDGET")
+                mlflow.set_tag("optuna.pruned", str(error))
+                return "KILLED"
             if isinstance(error, optuna.TrialPruned):
                 mlflow.set_tag("optuna.state", "PRUNED")
                 mlflow.set_tag("optuna.pruned", str(error))
@@ -99,7 +110,7 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: 
                     model_config, train_config, data["train"], data["valid"], data["emb"],
                     item_tags=data["tags"] if model_config.use_tag_embedding else None, device=device,
                     checkpoint_dir=work_dir / f"trial-{trial.number}", data_fingerprint=data["fingerprint"],
-                    on_epoch_end=on_epoch_end)
+                    on_epoch_end=on_epoch_end, progress=lambda epoch, step, steps: budget.check(trial, epoch))
                 mlflow.log_metrics({"best_valid_auc": result.best_valid_auc})
                 return result.best_valid_auc
         finally:
@@ -108,21 +119,23 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: 
     return run
 
 
-def _load_data(storage: ProjectStorage, seed: int) -> tuple[dict, int]:
-    """Train/valid tensors at the data's full history width (a trial's max_len truncates), the
-    fused item table, the tags; read once for all trials."""
+def _load_data(storage: ProjectStorage, seed: int, trial_rows: int | None) -> tuple[dict, int]:
+    """Train (at most ``trial_rows``, a seeded sample) and valid tensors at the data's full history
+    width (a trial's max_len truncates), the fused item table, the tags; read once for all trials."""
     from ..lib.ctr import tensors
     from .ctr import _item_tags
     from .embeddings import item_embedding_table
 
     frames = {t: storage.read_raw(t) for t in ("train", "valid")}
+    if trial_rows is not None and frames["train"].height > trial_rows:
+        frames["train"] = frames["train"].sample(trial_rows, seed=seed)
     width = tensors.history_width(frames["train"])
     emb = item_embedding_table(storage, "fused", seed)
     levels = settings.max_level() + 1
     train_t, valid_t = (tensors.to_tensors(f, width, n_items=emb.shape[0] - 1, level_vocab_size=levels)
                         for f in frames.values())
     fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")), file_fingerprint(storage.raw("valid")),
-                                   array_fingerprint(emb), "fused")
+                                   array_fingerprint(emb), "fused", f"train_rows={len(train_t)}")
     return {"train": train_t, "valid": valid_t, "emb": emb, "tags": _item_tags(storage),
             "fingerprint": fingerprint}, width
 
@@ -135,14 +148,18 @@ def ctr_tuning(
     compute: ComputeResource,
     mlflow: MlflowResource,
 ) -> dg.MaterializeResult:
-    """An Optuna study (TPE, median pruning on per-epoch valid AUC) over the search space; writes
-    the best trial as dcn_din_model's run config (`tuned: true` trains it). Resumes a study of the
-    same name: a killed run leaves trials that are marked failed and retried."""
+    """An Optuna study (TPE, Hyperband pruning on per-epoch valid AUC, the default config as its
+    first trial) over the search space, within budget_minutes; writes the best trial as
+    dcn_din_model's run config (`tuned: true` trains it on all rows). Resumes a study of the same
+    name: a killed run leaves trials that are marked failed and retried."""
+    budget = tuning.Budget(config.budget_minutes)  # the step's wall time, data loading included
     require_fresh_upstream(context, config)
     mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     space = tuning.load_search_space(config.search_space)  # read only
     if config.n_trials < 1:
         raise ValueError(f"ctr_tuning config n_trials must be >= 1, got {config.n_trials}")
+    if config.trial_rows is not None and config.trial_rows < 1:
+        raise ValueError(f"ctr_tuning config trial_rows must be >= 1 (or null: every row), got {config.trial_rows}")
     # before anything is written: a symlinked checkpoint folder or a sqlite file outside is refused
     work_dir = output_paths.inside(storage.output_dir, storage.out("ctr_tuning", "checkpoints", config.study_name),
                                    "study checkpoint folder")
@@ -150,24 +167,25 @@ def ctr_tuning(
         output_paths.check_sqlite_url(config.storage, [storage.output_dir, context.instance.root_directory],
                                       "ctr_tuning config storage")
     url = config.storage or instance_storage_url(context.instance)
-    study = tuning.open_study(url, config.study_name, config.seed, config.n_trials, config.pruning)
+    study = tuning.open_study(url, config.study_name, config.seed, config.n_trials, config.pruning,
+                              max_epochs=tuning.epochs_cap(space))
     context.log.info(f"study {config.study_name!r} in {redact(url)}: {tuning.counted_trials(study)} of "
                      f"{config.n_trials} trials done before this run")
-    data, width = _load_data(storage, config.seed)
+    data, width = _load_data(storage, config.seed, config.trial_rows)
     tuning.check_max_len(space, width)
     device = compute.torch_device()
     tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
     best_path = tuning.tuned_file(storage.output_dir)
-    default = presets.preset("default")  # what a parameter the space does not sample keeps
     want = (compute.cpu_threads or None) if device.type == "cpu" else 1
     with mlflow.start_run(f"ctr_tuning_{config.study_name}", tags=tags) as parent:
         _log_study(mlflow, config, url, data["fingerprint"])
         with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
             ran = tuning.run_study(
-                study, space, _trial_runner(context, mlflow, data, device, storage.output_dir, work_dir, tags),
-                n_trials=config.n_trials, timeout_minutes=config.timeout_minutes,
-                base_model=default["model"] | {"max_len": width, "level_vocab_size": settings.max_level() + 1},
-                base_train=default["train"] | {"seed": config.seed, "precision": compute.precision},
+                study, space, _trial_runner(context, mlflow, data, device, storage.output_dir, work_dir, tags, budget),
+                n_trials=config.n_trials, budget=budget,
+                # a field neither sampled nor fixed keeps the library default (the default model's)
+                base_model={"max_len": width, "level_vocab_size": settings.max_level() + 1},
+                base_train={"seed": config.seed, "precision": compute.precision},
                 on_trial_end=lambda study, trial: context.log.info(_trial_line(trial)))
         output_paths.remove_tree(storage.output_dir, work_dir, "study checkpoint folder")
         tuning.write_best_config(best_path, study, url)  # raises, keeping the old file, if none completed
@@ -184,7 +202,8 @@ def _trial_line(trial) -> str:
 def _log_study(mlflow: MlflowResource, config: TuningConfig, url: str, data_fingerprint: str) -> None:
     """The parent run's parameters: budget, storage, seed, the search space and the data."""
     mlflow.log_params({"study_name": config.study_name, "storage": redact(url),
-                       "n_trials": config.n_trials, "timeout_minutes": config.timeout_minutes,
+                       "n_trials": config.n_trials, "budget_minutes": config.budget_minutes,
+                       "trial_rows": config.trial_rows,
                        "seed": config.seed, "pruning": config.pruning, "search_space": config.search_space,
                        "search_space_fingerprint": file_fingerprint(config.search_space),
                        "data_fingerprint": data_fingerprint})

@@ -22,8 +22,9 @@ class DcnDin(CTRModel):
         "use_item_frequency": (True, (True, False)),
         "cross_layers": (3, None),
         "cross_version": ("v1", ("v1", "v2")),
+        "cross_rank": (0, None),
     }
-    READS = ("attention_units", "attention_impl", "cross_rank")
+    READS = ("attention_units", "attention_impl")
     uses_cross = True
 
     def _build_history(self, config, item_dim: int) -> int:

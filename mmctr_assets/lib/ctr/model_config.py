@@ -31,6 +31,11 @@ TRAINABLE_TABLE_SWITCHES = ("use_id_embedding", "use_tag_embedding", "use_user_e
 class ModelConfig:
     """Architecture hyper-parameters. Everything here (plus table shapes) rebuilds the model.
 
+    The defaults are the default model (deploy/presets/default.yaml restates nothing): a
+    Transformer + low-rank DCN-V2 over regularised trainable item-id, tag and hashed user
+    embeddings, the config that won across demo worlds (docs/results.md). Every other preset file
+    spells out where it differs from them, so a field a file leaves out means these values.
+
     ``family`` picks the model (all share the item representation, the level embeddings and the
     options below): ``dcn_din`` (DIN target attention with a recency embedding -> cross net ||
     deep net), ``transformer_dcnv2`` (a Transformer over the real history items, each joined with
@@ -39,23 +44,24 @@ class ModelConfig:
     must stay unset (a ValueError says which).
     """
 
-    family: str = "dcn_din"
+    family: str = "transformer_dcnv2"
     embedding_dim: int = 128  # width of the pretrained item-embedding matrix
     max_len: int = 64  # history positions the model reads: the most recent max_len items
     finetune_item_embeddings: bool = False
-    use_id_embedding: bool = False
+    use_id_embedding: bool = True
     id_embedding_dim: int = 64  # momo's and FuxiCTR's MicroLens width
-    use_tag_embedding: bool = False
+    use_tag_embedding: bool = True
     tag_embedding_dim: int = 64
-    use_user_embedding: bool = False  # user_id hashed into user_buckets rows (unseen users too)
+    use_user_embedding: bool = True  # user_id hashed into user_buckets rows (unseen users too)
     user_buckets: int = 100_000
     user_embedding_dim: int = 16
     # a learned scalar per item / per user bucket added to the logit: how often an item is clicked
     # whatever the history (an appeal no content shows), how often a user clicks at all
     use_item_bias: bool = False
     use_user_bias: bool = False
-    # FuxiCTR's embedding_regularizer: lambda / 2 * ||W||^2 over every trainable embedding table
-    embedding_regularizer: float = 0.0
+    # FuxiCTR's embedding_regularizer: lambda / 2 * ||W||^2 over every trainable embedding table;
+    # a model without trainable tables must set it to 0 (nothing for it to act on)
+    embedding_regularizer: float = 0.004
     level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
     level_embedding_dim: int = 16
     # "key": a learned embedding of each history item's distance from the most recent click
@@ -75,7 +81,7 @@ class ModelConfig:
     last_k: int = 8  # transformer outputs of the k most recent positions kept as features
     cross_layers: int | None = None
     cross_version: str | None = None
-    cross_rank: int = 0  # 0: full-rank DCN-V2 matrices; r > 0: low-rank U V^T (cross_version v2)
+    cross_rank: int | None = None  # 0: full-rank DCN-V2 matrices; r > 0: low-rank U V^T (cross_version v2)
     deep_units: tuple[int, ...] = (128, 64)
     # an MLP over [cross net, deep net] before the output layer (momo's [64, 32]); () = linear output
     head_units: tuple[int, ...] = ()
@@ -107,7 +113,7 @@ class ModelConfig:
             problems.append(f"last_k ({self.last_k}) must be <= max_len ({self.max_len})")
         if self.cross_layers is not None and self.cross_layers < 0:
             problems.append(f"cross_layers must be >= 0, got {self.cross_layers}")
-        if self.cross_rank < 0 or (self.cross_rank and self.cross_version != "v2"):
+        if self.cross_rank is not None and (self.cross_rank < 0 or (self.cross_rank and self.cross_version != "v2")):
             problems.append(f"cross_rank must be 0 (full rank) or > 0 with cross_version='v2', got "
                             f"{self.cross_rank} with cross_version={self.cross_version!r}")
         if not self.attention_units or min(self.attention_units) < 1:
@@ -124,7 +130,8 @@ class ModelConfig:
         elif self.embedding_regularizer > 0 and not self.trainable_embeddings():
             problems.append("embedding_regularizer > 0 needs a trainable embedding (use_id_embedding, "
                             "use_tag_embedding, use_user_embedding, use_item_bias, use_user_bias or "
-                            "finetune_item_embeddings)")
+                            "finetune_item_embeddings); a model without any sets embedding_regularizer: 0 "
+                            f"(the default, {ModelConfig.embedding_regularizer}, is the default model's)")
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
@@ -166,8 +173,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """A saved config (``to_dict``, stored whole with every model). Options its family does not
+        own are dropped: a validated config held only don't-care values there, and an older version
+        stored some as plain numbers (``cross_rank: 0`` on ``din``) where they are unset now."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        family = FAMILY_MODELS.get(d.get("family", cls.family))
+        own = family.OPTIONS if family is not None else _DEFAULTED
+        return cls(**{k: v for k, v in d.items() if k not in _DEFAULTED or k in own})

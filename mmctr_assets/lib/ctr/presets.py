@@ -2,7 +2,10 @@
 
 Each file is a Dagster run-config fragment (``ops: dcn_din_model: config: model: ... train: ...``),
 so the file a user passes to ``--config``, the one the benchmarks train and the one the tests check
-are the same file. What each preset is and where it comes from: docs/models.md; measured figures:
+are the same file. A field a file leaves out takes the library's default (ModelConfig, TrainConfig),
+which is the default model's: ``default.yaml`` restates nothing, every other file spells out where
+it differs, and the asset, the study and the benchmarks resolve a file the same way. What each
+preset is and where it comes from: docs/models.md; measured figures:
 docs/results.md.
 """
 
@@ -40,24 +43,6 @@ def _load() -> dict[str, dict[str, dict]]:
 
 
 PRESETS: dict[str, dict[str, dict]] = _load()
-
-
-def without_inapplicable_defaults(model: dict, explicit: set[str] | frozenset[str] = frozenset()) -> dict:
-    """``model`` with the default preset's values that no longer apply put back to the library's
-    defaults, unless set in ``explicit``: its family-specific options (``cross_rank`` of its DCN-V2,
-    say) when ``model`` picks another family, since they are tuned for its family and another may not
-    read them at all (``model: {family: din}`` must keep working); and its ``embedding_regularizer``
-    when ``model`` switches every trainable table off, since it has nothing left to act on."""
-    from mmctr_assets.lib.ctr.model_config import FAMILY_SPECIFIC_OPTIONS, TRAINABLE_TABLE_SWITCHES, ModelConfig
-
-    default, fields = PRESETS["default"]["model"], ModelConfig.__dataclass_fields__
-    out = dict(model)
-    if out.get("family", ModelConfig.family) != default.get("family", ModelConfig.family):
-        out |= {k: fields[k].default for k in (FAMILY_SPECIFIC_OPTIONS & default.keys()) - set(explicit)}
-    if "embedding_regularizer" not in explicit and not any(out.get(k, fields[k].default)
-                                                           for k in TRAINABLE_TABLE_SWITCHES):
-        out["embedding_regularizer"] = fields["embedding_regularizer"].default
-    return out
 
 
 def preset(name: str) -> dict[str, dict]:

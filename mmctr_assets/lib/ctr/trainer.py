@@ -37,7 +37,7 @@ _RESUMABLE_CHANGES = {"epochs"}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings.
+    """Optimisation settings; the defaults are the default model's (deploy/presets/default.yaml).
 
     ``lr_patience`` counts non-improving epochs before the LR is cut (Keras/FuxiCTR meaning: 1 =
     cut right after the first bad epoch), so with ``early_stopping_patience=2`` a cut LR gets one
@@ -47,14 +47,14 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-5
     batch_size: int = 4096
-    epochs: int = 10
+    epochs: int = 20  # a cap: early stopping ends sooner
     grad_clip_norm: float | None = 10.0
-    lr_factor: float = 0.1
+    lr_factor: float = 0.5  # halve the LR on a plateau
     lr_patience: int = 1
     # on an LR cut, continue from the best epoch's weights instead of the last (worse) ones: a cut
     # then refines the best model rather than the one that had started to overfit
     restore_best_on_lr_cut: bool = False
-    early_stopping_patience: int = 2
+    early_stopping_patience: int = 3
     seed: int = 0
     precision: str = "fp32"
     eval_batch_size: int = 4096  # larger inference batches are slower on CPU (memory-bound)

@@ -20,8 +20,10 @@ class TransformerDcnV2(CTRModel):
         "use_item_frequency": (True, (True, False)),
         "cross_layers": (3, None),
         "cross_version": ("v2", ("v1", "v2")),
+        # low rank: full rank would triple the step on its ~470-wide features (docs/models.md)
+        "cross_rank": (32, None),
     }
-    READS = ("cross_rank", "transformer_dim", "transformer_layers", "transformer_heads", "transformer_ff_dim",
+    READS = ("transformer_dim", "transformer_layers", "transformer_heads", "transformer_ff_dim",
              "last_k")
     uses_cross = True
 
