@@ -391,7 +391,8 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     assert not result.success
     check = _check(result)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
-    assert "version 2 -> alias challenger" in check.description and "< champion v1's" in check.description
+    assert "version 2 -> alias challenger" in check.description and "significantly worse: refused" in check.description
+    assert check.metadata["p_value_worse"].value < 0.05 and check.metadata["auc_diff_ci_high"].value < -0.001
     assert not result.asset_materializations_for_node("dcn_din_model")
     assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"dcn_din_model"}
     assert "dcn_din_model was NOT materialised" in _failure_message(result, "dcn_din_model")
