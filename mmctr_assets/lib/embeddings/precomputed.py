@@ -46,7 +46,7 @@ def project_precomputed(item_feature: pl.DataFrame, n_items: int, seed: int,
         raise ValueError(f"clip_embeddings source: precomputed needs item_feature.parquet with {missing} "
                          "(the real download's organiser vectors); this data has none. Use source: encoder.")
     ids = pl.int_range(1, n_items + 1, eager=True, dtype=pl.Int64)
-    frame = pl.DataFrame({"item_id": ids}).join(item_feature, on="item_id", how="left")
+    frame = pl.DataFrame({"item_id": ids}).join(item_feature, on="item_id", how="left").sort("item_id")
     parts = []
     for column, width in PRECOMPUTED_VECTORS.items():
         m = _matrix(frame, column, width, "item_feature")
