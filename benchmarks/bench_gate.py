@@ -39,7 +39,7 @@ def build_inputs(res: dict) -> None:
     materialise([task1.fused_item_embeddings], res)
 
 
-def retrain(res: dict, seed: int) -> dict:
+def retrain(res: dict, seed: int, epochs: int) -> dict:
     import dagster as dg
 
     from mmctr_assets.defs import ctr
@@ -47,7 +47,7 @@ def retrain(res: dict, seed: int) -> dict:
     t0 = time.perf_counter()
     result = dg.materialize([ctr.dcn_din_model], resources=res, instance=dg.DagsterInstance.ephemeral(),
                             run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-                            | train_config("fused", {"seed": seed}), raise_on_error=False)
+                            | train_config("fused", {"seed": seed, "epochs": epochs}), raise_on_error=False)
     check = next(e.asset_check_evaluation_data for e in result.all_events
                  if e.event_type_value == "ASSET_CHECK_EVALUATION")
     meta = {k: v.value for k, v in check.metadata.items()}
@@ -69,6 +69,7 @@ def main() -> None:
     ap.add_argument("--data-dir", type=Path, help="reuse (or create) small demo data here")
     ap.add_argument("--world", default="v2", choices=("v1", "v2", "v3"))
     ap.add_argument("--seeds", default="0,0,1,2", help="train seed of each retrain, in order (the first: champion)")
+    ap.add_argument("--epochs", type=int, default=10, help="training epochs of each retrain")
     ap.add_argument("--work-dir", type=Path, help="outputs and mlflow.db (default: a temp dir)")
     args = ap.parse_args()
 
@@ -81,7 +82,7 @@ def main() -> None:
     res = resources(data_dir, work)
     build_inputs(res)
     for seed in (int(s) for s in args.seeds.split(",")):
-        emit(bench="gate", world=args.world, size="small", **retrain(res, seed))
+        emit(bench="gate", world=args.world, size="small", epochs=args.epochs, **retrain(res, seed, args.epochs))
 
 
 if __name__ == "__main__":
