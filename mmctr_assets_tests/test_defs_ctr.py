@@ -400,6 +400,11 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     registry = _registry(resources["mlflow"].tracking_uri)
     assert str(registry.champion().version) == "1"
     assert str(registry.client.get_model_version_by_alias("mmctr-ctr", "challenger").version) == "2"
+    # the paired test's figures are in the training's MLflow run too
+    run = registry.client.get_run(registry.client.get_model_version("mmctr-ctr", "2").run_id)
+    assert run.data.metrics["gate_p_value_worse"] == pytest.approx(check.metadata["p_value_worse"].value)
+    assert run.data.metrics["gate_auc_diff"] == pytest.approx(check.metadata["auc_diff"].value)
+    assert "significantly worse: refused" in run.data.tags["gate"]
     # the UI's view: the failed check is recorded on the asset
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("dcn_din_model"), "not_worse_than_champion")])
