@@ -42,7 +42,7 @@ class ClipConfig(dg.Config):
     source: typing.Literal["encoder", "precomputed"] = "encoder"
     """encoder: CLIP over covers and titles (below). precomputed: no encoder: the organisers'
     txt_emb_BERT + img_emb_CLIPRN50 from item_feature.parquet, projected to 512-d by PCA over all
-    items (lib/embeddings/precomputed.py): a content vector in seconds without a GPU."""
+    items (lib/embeddings/precomputed.py): content vectors without an encoder or a GPU."""
     model: str = settings.clip_model()
     """Hub id or local directory for CLIPModel.from_pretrained (env MMCTR_CLIP_MODEL)."""
     combine: str = "mean"
