@@ -203,9 +203,13 @@ class MlflowResource(dg.ConfigurableResource):
     experiment_name: str = Field(default="mmctr", description="MLflow experiment that holds the runs.")
     registered_model: str = Field(default="mmctr-ctr", description="Registered model whose alias "
                                   "'champion' serves predictions; every dcn_din_model run adds a version.")
-    promotion_tolerance: float = Field(default=0.001, ge=0.0, description="A retrained version becomes "
-                                       "champion when its valid AUC >= the champion's (scored on the same "
-                                       "validation data) minus this.")
+    promotion_tolerance: float = Field(default=0.001, ge=0.0, description="A retrained version is refused "
+                                       "only when it is worse than the champion (scored on the same validation "
+                                       "rows) by more than this AUC, significantly at gate_alpha.")
+    gate_alpha: float = Field(default=0.05, gt=0.0, le=0.5, description="Level of the champion gate's one-sided "
+                              "DeLong test: a retrained version is refused when p < gate_alpha that it is worse "
+                              "than the champion by more than promotion_tolerance. Smaller refuses only clearer "
+                              "losses; 0.5 is the bare point comparison (valid AUC >= champion's - tolerance).")
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         refuse_launch_override(context, ("tracking_uri",), "MLFLOW_TRACKING_URI")

@@ -261,3 +261,82 @@ def test_a_negative_history_id_is_the_example_not_the_rows_largest_id():
     frame = pl.DataFrame({"item_id": [1, 2], "item_seq": [[0, 3, 4], [-5, 2, 4]]})
     outcome = checks.check_item_ids(frame, "train", n_items=4)
     assert not outcome.passed and "[-5]" in outcome.description and "[4]" not in outcome.description
+
+
+# ---- issue 30: every real column kept --------------------------------------------------------
+
+def item_feature(n: int = N_ITEMS, **overrides) -> pl.DataFrame:
+    """item_feature as the real download has it: titles, tags, per-item levels, the organisers' vectors."""
+    rng = np.random.default_rng(1)
+    cols = {"item_id": np.arange(1, n + 1), "item_title": [f"t{i}" for i in range(n)],
+            "item_tags": [[i, i + 1] for i in range(n)], "likes_level": [1] * n, "views_level": [10] * n,
+            "txt_emb_BERT": rng.normal(size=(n, 768)).astype(np.float32).tolist(),
+            "img_emb_CLIPRN50": rng.normal(size=(n, 1024)).astype(np.float32).tolist()} | overrides
+    return pl.DataFrame(cols, schema_overrides={"item_tags": pl.List(pl.Int64), "txt_emb_BERT": pl.List(pl.Float32),
+                                                "img_emb_CLIPRN50": pl.List(pl.Float32)})
+
+
+def item_emb(n: int = N_ITEMS, ids=None) -> pl.DataFrame:
+    rng = np.random.default_rng(2)
+    ids = list(range(1, n + 1)) if ids is None else ids
+    return pl.DataFrame({"item_id": ids} | {c: rng.normal(size=(len(ids), 128)).astype(np.float32).tolist()
+                                            for c in microlens.ORGANISER_ITEM_EMB_COLUMNS},
+                        schema_overrides={c: pl.List(pl.Float32) for c in microlens.ORGANISER_ITEM_EMB_COLUMNS})
+
+
+def test_item_feature_keeps_levels_and_vectors_of_the_real_download_without_a_warning(tmp_path):
+    root = write_dataset(tmp_path, item_feature=item_feature(), item_emb=item_emb())
+    frame = microlens.read_table(root, "item_feature")
+    assert frame.columns == ["item_id", "item_title", "item_tags", "likes_level", "views_level",
+                             "txt_emb_BERT", "img_emb_CLIPRN50"]
+    assert microlens.ignored_columns(root, "item_feature") == []
+    got = outcomes(root, "item_feature")
+    assert all(o.passed for o in got.values()), got
+    assert "txt_emb_BERT (768-d), img_emb_CLIPRN50 (1024-d)" in got["precomputed_vectors_well_formed"].description
+    emb = outcomes(root, "item_emb")
+    assert all(o.passed for o in emb.values()), emb
+    # the MicroLens format proper (title and tags only) still reads, levels and vectors optional
+    root2 = write_dataset(tmp_path / "plain", item_feature=item_feature().select("item_id", "item_title", "item_tags"))
+    plain = outcomes(root2, "item_feature")
+    assert all(o.passed for o in plain.values()) and "optional" in plain["levels_in_range"].description
+
+
+@pytest.mark.parametrize("levels, problem", [([0, 1, 2, 3, 4, 11], "values outside 0..10"),
+                                             ([1, None, 2, 3, 4, 5], "(or null)")])
+def test_item_feature_levels_are_checked_like_the_rows(tmp_path, levels, problem):
+    root = write_dataset(tmp_path, item_feature=item_feature(likes_level=levels))
+    got = outcomes(root, "item_feature")["levels_in_range"]
+    assert not got.passed and problem in got.description and got.details == {"likes_level": 1}
+    assert "levels_in_range" not in checks.WARNING_CHECKS  # blocking, as for train/valid/test
+
+
+def test_broken_precomputed_vectors_are_a_warning_naming_items_and_lengths(tmp_path):
+    feature = item_feature()
+    bert = feature.get_column("txt_emb_BERT").to_list()
+    bert[2] = bert[2][:700]  # item 3: too short
+    bert[4][0] = float("nan")  # item 5: NaN
+    root = write_dataset(tmp_path, item_feature=feature.with_columns(pl.Series("txt_emb_BERT", bert,
+                                                                               dtype=pl.List(pl.Float32))))
+    got = outcomes(root, "item_feature")["precomputed_vectors_well_formed"]
+    assert not got.passed and "precomputed_vectors_well_formed" in checks.WARNING_CHECKS
+    assert got.details == {"txt_emb_BERT": {"bad_items": 2, "expected_length": 768, "first_bad_item_ids": [3, 5]}}
+
+
+@pytest.mark.parametrize("ids, problem", [([1, 2, 3, 4, 5], "1 items of item_info without a row"),
+                                          ([1, 2, 3, 4, 5, 6, 6], "1 repeated"),
+                                          ([0, 1, 2, 3, 4, 5, 9], "1 ids outside item_info 0..6")])
+def test_item_emb_ids_must_match_item_info(tmp_path, ids, problem):
+    root = write_dataset(tmp_path, item_emb=item_emb(ids=ids))
+    got = outcomes(root, "item_emb")["item_ids_match_item_info"]
+    assert not got.passed and problem in got.description and "item_emb.parquet" in got.description
+
+
+def test_item_emb_vectors_must_be_128_long_and_finite(tmp_path):
+    frame = item_emb()
+    v3 = frame.get_column("item_emb_d128_v3").to_list()
+    v3[0][5] = float("inf")
+    root = write_dataset(tmp_path, item_emb=frame.with_columns(pl.Series("item_emb_d128_v3", v3,
+                                                                         dtype=pl.List(pl.Float32))))
+    got = outcomes(root, "item_emb")["vectors_well_formed"]
+    assert not got.passed and got.details["item_emb_d128_v3"]["first_bad_item_ids"] == [1]
+    assert set(got.details) == {"item_emb_d128_v3"}

@@ -27,7 +27,7 @@ def tiny(tmp_path_factory) -> tuple[Path, dict]:
 
 
 def _read(root: Path, name: str) -> pl.DataFrame:
-    sub = "" if name == "item_feature" else "MicroLens_1M_x1/"
+    sub = "" if name in ("item_feature", "item_emb") else "MicroLens_1M_x1/"
     return pl.read_parquet(root / f"{sub}{name}.parquet")
 
 
@@ -37,8 +37,8 @@ def _seq_matrix(df: pl.DataFrame) -> np.ndarray:
 
 def test_layout_and_exact_schemas(tiny):
     root, _ = tiny
-    assert sorted(p.name for p in root.iterdir()) == ["MicroLens_1M_x1", "ground_truth", "item_feature.parquet",
-                                                        "item_images"]
+    assert sorted(p.name for p in root.iterdir()) == ["MicroLens_1M_x1", "ground_truth", "item_emb.parquet",
+                                                        "item_feature.parquet", "item_images"]
     assert sorted(p.name for p in (root / "MicroLens_1M_x1").iterdir()) == [
         "item_info.parquet", "test.parquet", "train.parquet", "valid.parquet"]
     for split in ("train", "valid"):
@@ -49,7 +49,10 @@ def test_layout_and_exact_schemas(tiny):
         {"item_id": pl.Int64, "item_tags": pl.List(pl.Int64), "item_emb_d128": pl.List(pl.Float32)})
     assert _read(root, "item_feature").schema == pl.Schema(
         {"item_id": pl.Int64, "item_title": pl.String, "item_tags": pl.List(pl.Int64),
-         "likes_level": pl.Int64, "views_level": pl.Int64})
+         "likes_level": pl.Int64, "views_level": pl.Int64, "txt_emb_BERT": pl.List(pl.Float32),
+         "img_emb_CLIPRN50": pl.List(pl.Float32)})
+    assert _read(root, "item_emb").schema == pl.Schema(
+        {"item_id": pl.Int64} | {f"item_emb_d128_{v}": pl.List(pl.Float32) for v in ("v1", "v2", "v3", "e4")})
     assert pl.read_parquet(root / "ground_truth/valid.parquet").schema == pl.Schema(
         {"row": pl.Int64, "click_prob": pl.Float64, "click_prob_without_user_bias": pl.Float64})
     assert pl.read_parquet(root / "ground_truth/test.parquet").schema == pl.Schema(
@@ -120,6 +123,27 @@ def test_item_feature_titles_and_tags(tiny):
     assert feat["item_title"].str.contains(r"^[a-z]+( [a-z]+)*( #[a-z]+)+$").all()
     for col in ("likes_level", "views_level"):
         assert feat[col].is_between(1, 10).all() and feat[col].n_unique() == 10
+
+
+def test_organiser_vectors_are_well_formed_and_weakly_show_the_topic(tiny):
+    """The real download's precomputed vectors, as stand-ins: full length, finite, one per item, and
+    (like the organisers' embedding) items of a topic a little closer to each other than to others."""
+    root, _ = tiny
+    topic = pl.read_parquet(root / "ground_truth/items.parquet")["topic"].to_numpy()
+    feat, emb = _read(root, "item_feature"), _read(root, "item_emb")
+    assert emb["item_id"].to_list() == list(range(1, TINY.n_items + 1))
+    for frame, col, dim in [(feat, "txt_emb_BERT", 768), (feat, "img_emb_CLIPRN50", 1024)] + [
+            (emb, f"item_emb_d128_{v}", 128) for v in ("v1", "v2", "v3", "e4")]:
+        m = frame[col].list.to_array(dim).to_numpy()
+        assert m.shape == (TINY.n_items, dim) and np.isfinite(m).all(), col
+        # one-way ANOVA over all dims: F is about 1 without topic signal (sd about sqrt(2 / (7 * dim)),
+        # under 0.05 here); the planted centroid adds about (items per topic) * weight^2 (0.09 and up)
+        k = topic.max() + 1
+        counts = np.bincount(topic, minlength=k)
+        means = np.stack([m[topic == t].mean(axis=0) for t in range(k)])
+        between = (counts[:, None] * (means - m.mean(axis=0)) ** 2).sum() / ((k - 1) * dim)
+        within = ((m - means[topic]) ** 2).sum() / ((len(m) - k) * dim)
+        assert between / within > 1.05, col
 
 
 def test_topics_show_in_tags_and_images(tiny):
@@ -357,6 +381,9 @@ def _rounded(value):
     return [_rounded(v) for v in value] if isinstance(value, list) else value
 
 
+ISSUE30_COLUMNS = ["txt_emb_BERT", "img_emb_CLIPRN50"]
+
+
 def _table_digest(root: Path) -> str:
     """sha256 over every table's values (not the parquet bytes, which carry the writer's version),
     floats rounded (see _rounded)."""
@@ -364,8 +391,10 @@ def _table_digest(root: Path) -> str:
 
     h = hashlib.sha256()
     for path in sorted(root.rglob("*.parquet")):
+        if path.name == "item_emb.parquet":
+            continue  # issue 30's additions, digested on their own (the world's tables stay as they were)
         h.update(str(path.relative_to(root)).encode())
-        for column in pl.read_parquet(path).get_columns():
+        for column in pl.read_parquet(path).drop(ISSUE30_COLUMNS, strict=False).get_columns():
             values = column.explode() if column.dtype.is_nested() else column
             if values.dtype.is_float():
                 values = values.cast(pl.Float64).round_sig_figs(6)

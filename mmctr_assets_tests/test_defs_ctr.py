@@ -391,7 +391,8 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     assert not result.success
     check = _check(result)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
-    assert "version 2 -> alias challenger" in check.description and "< champion v1's" in check.description
+    assert "version 2 -> alias challenger" in check.description and "significantly worse: refused" in check.description
+    assert check.metadata["p_value_worse"].value < 0.05 and check.metadata["auc_diff_ci_high"].value < -0.001
     assert not result.asset_materializations_for_node("dcn_din_model")
     assert {e.step_key for e in result.all_events if e.event_type_value == "STEP_START"} == {"dcn_din_model"}
     message = _failure_message(result, "dcn_din_model")
@@ -404,6 +405,11 @@ def test_worse_model_stays_a_challenger_and_the_champion_keeps_serving_byte_for_
     registry = _registry(resources["mlflow"].tracking_uri)
     assert str(registry.champion().version) == "1"
     assert str(registry.client.get_model_version_by_alias("mmctr-ctr", "challenger").version) == "2"
+    # the paired test's figures are in the training's MLflow run too
+    run = registry.client.get_run(registry.client.get_model_version("mmctr-ctr", "2").run_id)
+    assert run.data.metrics["gate_p_value_worse"] == pytest.approx(check.metadata["p_value_worse"].value)
+    assert run.data.metrics["gate_auc_diff"] == pytest.approx(check.metadata["auc_diff"].value)
+    assert "significantly worse: refused" in run.data.tags["gate"]
     # the UI's view: the failed check is recorded on the asset
     record = instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [dg.AssetCheckKey(dg.AssetKey("dcn_din_model"), "not_worse_than_champion")])

@@ -336,3 +336,30 @@ def test_task1_scorer_accepts_every_level_the_raw_checks_accept(monkeypatch):
     monkeypatch.setenv("MMCTR_MAX_LEVEL", "11")
     assert scorer_model().level_vocab_size == 12
     assert scorer_model().to_dict() | {"level_vocab_size": 0} == SCORER_MODEL.to_dict() | {"level_vocab_size": 0}
+
+
+def test_clip_from_the_organisers_vectors_feeds_fusion_and_task1_score_reads_item_emb(outputs, tiny_data, instance,
+                                                                                      make_resources):
+    """clip_embeddings source: precomputed writes every shard without an encoder (same layout: 512-d
+    unit vectors, no text-only items), fusion reads it as before; task1_score scores an
+    item_emb.parquet column as its item table."""
+    resources = make_resources(tiny_data, outputs)
+    result = dg.materialize([task1.clip_embeddings, task1.fused_item_embeddings], resources=resources,
+                            instance=instance, tags=RANGE,
+                            run_config={"ops": {"clip_embeddings": {"config": {"source": "precomputed"}}}})
+    assert result.success
+    meta = result.asset_materializations_for_node("clip_embeddings")[0].metadata
+    assert meta["source"].value == "precomputed" and meta["items"].value == 300
+    shards = pl.concat([pl.read_parquet(outputs / "clip_embeddings" / f"shard-{k}.parquet") for k in SHARDS])
+    emb = shards.get_column("clip_emb").to_numpy()
+    assert sorted(shards["item_id"].to_list()) == list(range(1, 301)) and emb.shape == (300, 512)
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert not shards["text_only"].any()
+    scored = score(outputs, tiny_data, make_resources, instance, "item_emb:item_emb_d128_v3")
+    got = scored.asset_materializations_for_node("task1_score")[0].metadata
+    assert got["embedding_source"].value == "item_emb:item_emb_d128_v3" and 0.0 < got["valid_auc"].value <= 1.0
+    v3 = pl.read_parquet(microlens.table_path(tiny_data, "item_emb"))["item_emb_d128_v3"].list.to_array(128)
+    from mmctr_assets.lib.io import array_fingerprint
+
+    table = np.vstack([np.zeros((1, 128), np.float32), v3.to_numpy().astype(np.float32)])
+    assert got["table_fingerprint"].value == array_fingerprint(table)

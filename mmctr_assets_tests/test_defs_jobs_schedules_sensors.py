@@ -26,7 +26,7 @@ def job_assets(name: str) -> set[str]:
 
 
 def test_retrain_job_runs_raw_through_submission_without_clip():
-    raw = {f"raw_{t}" for t in ("train", "valid", "test", "item_info", "item_feature", "item_images")}
+    raw = {f"raw_{t}" for t in ("train", "valid", "test", "item_info", "item_feature", "item_emb", "item_images")}
     assert job_assets("retrain_job") == raw | {"item2vec_embeddings"} | DOWNSTREAM
     # the Task 1 scorer trains a second model: the whole graph runs it, the weekly retrain does not
     assert job_assets("full_refresh_job") == job_assets("retrain_job") | {"clip_embeddings", "task1_score"}

@@ -29,9 +29,14 @@ def test_raw_assets_snapshot_every_table_with_metadata(resources, instance, tiny
     result = materialize_raw(resources, instance)
     assert result.success
     out = resources["storage"]
-    for table in ("train", "valid", "test", "item_info", "item_feature"):
+    for table in ("train", "valid", "test", "item_info", "item_feature", "item_emb"):
         snap = pl.read_parquet(out.raw(table))
-        assert snap.height == pl.read_parquet(microlens.table_path(tiny_data, table)).height
+        source = pl.read_parquet(microlens.table_path(tiny_data, table))
+        assert snap.height == source.height and snap.columns == source.columns  # every column kept
+        # no warning for any column of the real download's layout (issue 30)
+        assert "warnings" not in result.asset_materializations_for_node(f"raw_{table}")[0].metadata
+    assert {"likes_level", "views_level", "txt_emb_BERT", "img_emb_CLIPRN50"} <= set(
+        pl.read_parquet(out.raw("item_feature")).columns)
     assert pl.read_parquet(out.raw("train")).schema["label"] == pl.Float32
     checks = check_results(result)
     assert checks and all(checks.values()), checks
@@ -68,6 +73,27 @@ def test_missing_source_file_fails_with_the_path(data_copy, tmp_path, instance, 
     assert "valid.parquet" in message and "MMCTR_DATA_DIR" in message
     # the tables that could be read were still snapshotted
     assert (tmp_path / "out" / "raw" / "train.parquet").exists()
+
+
+def test_optional_item_emb_absent_says_not_present_and_fails_nothing(data_copy, tmp_path, instance, make_resources):
+    microlens.table_path(data_copy, "item_emb").unlink()
+    resources = make_resources(data_copy, tmp_path / "out")
+    result = materialize_raw(resources, instance)
+    assert result.success and all(check_results(result).values())
+    meta = result.asset_materializations_for_node("raw_item_emb")[0].metadata
+    assert meta["present"].value is False and meta["dagster/row_count"].value == 0
+    snap = pl.read_parquet(resources["storage"].raw("item_emb"))
+    assert snap.height == 0 and snap.columns == ["item_id", *microlens.ORGANISER_ITEM_EMB_COLUMNS]
+
+
+def test_item_emb_of_other_items_is_refused_and_not_snapshotted(data_copy, tmp_path, instance, make_resources):
+    path = microlens.table_path(data_copy, "item_emb")
+    pl.read_parquet(path).head(-3).write_parquet(path)  # the last three items have no row
+    resources = make_resources(data_copy, tmp_path / "out")
+    result = materialize_raw(resources, instance)
+    assert check_results(result)["raw_item_emb:item_ids_match_item_info"] is False
+    assert not resources["storage"].raw("item_emb").exists()
+    assert check_results(result)["raw_train:labels_binary"] is True  # the other tables are untouched
 
 
 def test_optional_item_feature_absent_gives_empty_snapshot(data_copy, tmp_path, instance, make_resources):

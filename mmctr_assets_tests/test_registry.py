@@ -77,6 +77,55 @@ def test_first_version_is_promoted_a_worse_one_is_a_challenger_an_equal_one_with
     assert [m.name for m in registry.client.search_registered_models()] == [NAME]
 
 
+def test_gate_pairs_the_models_on_the_same_rows_planted_better_equal_and_worse(store):
+    """Planted scorers on one validation set: a retrain that only reshuffles the noise (a few
+    thousandths lower by chance, below champion - tolerance) is promoted by the paired test where the
+    point rule refuses it; a clearly worse one is refused; a clearly better one is promoted. The
+    figures land in the decision and the version's gate tag."""
+    from mmctr_assets.lib.metrics import delong_test
+
+    resource, add = store
+    registry = resource.registry()
+    rng = np.random.default_rng(7)
+    n = 3000
+    y = (rng.random(n) < 0.25).astype(float)
+    signal = y + rng.normal(size=n)  # what every model of this world learns, with its own small noise
+    scores = {}
+
+    def gate(scored: np.ndarray, alpha: float = 0.05):
+        version = add(0.0, seed=len(scores))
+        scores[version] = scored
+        decision = registry.gate(version, float("nan"), lambda mv: delong_test(y, scored, scores[str(mv.version)]),
+                                 tolerance=0.001, owner="a", alpha=alpha)
+        return version, decision
+
+    v1, first = gate(signal + 0.3 * rng.normal(size=n))
+    assert first.promoted and first.comparison is None and first.test_summary() == {}
+    champion = scores[v1]
+    # the same model retrained: only its noise differs; the first such retrain that lands a few
+    # thousandths below the champion (AUC - tolerance), as one in three or so does by chance
+    equal, cmp = next((s, c) for s in (signal + 0.3 * rng.normal(size=n) for _ in range(100))
+                      if -0.006 < (c := delong_test(y, s, champion)).diff < -0.002)
+    _, point = gate(equal, alpha=0.5)
+    assert not point.promoted
+    v3, paired = gate(equal)  # ... the paired test sees a difference within the noise
+    assert paired.promoted and paired.comparison.diff == pytest.approx(cmp.diff)
+    summary = paired.test_summary()
+    assert summary["p_value_worse"] > 0.05
+    assert summary["auc_diff_ci_low"] < summary["auc_diff"] < summary["auc_diff_ci_high"]
+    assert summary["auc_diff_ci_high"] > -0.001 and summary["ci_level"] == pytest.approx(0.9)
+    assert "not significantly worse: promoted" in paired.note
+    assert str(registry.champion().version) == v3
+    v4, worse = gate(0.5 * y + rng.normal(size=n))
+    assert not worse.promoted and worse.test_summary()["p_value_worse"] < 1e-6
+    assert worse.test_summary()["auc_diff_ci_high"] < -0.001 and "significantly worse: refused" in worse.note
+    assert str(registry.champion().version) == v3
+    assert registry.client.get_model_version(NAME, v4).tags["gate"] == worse.note
+    v5, better = gate(2 * y + rng.normal(size=n))
+    assert better.promoted and better.comparison.diff > 0.05 and better.test_summary()["p_value_worse"] > 1 - 1e-6
+    assert str(registry.champion().version) == v5
+
+
 def test_racing_promotions_leave_one_champion_and_every_version(store):
     """Eight gates at once against champion 0.5: each reads the champion under the lock, so the
     best of them ends as champion whatever the order, and no version is lost."""

@@ -30,7 +30,8 @@ _SETTINGS_DEFAULTS = {"seed": settings.seed(), "level_vocab_size": settings.max_
 # the item tables a model can read (checked by Dagster at launch: a Literal becomes an enum)
 EmbeddingSource = typing.Literal[EMBEDDING_SOURCES]
 EMBEDDING_SOURCE_HELP = ("Item table the model reads: fused (Task 1's deliverable), content (PCA of CLIP), "
-                         "item2vec, or organisers (item_info's own item_emb_d128).")
+                         "item2vec, organisers (item_info's own item_emb_d128), or item_emb:<column> (a column of "
+                         "the real download's item_emb.parquet, e.g. item_emb:item_emb_d128_v3).")
 # launchpad descriptions; a field without one points at its dataclass
 _HELP = {
     "family": "Model family: transformer_dcnv2 (default), dcn_din, or din (the organisers' baseline).",
@@ -139,8 +140,10 @@ def _item_tags(storage: ProjectStorage) -> np.ndarray:
           deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"],
           automation_condition=REFRESH_AFTER_UPSTREAM,
           check_specs=[dg.AssetCheckSpec(NOT_WORSE, asset="dcn_din_model", blocking=True,
-                                         description="Validation AUC >= the champion's (scored now on the "
-                                         "same validation data) - MlflowResource.promotion_tolerance")])
+                                         description="Not significantly worse than the champion, scored now "
+                                         "on the same validation rows: DeLong's paired one-sided test at "
+                                         "MlflowResource.gate_alpha with margin promotion_tolerance. Metadata: "
+                                         "auc_diff, its interval and p_value_worse")])
 def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, storage: ProjectStorage,
                   compute: ComputeResource, mlflow: MlflowResource):
     """The CTR model of config model.family: transformer_dcnv2 (default; a Transformer over the real

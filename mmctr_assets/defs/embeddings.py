@@ -6,12 +6,15 @@ range of shards runs as one run that loads the model once (single-run backfill p
 """
 
 import tempfile
+import time
+import typing
 
 import dagster as dg
 import numpy as np
 import polars as pl
 
 from .. import settings
+from ..lib.data.microlens import ORGANISER_ITEM_EMB_COLUMNS
 from ..lib.io import write_parquet_atomic
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import (
@@ -30,11 +33,18 @@ from .common import (
 from .freshness import FreshnessConfig, require_fresh_upstream
 
 GROUP = "task1_embeddings"
-# the item tables a model can read (dcn_din_model's and task1_score's embedding_source)
-EMBEDDING_SOURCES = ("fused", "content", "item2vec", "organisers")
+# the item tables a model can read (dcn_din_model's and task1_score's embedding_source); item_emb:<column>
+# is a column of the real download's item_emb.parquet (raw_item_emb)
+ITEM_EMB_PREFIX = "item_emb:"
+EMBEDDING_SOURCES = ("fused", "content", "item2vec", "organisers",
+                     *(ITEM_EMB_PREFIX + c for c in ORGANISER_ITEM_EMB_COLUMNS))
 
 
 class ClipConfig(FreshnessConfig):
+    source: typing.Literal["encoder", "precomputed"] = "encoder"
+    """encoder: CLIP over covers and titles (below). precomputed: no encoder: the organisers'
+    txt_emb_BERT + img_emb_CLIPRN50 from item_feature.parquet, projected to 512-d by PCA over all
+    items (lib/embeddings/precomputed.py): content vectors without an encoder or a GPU."""
     model: str = settings.clip_model()
     """Hub id or local directory for CLIPModel.from_pretrained (env MMCTR_CLIP_MODEL)."""
     combine: str = "mean"
@@ -79,8 +89,11 @@ def clip_embeddings(
     from ..lib.embeddings.clip_shards import encode_shards
 
     require_fresh_upstream(context, config)
+    if config.source == "precomputed":
+        return _project_precomputed(context, storage)
     items = clip_encoder.item_content_frame(
-        storage.read_raw("item_info"), storage.read_raw("item_feature"), storage.read_image_manifest())
+        storage.read_raw("item_info"), storage.read_raw("item_feature", columns=["item_id", "item_title", "item_tags"]),
+        storage.read_image_manifest())
     bundle = clip_encoder.load_clip(config.model, compute.torch_device(), compute.precision)
     if bundle.random_weights:
         context.log.warning(
@@ -104,6 +117,33 @@ def clip_embeddings(
                             "raw_item_images' metadata")
     return dg.MaterializeResult(metadata=_clip_metadata(done, config, bundle, compute, cores, pipeline),
                                 check_results=[_text_only_check(done, config)])
+
+
+def _project_precomputed(context: dg.AssetExecutionContext, storage: ProjectStorage) -> dg.MaterializeResult:
+    """clip_embeddings from the organisers' vectors: every item projected at once (the same PCA for
+    every shard), this run's shards written; no cover is read, so no item is text-only."""
+    from ..lib.embeddings import clip as clip_encoder
+    from ..lib.embeddings import precomputed
+
+    started = time.perf_counter()
+    feature = storage.read_raw("item_feature")
+    ids, emb, explained = precomputed.project_precomputed(feature, storage.n_items(), settings.seed())
+    n_shards = len(clip_shards.get_partition_keys())
+    items = 0
+    for key in context.partition_keys:
+        keep = ids % n_shards == int(key)
+        write_parquet_atomic(clip_encoder.to_frame(clip_encoder.ClipResult(ids[keep], emb[keep], ids[:0], 0.0)),
+                             storage.clip_shard(key))
+        items += int(keep.sum())
+    seconds = time.perf_counter() - started
+    context.log.info(f"{items} items from txt_emb_BERT + img_emb_CLIPRN50 (PCA to {emb.shape[1]}-d, "
+                     f"{explained:.1%} of the variance) in {seconds:.1f}s")
+    return dg.MaterializeResult(
+        metadata={"source": "precomputed", "shards": list(context.partition_keys), "items": items,
+                  "pca_explained_variance": round(explained, 4), "seconds": round(seconds, 2)},
+        check_results=[dg.AssetCheckResult(
+            check_name="text_only_share", passed=True, severity=dg.AssetCheckSeverity.WARN,
+            description="source: precomputed reads no covers: no text-only items.", metadata={"share": 0.0})])
 
 
 def _clip_metadata(done, config: ClipConfig, bundle, compute: ComputeResource, cores: int, pipeline) -> dict:
@@ -240,11 +280,17 @@ def fuse_stored_embeddings(storage: ProjectStorage, alpha: float, seed: int):
 def item_embedding_table(storage: ProjectStorage, source: str, seed: int) -> np.ndarray:
     """The frozen [n_items + 1, 128] item table a model reads, by source (for ablations).
 
-    fused: Task 1's deliverable; organisers: item_info's own item_emb_d128; content / item2vec:
-    the fusion with alpha 1 / 0 (an item without an item2vec vector keeps its content vector).
+    fused: Task 1's deliverable; organisers: item_info's own item_emb_d128; item_emb:<column>: that
+    column of item_emb.parquet; content / item2vec: the fusion with alpha 1 / 0 (an item without an
+    item2vec vector keeps its content vector).
     """
     if source not in EMBEDDING_SOURCES:
         raise ValueError(f"embedding_source must be one of {EMBEDDING_SOURCES}, got {source!r}")
+    if source.startswith(ITEM_EMB_PREFIX):
+        from ..lib.embeddings.precomputed import organiser_item_table
+
+        return organiser_item_table(storage.read_raw("item_emb"), source.removeprefix(ITEM_EMB_PREFIX),
+                                    storage.n_items())
     if source in ("fused", "organisers"):
         path = (
             storage.require(storage.item_info_updated(), "fused_item_embeddings")

@@ -28,7 +28,12 @@ _DESCRIPTIONS = {
     "valid": "Validation interactions; the model is selected on this table's AUC.",
     "test": "Test interactions keyed by ID, without labels; the submission predicts these rows.",
     "item_info": "One row per item 0..N (row 0 = padding): tags and the organisers' 128-d embedding.",
-    "item_feature": "Item titles and full tag lists (optional in the download; empty when absent).",
+    "item_feature": "Item titles and full tag lists, and when the file has them the per-item likes/views "
+                    "levels and the organisers' txt_emb_BERT (768-d) and img_emb_CLIPRN50 (1024-d) vectors "
+                    "(optional in the download; empty when absent).",
+    "item_emb": "The organisers' item embeddings item_emb_d128_v1/_v2/_v3/_e4, one row per item "
+                "(item_emb.parquet; optional: metadata present=false and an empty snapshot when absent). "
+                "embedding_source item_emb:<column> reads them.",
 }
 
 
@@ -62,6 +67,12 @@ _CHECK_DESCRIPTIONS = {
     "item_emb_d128_finite": "Warning, not blocking: the organisers' item_emb_d128 holds no NaN/inf. Only "
     "embedding_source: organisers reads it (and refuses non-finite values itself); the default fused "
     "table replaces it, so it must not stop the graph.",
+    "precomputed_vectors_well_formed": "Warning, not blocking: txt_emb_BERT is 768 long and "
+    "img_emb_CLIPRN50 1024 long on every item, all finite (when the file has them). Only clip_embeddings "
+    "with source: precomputed reads them, and refuses broken ones itself.",
+    "item_ids_match_item_info": "Blocking: item_emb.parquet has one row for every item of item_info.",
+    "vectors_well_formed": "Blocking: every item_emb_d128_* vector is 128 long and finite.",
+    "levels_in_range": "Blocking: likes_level/views_level are integers 0..MMCTR_MAX_LEVEL, no nulls.",
 }
 
 
@@ -102,8 +113,7 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
         dest = storage.raw(table)
         if spec.optional and not src.exists():
             context.log.warning(f"{src} not found: {table} is optional, writing an empty snapshot.")
-            empty = pl.DataFrame(schema={c: t for c, t in spec.casts.items()} | {"item_title": pl.String})
-            write_parquet_atomic(empty.select(list(spec.columns)), dest)
+            write_parquet_atomic(microlens.empty_table(table), dest)
             yield dg.MaterializeResult(
                 metadata={"present": False, "dagster/row_count": 0, "source": str(src)},
                 check_results=[dg.AssetCheckResult(check_name=n, passed=True, description="table absent")
@@ -216,7 +226,7 @@ def raw_item_images(context: dg.AssetExecutionContext, config: RawItemImagesConf
     )
 
 
-RAW_TABLES = ("item_info", "train", "valid", "test", "item_feature")
+RAW_TABLES = ("item_info", "train", "valid", "test", "item_feature", "item_emb")
 raw_assets = [build_raw_table_asset(t) for t in RAW_TABLES] + [raw_item_images]
 
 defs = dg.Definitions(assets=raw_assets)

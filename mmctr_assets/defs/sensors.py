@@ -23,7 +23,7 @@ ABSENT = "absent"
 
 
 def source_paths(data_dir: str | os.PathLike) -> dict[str, Path]:
-    """Every raw input the graph reads: the five tables and the cover-image folder."""
+    """Every raw input the graph reads: the tables (optional ones too) and the cover-image folder."""
     paths = {t: table_path(data_dir, t) for t in TABLES}
     return paths | {"item_images": Path(data_dir) / IMAGES_DIR}
 

@@ -1,8 +1,8 @@
 """One tracked training, shared by dcn_din_model, task1_score and tuning trials: read train/valid,
 fingerprint the inputs, open an MLflow run with the params, train (logging each epoch), log the
 result, and hand back what the asset reports. Then, for the served model only, the champion gate
-(lib/ctr/registry.py): register the version, score the champion on the same validation data,
-move the aliases, and publish model.pt only on promotion."""
+(lib/ctr/registry.py): register the version, score the champion on the same validation rows,
+compare the two with DeLong's paired test, move the aliases, and publish model.pt only on promotion."""
 
 from __future__ import annotations
 
@@ -155,11 +155,12 @@ def champion_model_file(storage: ProjectStorage, mlflow: MlflowResource):
         return registry.model_file(champion, storage.model_dir() / "registry", storage.model()), champion
 
 
-def _score_champion(storage: ProjectStorage, mlflow: MlflowResource, trained: Trained, champion) -> float:
-    """The champion's AUC on the validation rows the new model was selected on."""
+def _score_champion(storage: ProjectStorage, mlflow: MlflowResource, trained: Trained, champion):
+    """DeLong's paired comparison of the new model with the champion, scored now on the validation
+    rows the new model was selected on (new minus champion)."""
     from ..lib.ctr import artifacts, inference, tensors
     from ..lib.ctr.registry import ChampionUnusable
-    from ..lib.metrics import auc
+    from ..lib.metrics import delong_test
 
     path = mlflow.registry().model_file(champion, storage.model_dir() / "registry", storage.model())
     try:
@@ -170,7 +171,7 @@ def _score_champion(storage: ProjectStorage, mlflow: MlflowResource, trained: Tr
         raise ChampionUnusable(f"champion v{champion.version}: {e}") from None
     probs = inference.predict(model, valid, batch_size=trained.train_config.eval_batch_size,
                               device=trained.device, precision=trained.train_config.precision)
-    return auc(valid.label.numpy(), probs)
+    return delong_test(valid.label.numpy(), trained.result.valid_predictions, probs)
 
 
 def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage, mlflow: MlflowResource,
@@ -196,8 +197,12 @@ def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage
             "family": trained.model_config.family})
         decision = mlflow.registry().gate(
             version, result.best_valid_auc, lambda mv: _score_champion(storage, mlflow, trained, mv),
-            mlflow.promotion_tolerance, owner=f"{context.run.run_id}:{os.getpid()}")
+            mlflow.promotion_tolerance, owner=f"{context.run.run_id}:{os.getpid()}", alpha=mlflow.gate_alpha)
         mlflow.set_tag("registered_version", f"{mlflow.registered_model}/{version} ({decision.alias})")
+        if decision.comparison is not None:  # the paired test, beside the run's other metrics
+            mlflow.log_metrics({f"gate_{k}": v for k, v in decision.test_summary().items()}
+                               | {"gate_champion_valid_auc": decision.champion_auc})
+            mlflow.set_tag("gate", decision.note)
         if decision.promoted:  # the champion's local copy, what predictions reads without a download
             os.replace(model_file, storage.model())
             os.replace(config_file, storage.model_dir() / "model_config.json")
@@ -208,6 +213,7 @@ def register_and_gate(context: dg.AssetExecutionContext, storage: ProjectStorage
                 "registered_model": mlflow.registered_model}
     if decision.champion_auc is not None:
         metadata["champion_valid_auc"] = decision.champion_auc
+    metadata |= decision.test_summary()
     return dg.AssetCheckResult(
         check_name=NOT_WORSE, passed=decision.promoted, metadata=metadata,
         description=f"version {version} -> alias {decision.alias}: {decision.note}"

@@ -1,10 +1,11 @@
 """The CTR model's registry: every trained model is a version of one MLflow registered model, and
 the alias ``champion`` names the version that serves (docs/registry.md).
 
-A retrained version becomes champion only when it validates at least as well as the champion on
-the same validation data (:meth:`Registry.gate`); otherwise it keeps the alias ``challenger`` and
-the champion keeps serving. Promotion happens under a lock held in the tracking database itself, so
-two retrains finishing together leave exactly one champion and both versions registered.
+A retrained version becomes champion unless it validates significantly worse than the champion on
+the same validation rows (:meth:`Registry.gate`: DeLong's paired test, lib/metrics.py); otherwise it
+keeps the alias ``challenger`` and the champion keeps serving. Promotion happens under a lock held
+in the tracking database itself, so two retrains finishing together leave exactly one champion and
+both versions registered.
 
 Dagster-free: the assets reach it through ``MlflowResource``; the operators through ``mmctr-model``
 (lib/ctr/registry_cli.py).
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mmctr_assets.lib.io import atomic_path
+from mmctr_assets.lib.metrics import AUCComparison
 from mmctr_assets.lib.redaction import redact
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -157,6 +159,17 @@ class GateDecision:
     champion_auc: float | None
     tolerance: float
     note: str  # one sentence for the check's description
+    comparison: AUCComparison | None = None  # the paired test, when the champion's predictions were scored
+    alpha: float | None = None  # its one-sided level
+
+    def test_summary(self) -> dict[str, float]:
+        """The paired test's figures for metadata and MLflow ({} without a paired test)."""
+        c = self.comparison
+        if c is None or self.alpha is None:
+            return {}
+        lo, hi = c.interval(self.alpha)
+        return {"auc_diff": c.diff, "auc_diff_ci_low": lo, "auc_diff_ci_high": hi, "ci_level": 1 - 2 * self.alpha,
+                "p_value_worse": c.p_worse(self.tolerance), "gate_alpha": self.alpha}
 
     @property
     def alias(self) -> str:
@@ -299,12 +312,15 @@ class Registry:
         if TAG_ROLLED_BACK in self.client.get_model_version(self.name, version).tags:
             self.client.delete_model_version_tag(self.name, version, TAG_ROLLED_BACK)
 
-    def gate(self, version: str, new_auc: float, score: Callable[[object], float], tolerance: float,
-             owner: str) -> GateDecision:
-        """Promote ``version`` (validation AUC ``new_auc``) when ``new_auc >= champion - tolerance``,
-        the champion scored now by ``score(champion_version)`` on the same validation data; else
-        give it the alias ``challenger``. Reading the champion and moving the alias happen under the
-        promotion lock, so a race cannot promote against a champion that was just replaced."""
+    def gate(self, version: str, new_auc: float, score: Callable[[object], float | AUCComparison],
+             tolerance: float, owner: str, alpha: float = 0.05) -> GateDecision:
+        """Promote ``version`` (validation AUC ``new_auc``) unless it is worse than the champion, which
+        ``score(champion_version)`` scores now on the same validation rows; else give it the alias
+        ``challenger``. ``score`` returns DeLong's paired comparison (new minus champion): the version
+        is refused when the one-sided test says it is worse by more than ``tolerance`` at level
+        ``alpha`` (alpha 0.5 is the point rule below). A plain champion AUC (no predictions to pair)
+        falls back to ``new_auc >= champion - tolerance``. Reading the champion and moving the alias
+        happen under the promotion lock, so a race cannot promote against a champion just replaced."""
         with self.promotion_lock(owner):
             champion = self.champion()
             earlier = [str(v.version) for v in self.versions() if str(v.version) != str(version)]
@@ -320,16 +336,12 @@ class Registry:
                                         "first version of the registered model: promoted")
             else:
                 try:
-                    champion_auc = float(score(champion))
+                    scored = score(champion)
                 except ChampionUnusable as e:
                     decision = GateDecision(version, True, new_auc, str(champion.version), None, tolerance,
                                             f"the champion cannot be scored ({e}); the new version replaces it")
                 else:
-                    passed = new_auc >= champion_auc - tolerance
-                    decision = GateDecision(
-                        version, passed, new_auc, str(champion.version), champion_auc, tolerance,
-                        f"valid AUC {new_auc:.6f} {'>=' if passed else '<'} champion v{champion.version}'s "
-                        f"{champion_auc:.6f} - tolerance {tolerance:g} on the same validation data")
+                    decision = _compare(version, new_auc, str(champion.version), scored, tolerance, alpha)
             if decision.promoted:
                 self._set_champion(version)
             else:
@@ -370,3 +382,24 @@ class Registry:
         self.promote(to, item_fingerprint, owner, reason="rollback")
         self.client.set_model_version_tag(self.name, str(current.version), TAG_ROLLED_BACK, f"{time.time():.3f}")
         return str(current.version), str(to)
+
+
+def _compare(version: str, new_auc: float, champion_version: str, scored: float | AUCComparison,
+             tolerance: float, alpha: float) -> GateDecision:
+    """The gate's verdict on one challenger against the champion's score (see Registry.gate)."""
+    if not isinstance(scored, AUCComparison):
+        champion_auc = float(scored)
+        passed = new_auc >= champion_auc - tolerance
+        return GateDecision(version, passed, new_auc, champion_version, champion_auc, tolerance,
+                            f"valid AUC {new_auc:.6f} {'>=' if passed else '<'} champion v{champion_version}'s "
+                            f"{champion_auc:.6f} - tolerance {tolerance:g} on the same validation data")
+    p = scored.p_worse(tolerance)
+    lo, hi = scored.interval(alpha)
+    passed = not p < alpha
+    verdict = ("not significantly worse: promoted" if passed else "significantly worse: refused")
+    return GateDecision(
+        version, passed, scored.auc_a, champion_version, scored.auc_b, tolerance,
+        f"valid AUC {scored.auc_a:.6f} vs champion v{champion_version}'s {scored.auc_b:.6f} on the same "
+        f"{scored.rows:,} validation rows: difference {scored.diff:+.6f}, {1 - 2 * alpha:.0%} interval "
+        f"[{lo:+.6f}, {hi:+.6f}], one-sided DeLong p = {p:.4g} that it is worse by more than "
+        f"{tolerance:g} (alpha {alpha:g}): {verdict}", scored, alpha)

@@ -10,6 +10,9 @@ import polars as pl
 
 from mmctr_assets.lib.data.microlens import (
     MAX_LEVEL,
+    ORGANISER_ITEM_EMB_COLUMNS,
+    ORGANISER_ITEM_EMB_DIM,
+    PRECOMPUTED_VECTORS,
     label_problem,
     level_range,
     not_left_padded,
@@ -151,10 +154,15 @@ def check_labels(frame: pl.DataFrame, table: str) -> CheckOutcome:
 
 
 def check_levels(frame: pl.DataFrame, table: str, max_level: int) -> CheckOutcome:
+    """Row levels, and item_feature's per-item levels when the file has them (the real download
+    does, for every item): integers in 0..max_level, no nulls, in both places."""
     name = "levels_in_range"
     lo, hi = level_range(max_level)
+    present = [c for c in ("likes_level", "views_level") if c in frame.columns]
+    if not present:
+        return CheckOutcome(name, True, f"{table}: no likes_level/views_level columns (optional here).")
     problems, nulls, outside = {}, {}, {}
-    for col in ("likes_level", "views_level"):
+    for col in present:
         s = frame.get_column(col)
         n_null, n_out = s.null_count(), int(((s < lo) | (s > hi)).sum())
         if n_null:
@@ -249,11 +257,61 @@ def check_organisers_embedding(frame: pl.DataFrame) -> CheckOutcome:
     return CheckOutcome(name, True, "item_info.item_emb_d128: every value finite.")
 
 
+def _bad_vector_rows(column: pl.Series, dim: int) -> np.ndarray:
+    """Rows whose vector is null, not ``dim`` long, or holds a null, NaN or inf."""
+    wrong_length = column.list.len().fill_null(-1) != dim
+    not_finite = column.list.eval((~pl.element().is_finite()).fill_null(True)).list.any().fill_null(True)
+    return (wrong_length | not_finite).arg_true().to_numpy()
+
+
+def check_vectors(frame: pl.DataFrame, table: str, dims: dict[str, int], name: str) -> CheckOutcome:
+    """Each vector column present: every row ``dims[col]`` long and finite."""
+    present = {c: d for c, d in dims.items() if c in frame.columns}
+    if not present:
+        return CheckOutcome(name, True, f"{table}: no precomputed vector columns ({', '.join(dims)}): optional.")
+    problems = {}
+    for col, dim in present.items():
+        rows = _bad_vector_rows(frame.get_column(col), dim)
+        if len(rows):
+            ids = frame.get_column("item_id").gather(rows[:5]).to_list()
+            problems[col] = {"bad_items": int(len(rows)), "expected_length": dim, "first_bad_item_ids": ids}
+    if problems:
+        return CheckOutcome(
+            name, False,
+            f"{table}: vectors of the wrong length or with null/NaN/inf values: {problems}. Re-download "
+            f"{table}.parquet, or drop the broken column to go without it.", problems)
+    return CheckOutcome(name, True, f"{table}: {', '.join(f'{c} ({d}-d)' for c, d in present.items())}: "
+                        "every vector full length and finite.", {"columns": list(present)})
+
+
+def check_item_emb_ids(frame: pl.DataFrame, n_items: int) -> CheckOutcome:
+    """item_emb.parquet must give every item of item_info 1..N exactly one row (row 0, the
+    padding item, may be there too); a model reads it as an [N + 1, 128] table by item_id."""
+    name = "item_ids_match_item_info"
+    ids = frame.get_column("item_id")
+    outside = ids.filter((ids < 0) | (ids > n_items) | ids.is_null())
+    dups = ids.filter(ids.is_duplicated()).unique().sort()
+    missing = pl.Series(np.setdiff1d(np.arange(1, n_items + 1), ids.drop_nulls().to_numpy()))
+    if len(outside) or len(dups) or len(missing):
+        return CheckOutcome(
+            name, False,
+            f"item_emb.parquet, column item_id: {len(outside)} ids outside item_info 0..{n_items} (e.g. "
+            f"{outside.head(3).to_list()}), {len(dups)} repeated (e.g. {dups.head(3).to_list()}), "
+            f"{len(missing)} items of item_info without a row (e.g. {missing.head(3).to_list()}). Use the "
+            "item_emb.parquet of this dataset (one row per item), or remove it to go without.",
+            {"outside": len(outside), "duplicated": len(dups), "missing": len(missing)})
+    return CheckOutcome(name, True, f"item_emb: one row for each of the {n_items} items.", {"n_items": n_items})
+
+
 def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
                    max_level: int = MAX_LEVEL) -> list[CheckOutcome]:
     """Every content invariant the downstream assets rely on, for one table."""
     if table == "item_info":
         return check_item_info(frame)
+    if table == "item_emb":
+        return [check_item_emb_ids(frame, n_items or 0),
+                check_vectors(frame, "item_emb", dict.fromkeys(ORGANISER_ITEM_EMB_COLUMNS, ORGANISER_ITEM_EMB_DIM),
+                              "vectors_well_formed")]
     if table == "item_feature":
         ids = frame.get_column("item_id")
         bad = int(((ids < 1) | (ids > (n_items or 0))).sum())
@@ -265,6 +323,8 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
                 {"bad": bad},
             ),
             check_item_feature_unique(ids),
+            check_levels(frame, table, max_level),
+            check_vectors(frame, table, PRECOMPUTED_VECTORS, "precomputed_vectors_well_formed"),
         ]
     out = [check_has_rows(frame, table), check_histories(frame, table)]
     if n_items is not None:
@@ -317,10 +377,14 @@ CHECK_NAMES: dict[str, list[str]] = {
     "test": ["has_rows", "history_fixed_length_left_padded", "item_ids_in_item_info", "levels_in_range",
              "test_ids_unique"],
     "item_info": ["row_index_is_item_id", "padding_row_and_shapes", "item_emb_d128_finite"],
-    "item_feature": ["item_ids_in_item_info", "item_ids_unique"],
+    "item_feature": ["item_ids_in_item_info", "item_ids_unique", "levels_in_range",
+                     "precomputed_vectors_well_formed"],
+    "item_emb": ["item_ids_match_item_info", "vectors_well_formed"],
 }
-# checks that warn instead of blocking (the reason is in each check's docstring and description)
-WARNING_CHECKS = frozenset({"item_emb_d128_finite"})
+# checks that warn instead of blocking (the reason is in each check's docstring and description):
+# only an opt-in source reads these vectors (embedding_source organisers; clip_embeddings source
+# precomputed), and each refuses non-finite values itself, so the default path must not stop
+WARNING_CHECKS = frozenset({"item_emb_d128_finite", "precomputed_vectors_well_formed"})
 
 
 def history_length_summary(frame: pl.DataFrame) -> dict[str, float]:

@@ -27,7 +27,8 @@ GET_DATA_HINT = (
 )
 EXPECTED_LAYOUT = (
     "<data_dir>/MicroLens_1M_x1/{train,valid,test,item_info}.parquet, "
-    "<data_dir>/item_feature.parquet (optional), <data_dir>/item_images/<item_id>.jpg"
+    "<data_dir>/item_feature.parquet (optional), <data_dir>/item_emb.parquet (optional), "
+    "<data_dir>/item_images/<item_id>.jpg"
 )
 
 
@@ -52,7 +53,14 @@ class TableSpec:
     optional: bool = False
     # dtypes the normalised snapshot is cast to
     casts: dict[str, pl.DataType] = field(default_factory=dict)
+    # columns some downloads carry and others lack: checked and kept when present (casts apply)
+    optional_columns: dict[str, str] = field(default_factory=dict)
 
+
+# the real download's precomputed item vectors and their lengths (item_feature; item_emb.parquet)
+PRECOMPUTED_VECTORS = {"txt_emb_BERT": 768, "img_emb_CLIPRN50": 1024}
+ORGANISER_ITEM_EMB_COLUMNS = ("item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_v3", "item_emb_d128_e4")
+ORGANISER_ITEM_EMB_DIM = 128
 
 _INTERACTION = {
     "user_id": INT,
@@ -99,7 +107,18 @@ TABLES: dict[str, TableSpec] = {
         "item_feature.parquet",
         {"item_id": INT, "item_title": STRING, "item_tags": INT_LIST},
         optional=True,
-        casts={"item_id": pl.Int64, "item_tags": pl.List(pl.Int64)},
+        casts={"item_id": pl.Int64, "item_title": pl.String, "item_tags": pl.List(pl.Int64),
+               "likes_level": pl.Int64, "views_level": pl.Int64,
+               "txt_emb_BERT": pl.List(pl.Float32), "img_emb_CLIPRN50": pl.List(pl.Float32)},
+        optional_columns={"likes_level": INT, "views_level": INT,
+                          "txt_emb_BERT": FLOAT_LIST, "img_emb_CLIPRN50": FLOAT_LIST},
+    ),
+    "item_emb": TableSpec(
+        "item_emb",
+        "item_emb.parquet",
+        {"item_id": INT, **{c: FLOAT_LIST for c in ORGANISER_ITEM_EMB_COLUMNS}},
+        optional=True,
+        casts={"item_id": pl.Int64} | {c: pl.List(pl.Float32) for c in ORGANISER_ITEM_EMB_COLUMNS},
     ),
 }
 
@@ -139,9 +158,10 @@ def check_schema(table: str, schema: pa.Schema, path: Path) -> None:
     """Raise DataValidationError listing every missing column and wrong dtype at once."""
     spec = TABLES[table]
     problems = []
-    for col, family in spec.columns.items():
+    for col, family in (spec.columns | spec.optional_columns).items():
         if col not in schema.names:
-            problems.append(f"missing column {col!r} (expected {family})")
+            if col in spec.columns:
+                problems.append(f"missing column {col!r} (expected {family})")
         elif family not in _family(schema.field(col).type):
             problems.append(f"column {col!r} has dtype {schema.field(col).type}, expected {family}")
     if problems:
@@ -166,17 +186,23 @@ def read_table(data_dir: str | os.PathLike, table: str) -> pl.DataFrame:
             "regenerate it."
         ) from exc
     check_schema(table, schema, path)
+    columns = present_columns(table, schema.names)
     try:
-        frame = pl.read_parquet(path, columns=list(spec.columns))
+        frame = pl.read_parquet(path, columns=columns)
     except pl.exceptions.PolarsError as exc:
-        raise _unreadable_column_error(table, path, exc) from exc
-    casts = {c: t for c, t in spec.casts.items() if frame.schema[c] != t}
+        raise _unreadable_column_error(table, path, exc, columns) from exc
+    casts = {c: t for c, t in spec.casts.items() if c in frame.columns and frame.schema[c] != t}
     return frame.cast(casts) if casts else frame
 
 
-def _unreadable_column_error(table: str, path: Path, exc: Exception) -> DataValidationError:
+def present_columns(table: str, names: list[str]) -> list[str]:
+    """The table's columns a file holds: every required one, then the optional ones it has."""
+    spec = TABLES[table]
+    return list(spec.columns) + [c for c in spec.optional_columns if c in names]
+
+
+def _unreadable_column_error(table: str, path: Path, exc: Exception, columns: list[str]) -> DataValidationError:
     """Name the column polars could not decode (it says neither file nor column), and the fix."""
-    columns = list(TABLES[table].columns)
     bad = []
     for col in columns:  # column by column: only on the error path
         try:
@@ -196,8 +222,14 @@ def _unreadable_column_error(table: str, path: Path, exc: Exception) -> DataVali
 def ignored_columns(data_dir: str | os.PathLike, table: str) -> list[str]:
     """Columns of a source file that the format does not use (read_table leaves them out)."""
     path = table_path(data_dir, table)
-    return [c for c in pq.read_schema(path).names if c not in TABLES[table].columns]
+    spec = TABLES[table]
+    return [c for c in pq.read_schema(path).names if c not in spec.columns and c not in spec.optional_columns]
 
+
+def empty_table(table: str) -> pl.DataFrame:
+    """An absent optional table's snapshot: its required columns, no rows."""
+    spec = TABLES[table]
+    return pl.DataFrame(schema={c: spec.casts.get(c, pl.String) for c in spec.columns})
 
 
 

@@ -174,10 +174,14 @@ TEST_SCHEMA = pa.schema([pa.field("ID", pa.int64())] + [f for f in ROWS_SCHEMA i
 ITEM_INFO_SCHEMA = pa.schema([
     ("item_id", pa.int64()), ("item_tags", pa.list_(pa.int64())), ("item_emb_d128", pa.list_(pa.float32())),
 ])
+# the real download's precomputed vectors (item_feature) and organiser embeddings (item_emb.parquet)
+PRECOMPUTED_DIMS = {"txt_emb_BERT": 768, "img_emb_CLIPRN50": 1024}
+ITEM_EMB_VERSIONS = ("item_emb_d128_v1", "item_emb_d128_v2", "item_emb_d128_v3", "item_emb_d128_e4")
 ITEM_FEATURE_SCHEMA = pa.schema([
     ("item_id", pa.int64()), ("item_title", pa.string()), ("item_tags", pa.list_(pa.int64())),
     ("likes_level", pa.int64()), ("views_level", pa.int64()),
-])
+] + [(c, pa.list_(pa.float32())) for c in PRECOMPUTED_DIMS])
+ITEM_EMB_SCHEMA = pa.schema([("item_id", pa.int64())] + [(c, pa.list_(pa.float32())) for c in ITEM_EMB_VERSIONS])
 
 _PARQUET_OPTS = dict(compression="zstd")
 _ROW_CHUNK = 250_000     # rows per parquet row group (bounds the padded-history memory)

@@ -23,6 +23,7 @@ from mmctr_assets.lib.data.demo.config import (
     _STREAM_ROWS,
     EMB_DIM,
     HISTORY_INTEREST_SHARE,
+    ITEM_EMB_SCHEMA,
     ITEM_FEATURE_SCHEMA,
     ITEM_INFO_SCHEMA,
     N_INFO_TAGS,
@@ -55,7 +56,14 @@ from mmctr_assets.lib.data.demo.config import (
     _rng,
     _sigmoid,
 )
-from mmctr_assets.lib.data.demo.items import _item_tags, _make_items, _organiser_embedding, _titles
+from mmctr_assets.lib.data.demo.items import (
+    _item_emb_versions,
+    _item_tags,
+    _make_items,
+    _organiser_embedding,
+    _precomputed_vectors,
+    _titles,
+)
 from mmctr_assets.lib.data.demo.rows import _make_rows, _Rows, _write_rows
 from mmctr_assets.lib.data.microlens import DATASET_DIR, GROUND_TRUTH_DIR, IMAGES_DIR, TABLES
 from mmctr_assets.lib.io import atomic_path
@@ -143,11 +151,16 @@ def generate(root: str | os.PathLike, size: str | DemoSize = "small", seed: int 
             "item_tags": _list_array(info_tags.ravel(), np.full(size.n_items + 1, N_INFO_TAGS)),
             "item_emb_d128": _list_array(emb.ravel(), np.full(size.n_items + 1, EMB_DIM)),
         }, schema=ITEM_INFO_SCHEMA), tmp / TABLES["item_info"].relpath, **_PARQUET_OPTS)
+        vectors = lambda m: _list_array(m.ravel(), np.full(len(m), m.shape[1]))  # noqa: E731
         pq.write_table(pa.table({
             "item_id": item_ids[1:], "item_title": _titles(size, items, seed),
             "item_tags": _list_array(tags, n_tags),
             "likes_level": items.likes[1:], "views_level": items.views[1:],
-        }, schema=ITEM_FEATURE_SCHEMA), tmp / TABLES["item_feature"].relpath, **_PARQUET_OPTS)
+        } | {c: vectors(m) for c, m in _precomputed_vectors(size, items, seed).items()},
+            schema=ITEM_FEATURE_SCHEMA), tmp / TABLES["item_feature"].relpath, **_PARQUET_OPTS)
+        pq.write_table(pa.table({"item_id": item_ids[1:]}
+                                | {c: vectors(m) for c, m in _item_emb_versions(size, items, seed).items()},
+                                schema=ITEM_EMB_SCHEMA), tmp / TABLES["item_emb"].relpath, **_PARQUET_OPTS)
 
         log.info("writing %d cover images", size.n_items - len(missing))
         covers._write_images(tmp / IMAGES_DIR, size, items, seed, missing, progress)

@@ -1,5 +1,5 @@
 """The demo's items: topics, exposure (popularity), levels, latent appeal (v3), and the content
-that shows their topic: tags, titles and the organisers' embedding."""
+that shows their topic: tags, titles, the organisers' embeddings and precomputed vectors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from mmctr_assets.lib.data.demo.config import (
     EMB_DIM,
     FILLER_WORDS,
     GENERIC_HASHTAGS,
+    ITEM_EMB_VERSIONS,
     MAX_ITEM_TAGS,
     N_NOISE_TAGS,
     POPULARITY_EXPONENT,
+    PRECOMPUTED_DIMS,
     TAGS_PER_TOPIC,
     THEMES,
     TOPIC_BIAS_SD,
@@ -155,3 +157,25 @@ def _organiser_embedding(size: DemoSize, items: _Items, seed: int) -> np.ndarray
            + rng.standard_normal((size.n_items, EMB_DIM)))
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     return np.vstack([np.zeros((1, EMB_DIM)), emb]).astype(np.float32)
+
+
+def _topic_vectors(size: DemoSize, items: _Items, rng: np.random.Generator, dim: int, weight: float) -> np.ndarray:
+    """[N, dim] float32 vectors: ``weight`` times a random topic centroid plus unit noise per
+    dimension: well-formed stand-ins for the real download's vectors, weakly showing the topic."""
+    centroids = rng.standard_normal((size.n_topics, dim), dtype=np.float32)
+    noise = rng.standard_normal((size.n_items, dim), dtype=np.float32)
+    return (np.float32(weight) * centroids[items.topic[1:]] + noise).astype(np.float32)
+
+
+def _precomputed_vectors(size: DemoSize, items: _Items, seed: int) -> dict[str, np.ndarray]:
+    """item_feature's txt_emb_BERT / img_emb_CLIPRN50 stand-ins (own streams: nothing else moves).
+    Over their 1,792 dims they show the topic about as much as item_info's 128-d embedding does."""
+    return {col: _topic_vectors(size, items, _rng(seed, _STREAM_ITEMS, 6, i), dim, 0.05)
+            for i, (col, dim) in enumerate(PRECOMPUTED_DIMS.items())}
+
+
+def _item_emb_versions(size: DemoSize, items: _Items, seed: int) -> dict[str, np.ndarray]:
+    """item_emb.parquet's four 128-d stand-ins; v3 shows the topic most (QIN chose v3 on the real data)."""
+    weights = {"item_emb_d128_v1": 0.1, "item_emb_d128_v2": 0.1, "item_emb_d128_v3": 0.2, "item_emb_d128_e4": 0.1}
+    return {col: _topic_vectors(size, items, _rng(seed, _STREAM_ITEMS, 7, i), EMB_DIM, weights[col])
+            for i, col in enumerate(ITEM_EMB_VERSIONS)}
