@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, embedding_l2
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding
 
 
 class CTRModel(nn.Module):
@@ -77,7 +77,7 @@ class CTRModel(nn.Module):
         self.config = config
         self.n_items = emb.shape[0] - 1
         self.item_embedding = nn.Embedding.from_pretrained(
-            emb, freeze=not config.finetune_item_embeddings, padding_idx=0)
+            emb, freeze=not config.finetune_item_embeddings, padding_idx=0, sparse=True)
         item_dim = config.embedding_dim
         if config.use_id_embedding:
             self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim)
@@ -104,7 +104,7 @@ class CTRModel(nn.Module):
         self.views_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         feature_dim = item_dim + 2 * config.level_embedding_dim
         if config.use_user_embedding:
-            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim)
+            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim, sparse=True)
             feature_dim += config.user_embedding_dim
         feature_dim += self._build_history(config, item_dim)
         if config.history_match_features:  # share and log-count of matching history items
@@ -126,7 +126,7 @@ class CTRModel(nn.Module):
         if config.use_item_bias:
             self.item_bias = trainable_table(self.n_items + 1, 1)
         if config.use_user_bias:
-            self.user_bias = HashedEmbedding(config.user_buckets, 1)
+            self.user_bias = HashedEmbedding(config.user_buckets, 1, sparse=True)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
@@ -182,18 +182,31 @@ class CTRModel(nn.Module):
             logit = logit + self.user_bias(user_id).squeeze(-1).to(logit.dtype)
         return logit
 
-    def embedding_penalty(self) -> torch.Tensor:
-        """``embedding_regularizer / 2`` x the squared L2 norm of every trainable embedding table
-        (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to each
-        step's loss: FuxiCTR's ``lambda / 2 * ||W||^2`` over whole tables."""
+    def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level=None, views_level=None,
+                          user_id: torch.Tensor | None = None) -> torch.Tensor:
+        """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding rows this
+        batch looks up (item ids, tags, user buckets, item and user biases; each row once, padding
+        excluded), to add to the batch's loss. Takes ``forward``'s arguments.
+
+        Rows the batch does not touch are neither penalised nor updated this step (torchrec's and
+        the sparse optimisers' convention), so a step's cost does not grow with the tables; a row
+        is pulled toward zero each time a batch uses it. FuxiCTR pays ``lambda / 2 * ||W||^2``
+        over whole tables every step instead (docs/models.md says what changes).
+        """
         cfg = self.config
-        tables = [(self.item_embedding.weight, 0)] if cfg.finetune_item_embeddings else []
-        tables += [(self.id_embedding.weight, 0)] if cfg.use_id_embedding else []
-        tables += [(self.tag_embedding.weight, 0)] if cfg.use_tag_embedding else []
-        tables += [(self.user_embedding.embedding.weight, None)] if cfg.use_user_embedding else []
-        tables += [(self.item_bias.weight, 0)] if cfg.use_item_bias else []
-        tables += [(self.user_bias.embedding.weight, None)] if cfg.use_user_bias else []
-        total = sum((embedding_l2(table, padding_row=pad) for table, pad in tables),
+        items = torch.cat([item_id.reshape(-1), item_seq[item_seq != 0].long()]).unique()
+        items = items[items != 0]
+        tables = [(self.item_embedding.weight, items)] if cfg.finetune_item_embeddings else []
+        tables += [(self.id_embedding.weight, items)] if cfg.use_id_embedding else []
+        tables += [(self.item_bias.weight, items)] if cfg.use_item_bias else []
+        if cfg.use_tag_embedding:
+            tags = self.item_tags[items].unique()
+            tables.append((self.tag_embedding.weight, tags[tags != 0]))
+        for use, hashed in ((cfg.use_user_embedding, "user_embedding"), (cfg.use_user_bias, "user_bias")):
+            if use:
+                table = getattr(self, hashed)
+                tables.append((table.embedding.weight, table.bucket(user_id).unique()))
+        total = sum((F.embedding(rows, table, sparse=True).pow(2).sum() for table, rows in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
 
@@ -215,8 +228,9 @@ class CTRModel(nn.Module):
 
 def trainable_table(rows: int, dim: int) -> nn.Embedding:
     """Trainable id/tag table, row 0 padding. Starts near zero (std 1e-4, FuxiCTR's default), so
-    the L2 embedding regulariser and the content vectors dominate until the data says otherwise."""
-    table = nn.Embedding(rows, dim, padding_idx=0)
+    the L2 embedding regulariser and the content vectors dominate until the data says otherwise.
+    Sparse gradients: a step pays for the rows its batch looks up (lib/ctr/optim.py)."""
+    table = nn.Embedding(rows, dim, padding_idx=0, sparse=True)
     nn.init.normal_(table.weight, std=1e-4)
     with torch.no_grad():
         table.weight[0] = 0
