@@ -16,6 +16,7 @@ better (figures: docs/results.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -97,7 +98,9 @@ class CTRModel(nn.Module):
             self.n_tags = int(tags.max()) + 1 if n_tags is None else n_tags
             if self.n_tags <= int(tags.max()):
                 raise ValueError(f"n_tags={n_tags} is too small for tag id {int(tags.max())}")
-            self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim)
+            # dense: the tag vocabulary does not grow with the catalog, and one dense update is
+            # cheaper than summing the sparse gradient of every (item, tag) lookup
+            self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim, sparse=False)
             item_dim += config.tag_embedding_dim
         self.item_dim = item_dim
         self.likes_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
@@ -139,6 +142,21 @@ class CTRModel(nn.Module):
             parts.append(self.tag_embedding(tags).sum(-2) / count)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
+    def batch_item_vectors(self, item_id: torch.Tensor,
+                           item_seq: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(target vectors ``[B, item_dim]``, a lookup ``ids [...] -> [..., item_dim]`` for this
+        batch's history ids): each distinct item of the batch (and the padding item) is represented
+        once and then gathered, so tables and tag pooling are paid per distinct item, not per
+        history position, and each table row gets one gradient row. Same vectors as
+        :meth:`item_vectors`."""
+        ids = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()]).unique()
+        table = self.item_vectors(ids)
+
+        def lookup(x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
+            return table.index_select(0, torch.searchsorted(ids, x.long()).reshape(-1)).view(*x.shape, table.shape[1])
+
+        return lookup(item_id), lookup
+
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """History summary ``[B, *]``: the pooled interest (attention families) or the pooled
         Transformer outputs."""
@@ -148,15 +166,17 @@ class CTRModel(nn.Module):
         """Create the family's history modules; return the width of its history summary."""
         raise NotImplementedError
 
-    def _history(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (history summary ``[B, *]``, sum of sigmoid attention weights ``[B]`` or None)."""
+    def _history(self, target: torch.Tensor, item_seq: torch.Tensor, vectors: Callable[[torch.Tensor], torch.Tensor]
+                 | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (history summary ``[B, *]``, sum of sigmoid attention weights ``[B]`` or None).
+        ``vectors`` maps history ids to item vectors (default :meth:`item_vectors`)."""
         raise NotImplementedError
 
     def forward(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level: torch.Tensor,
                 views_level: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits ``[B]``. ``user_id`` is needed with ``use_user_embedding`` (any int64; hashed)."""
-        target = self.item_vectors(item_id)
-        summary, matches = self._history(target, item_seq)
+        target, vectors = self.batch_item_vectors(item_id, item_seq)
+        summary, matches = self._history(target, item_seq, vectors)
         parts = [target, summary, self.likes_embedding(likes_level), self.views_embedding(views_level)]
         if self.config.reads_user_id() and user_id is None:
             raise ValueError("use_user_embedding / use_user_bias: the model needs user_id "
@@ -194,19 +214,19 @@ class CTRModel(nn.Module):
         over whole tables every step instead (docs/models.md says what changes).
         """
         cfg = self.config
-        items = torch.cat([item_id.reshape(-1), item_seq[item_seq != 0].long()]).unique()
+        items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
         items = items[items != 0]
-        tables = [(self.item_embedding.weight, items)] if cfg.finetune_item_embeddings else []
-        tables += [(self.id_embedding.weight, items)] if cfg.use_id_embedding else []
-        tables += [(self.item_bias.weight, items)] if cfg.use_item_bias else []
+        tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
+        tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
+        tables += [(self.item_bias, items)] if cfg.use_item_bias else []
         if cfg.use_tag_embedding:
             tags = self.item_tags[items].unique()
-            tables.append((self.tag_embedding.weight, tags[tags != 0]))
+            tables.append((self.tag_embedding, tags[tags != 0]))
         for use, hashed in ((cfg.use_user_embedding, "user_embedding"), (cfg.use_user_bias, "user_bias")):
             if use:
                 table = getattr(self, hashed)
-                tables.append((table.embedding.weight, table.bucket(user_id).unique()))
-        total = sum((F.embedding(rows, table, sparse=True).pow(2).sum() for table, rows in tables),
+                tables.append((table.embedding, table.bucket(user_id).unique()))
+        total = sum((F.embedding(rows, table.weight, sparse=table.sparse).pow(2).sum() for table, rows in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
 
@@ -226,11 +246,11 @@ class CTRModel(nn.Module):
                         n_tags=d["n_tags"] or None, item_frequency=counts)
 
 
-def trainable_table(rows: int, dim: int) -> nn.Embedding:
+def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:
     """Trainable id/tag table, row 0 padding. Starts near zero (std 1e-4, FuxiCTR's default), so
     the L2 embedding regulariser and the content vectors dominate until the data says otherwise.
     Sparse gradients: a step pays for the rows its batch looks up (lib/ctr/optim.py)."""
-    table = nn.Embedding(rows, dim, padding_idx=0, sparse=True)
+    table = nn.Embedding(rows, dim, padding_idx=0, sparse=sparse)
     nn.init.normal_(table.weight, std=1e-4)
     with torch.no_grad():
         table.weight[0] = 0
