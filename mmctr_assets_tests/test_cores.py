@@ -1,6 +1,7 @@
 """The machine-wide core lease (lib/cores.py): concurrent trainings split the cores a process may
 use instead of each running a thread per core."""
 
+import fcntl
 import threading
 
 import torch
@@ -39,15 +40,19 @@ def test_train_takes_its_threads_from_the_lease(tmp_path, monkeypatch):
         with trainer._torch_settings(True, None):  # inside a step's lease: its cores, no more
             assert torch.get_num_threads() == 1
     n = cores.available_cpus()
-    with cores.core_lease(want=n, folder=tmp_path, cores=n):  # another process holds every core
-        started = threading.Event()
+    other_process = [open(tmp_path / f"cpu-{i}.lock", "a+") for i in range(n)]  # flock is per open file
+    for f in other_process:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    started = threading.Event()
 
-        def training():
-            with trainer._torch_settings(True, None):
-                started.set()
+    def training():
+        with trainer._torch_settings(True, None):
+            started.set()
 
-        t = threading.Thread(target=training)
-        t.start()
-        assert not started.wait(1.0)  # no free core: it waits instead of oversubscribing
+    t = threading.Thread(target=training)
+    t.start()
+    assert not started.wait(1.0)  # every core is taken: it waits instead of oversubscribing
+    for f in other_process:
+        f.close()
     t.join(10)
     assert started.is_set() and torch.get_num_threads() == previous

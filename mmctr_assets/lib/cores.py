@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 LOCK_DIR_ENV = "MMCTR_CPU_LOCK_DIR"
-_held = threading.local()  # cores this thread holds by a lease (nested work reuses them)
+_held = {"cores": 0}  # cores this process holds by leases (work inside them takes no more)
+_held_lock = threading.Lock()
 
 
 def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> int | None:
@@ -63,8 +64,9 @@ def lock_dir() -> Path:
 
 
 def held_cores() -> int | None:
-    """Cores this thread already holds by a lease (None: none), so nested work takes no more."""
-    return getattr(_held, "cores", None)
+    """Cores this process already holds by leases (None: none): a training inside a step's lease
+    runs on those instead of leasing more (or waiting for cores its own process holds)."""
+    return _held["cores"] or None
 
 
 def _try_claim(folder: Path, cores: int, want: int) -> list:
@@ -103,11 +105,12 @@ def core_lease(want: int | None = None, need: int = 1, *, folder: Path | None = 
         time.sleep(0.5)
     if on_wait and told:
         on_wait(f"got {len(got)} CPU core(s) after {time.perf_counter() - t0:.0f}s")
-    outer = held_cores()
-    _held.cores = len(got) + (outer or 0)
+    with _held_lock:
+        _held["cores"] += len(got)
     try:
         yield len(got)
     finally:
-        _held.cores = outer
+        with _held_lock:
+            _held["cores"] -= len(got)
         for f in got:
             f.close()
