@@ -322,9 +322,32 @@ def test_user_embedding_hashes_unseen_users_and_needs_user_id():
         model(*batch)
 
 
-def test_embedding_penalty_is_lambda_half_the_squared_norm_of_the_rows_the_batch_touches():
+def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_frozen_rows():
     model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
                     use_item_bias=True, use_user_bias=True, user_buckets=7, embedding_regularizer=0.5)
+    with torch.no_grad():  # a padding row that is not zero must still not be penalised
+        model.id_embedding.weight[0] = 3.0
+        model.tag_embedding.weight[0] = 3.0
+        model.item_bias.weight[0] = 3.0
+        model.item_bias.weight[1:] = 0.25
+        model.user_bias.embedding.weight.fill_(0.5)
+    # FuxiCTR's lambda / 2 * ||W||^2 over whole tables, biases included
+    expected = 0.5 / 2 * (model.id_embedding.weight[1:].pow(2).sum() + model.tag_embedding.weight[1:].pow(2).sum()
+                          + model.user_embedding.embedding.weight.pow(2).sum()
+                          + N_ITEMS * 0.25 ** 2 + 7 * 0.5 ** 2)
+    batch = torch.tensor([1]), torch.tensor([[0, 2]]), None, None, torch.tensor([5])  # rows the batch touches
+    torch.testing.assert_close(model.embedding_penalty(*batch), expected)
+    # every row is paid for every step, whether or not the batch uses it (rare ids included)
+    model.embedding_penalty(*batch).backward()
+    assert (model.id_embedding.weight.grad[1:] != 0).all(dim=1).all()
+    assert (model.id_embedding.weight.grad[0] == 0).all()
+    assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
+
+
+def test_with_sparse_updates_the_penalty_is_lambda_half_the_squared_norm_of_the_rows_the_batch_touches():
+    model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
+                    use_item_bias=True, use_user_bias=True, user_buckets=7, embedding_regularizer=0.5,
+                    sparse_embedding_updates=True)
     with torch.no_grad():  # a padding row that is not zero must still not be penalised
         model.id_embedding.weight[0] = 3.0
         model.tag_embedding.weight[0] = 3.0

@@ -66,6 +66,7 @@ def test_clipping_sees_each_rows_summed_gradient():
 
 def _default_like(**options):
     config = ModelConfig(family="transformer_dcnv2", embedding_dim=D, max_len=L, use_id_embedding=True,
+                         sparse_embedding_updates=True,
                          id_embedding_dim=4, use_tag_embedding=True, tag_embedding_dim=4, use_user_embedding=True,
                          user_buckets=16, embedding_regularizer=0.1, transformer_dim=8, transformer_ff_dim=16,
                          last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)

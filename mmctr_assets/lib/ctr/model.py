@@ -78,10 +78,11 @@ class CTRModel(nn.Module):
         self.config = config
         self.n_items = emb.shape[0] - 1
         self.item_embedding = nn.Embedding.from_pretrained(
-            emb, freeze=not config.finetune_item_embeddings, padding_idx=0, sparse=True)
+            emb, freeze=not config.finetune_item_embeddings, padding_idx=0, sparse=config.sparse_embedding_updates)
         item_dim = config.embedding_dim
         if config.use_id_embedding:
-            self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim)
+            self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim,
+                                                sparse=config.sparse_embedding_updates)
             item_dim += config.id_embedding_dim
         self.n_tags = 0
         if config.use_tag_embedding:
@@ -98,8 +99,8 @@ class CTRModel(nn.Module):
             self.n_tags = int(tags.max()) + 1 if n_tags is None else n_tags
             if self.n_tags <= int(tags.max()):
                 raise ValueError(f"n_tags={n_tags} is too small for tag id {int(tags.max())}")
-            # dense: the tag vocabulary does not grow with the catalog, and one dense update is
-            # cheaper than summing the sparse gradient of every (item, tag) lookup
+            # always dense: the tag vocabulary does not grow with the catalog, and one dense update
+            # is cheaper than summing the sparse gradient of every (item, tag) lookup
             self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim, sparse=False)
             item_dim += config.tag_embedding_dim
         self.item_dim = item_dim
@@ -107,7 +108,8 @@ class CTRModel(nn.Module):
         self.views_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         feature_dim = item_dim + 2 * config.level_embedding_dim
         if config.use_user_embedding:
-            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim, sparse=True)
+            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim,
+                                                  sparse=config.sparse_embedding_updates)
             feature_dim += config.user_embedding_dim
         feature_dim += self._build_history(config, item_dim)
         if config.history_match_features:  # share and log-count of matching history items
@@ -127,9 +129,9 @@ class CTRModel(nn.Module):
             head_dim = self.head.output_dim
         self.output = nn.Linear(head_dim, 1)
         if config.use_item_bias:
-            self.item_bias = trainable_table(self.n_items + 1, 1)
+            self.item_bias = trainable_table(self.n_items + 1, 1, sparse=config.sparse_embedding_updates)
         if config.use_user_bias:
-            self.user_bias = HashedEmbedding(config.user_buckets, 1, sparse=True)
+            self.user_bias = HashedEmbedding(config.user_buckets, 1, sparse=config.sparse_embedding_updates)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
@@ -204,29 +206,31 @@ class CTRModel(nn.Module):
 
     def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level=None, views_level=None,
                           user_id: torch.Tensor | None = None) -> torch.Tensor:
-        """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding rows this
-        batch looks up (item ids, tags, user buckets, item and user biases; each row once, padding
-        excluded), to add to the batch's loss. Takes ``forward``'s arguments.
+        """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding tables
+        (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to the
+        batch's loss. Takes ``forward``'s arguments.
 
-        Rows the batch does not touch are neither penalised nor updated this step (torchrec's and
-        the sparse optimisers' convention), so a step's cost does not grow with the tables; a row
-        is pulled toward zero each time a batch uses it. FuxiCTR pays ``lambda / 2 * ||W||^2``
-        over whole tables every step instead (docs/models.md says what changes).
+        By default FuxiCTR's ``lambda / 2 * ||W||^2`` over WHOLE tables every step: with Adam, a
+        row the batch does not use is pulled toward zero too, so a rare id (a user seen three
+        times) cannot escape it between its visits and fit its few labels. With
+        ``sparse_embedding_updates`` only the rows this batch looks up (each once): torchrec's and
+        the sparse optimisers' convention, a cost that does not grow with the tables.
         """
         cfg = self.config
-        items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
-        items = items[items != 0]
+        rows_only = cfg.sparse_embedding_updates
+        items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique() if rows_only else None
+        items = items[items != 0] if rows_only else None
         tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
         tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
         tables += [(self.item_bias, items)] if cfg.use_item_bias else []
         if cfg.use_tag_embedding:
-            tags = self.item_tags[items].unique()
-            tables.append((self.tag_embedding, tags[tags != 0]))
+            tags = self.item_tags[items].unique() if rows_only else None
+            tables.append((self.tag_embedding, tags[tags != 0] if rows_only else None))
         for use, hashed in ((cfg.use_user_embedding, "user_embedding"), (cfg.use_user_bias, "user_bias")):
             if use:
                 table = getattr(self, hashed)
-                tables.append((table.embedding, table.bucket(user_id).unique()))
-        total = sum((F.embedding(rows, table.weight, sparse=table.sparse).pow(2).sum() for table, rows in tables),
+                tables.append((table.embedding, table.bucket(user_id).unique() if rows_only else None))
+        total = sum((_squared_norm(table, rows) for table, rows in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
 
@@ -249,12 +253,20 @@ class CTRModel(nn.Module):
 def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:
     """Trainable id/tag table, row 0 padding. Starts near zero (std 1e-4, FuxiCTR's default), so
     the L2 embedding regulariser and the content vectors dominate until the data says otherwise.
-    Sparse gradients: a step pays for the rows its batch looks up (lib/ctr/optim.py)."""
+    ``sparse``: gradients name only the rows a batch looks up (lib/ctr/optim.py)."""
     table = nn.Embedding(rows, dim, padding_idx=0, sparse=sparse)
     nn.init.normal_(table.weight, std=1e-4)
     with torch.no_grad():
         table.weight[0] = 0
     return table
+
+
+def _squared_norm(table: nn.Embedding, rows: torch.Tensor | None) -> torch.Tensor:
+    """Squared L2 norm of ``rows`` of ``table`` (None: the whole table), its padding row excluded."""
+    if rows is not None:
+        return F.embedding(rows, table.weight, sparse=table.sparse).pow(2).sum()
+    norm = table.weight.pow(2).sum()
+    return norm if table.padding_idx is None else norm - table.weight[table.padding_idx].pow(2).sum()
 
 
 def position_table(max_len: int, dim: int) -> nn.Embedding:
