@@ -2,14 +2,14 @@
 any size? And is training/inference as fast as the bare model, per model family?
 
 1. ``step`` (always; one line per ``--items`` count): the default model (dcn_din_model's default
-   config: Transformer + DCN-V2 over trainable item-id, tag and user tables) beside the ``dcn_din``
-   preset, bare training steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser,
+   config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
+   ``sparse_embedding_updates`` (``default_sparse``), beside the ``dcn_din`` preset, bare training steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser,
    backward, clip, optimiser step) on the same batches, alternated for ``--repeats`` rounds, best
    of each; ``ratio`` = default / dcn_din samples/s (goal >= 0.6 at 91,717 items). Data: the
    synthetic set below with ``--items`` items (default the real 91,717), batch 4096, histories of
    width 100 with the real length statistics (min 3, median 6, mean ~8), ``--threads`` 2.
    With several ``--items`` counts (``--items 10000,1000000``) rounds interleave all counts, and a
-   ``catalog_scaling`` line gives the default's step time at the largest count over the smallest
+   ``catalog_scaling`` line per model gives its step time at the largest count over the smallest
    (goal <= 1.5).
 2. ``sharing`` (``--processes 2``): the default's steps in one process alone, then in N processes
    started together, each taking its threads from the machine-wide core lease
@@ -156,8 +156,12 @@ def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarr
 
 
 def model_configs() -> dict[str, ModelConfig]:
-    """The default (dcn_din_model's config when a run config says nothing) and the dcn_din preset."""
-    return {name: ModelConfig(**(preset(name)["model"] | {"max_len": MAX_LEN})) for name in ("default", "dcn_din")}
+    """The default (dcn_din_model's config when a run config says nothing), the default with
+    ``sparse_embedding_updates`` (when the library has it) and the dcn_din preset."""
+    configs = {name: ModelConfig(**(preset(name)["model"] | {"max_len": MAX_LEN})) for name in ("default", "dcn_din")}
+    if "sparse_embedding_updates" in ModelConfig.__dataclass_fields__:
+        configs["default_sparse"] = dataclasses.replace(configs["default"], sparse_embedding_updates=True)
+    return configs
 
 
 def step_data(n_items: int, steps: int, seed: int = 0):
@@ -186,23 +190,27 @@ def step_comparison(args, items: list[int]) -> None:
     best = {k: max(v) for k, v in rates.items()}
     best_cpu = {k: min(v) for k, v in cpu.items()}
     for n, (batches, emb, tags, counts, source) in data.items():
-        default, dcn_din = best[n, "default"], best[n, "dcn_din"]
+        dcn_din = best[n, "dcn_din"]
+        per_model = {}
+        for name in configs:
+            if name != "dcn_din":
+                per_model |= {f"{name}_samples_per_s": round(best[n, name]),
+                              f"{name}_cpu_ms_per_step": round(1000 * best_cpu[n, name], 1),
+                              f"{name}_ratio": round(best[n, name] / dcn_din, 3),
+                              f"{name}_cpu_ratio": round(best_cpu[n, "dcn_din"] / best_cpu[n, name], 3)}
         emit(bench="step", n_items=n, source=source, batch_size=BATCH, max_len=MAX_LEN, steps=len(batches),
-             repeats=args.repeats, default_samples_per_s=round(default), dcn_din_samples_per_s=round(dcn_din),
-             default_step_ms=round(1000 * BATCH / default, 1), ratio=round(default / dcn_din, 3), goal_ratio=0.6,
-             meets_goal=default / dcn_din >= 0.6, default_cpu_ms_per_step=round(1000 * best_cpu[n, "default"], 1),
-             dcn_din_cpu_ms_per_step=round(1000 * best_cpu[n, "dcn_din"], 1),
-             cpu_ratio=round(best_cpu[n, "dcn_din"] / best_cpu[n, "default"], 3),
+             repeats=args.repeats, dcn_din_samples_per_s=round(dcn_din),
+             dcn_din_cpu_ms_per_step=round(1000 * best_cpu[n, "dcn_din"], 1), **per_model, goal_ratio=0.6,
              library="row-wise updates" if training_step else "before row-wise updates (AdamW over whole tables)")
     if len(items) > 1:
         lo, hi = min(items), max(items)
-        growth = best[lo, "default"] / best[hi, "default"]
-        cpu_growth = best_cpu[hi, "default"] / best_cpu[lo, "default"]
-        emit(bench="catalog_scaling", n_items=[lo, hi], default_step_ms=[round(1000 * BATCH / best[n, "default"], 1)
-                                                                         for n in (lo, hi)],
-             default_cpu_ms_per_step=[round(1000 * best_cpu[n, "default"], 1) for n in (lo, hi)],
-             step_cost_growth=round(growth, 3), cpu_growth=round(cpu_growth, 3), goal=1.5,
-             meets_goal=growth <= 1.5)
+        for name in (k for k in configs if k != "dcn_din"):
+            growth = best[lo, name] / best[hi, name]
+            emit(bench="catalog_scaling", model=name, n_items=[lo, hi],
+                 step_ms=[round(1000 * BATCH / best[n, name], 1) for n in (lo, hi)],
+                 cpu_ms_per_step=[round(1000 * best_cpu[n, name], 1) for n in (lo, hi)],
+                 step_cost_growth=round(growth, 3), cpu_growth=round(best_cpu[hi, name] / best_cpu[lo, name], 3),
+                 goal=1.5, meets_goal=growth <= 1.5)
 
 
 def child(args) -> None:
@@ -211,7 +219,7 @@ def child(args) -> None:
 
     batches, emb, tags, counts, _ = step_data(args.items_list[0], args.steps)
     cfg = TrainConfig(batch_size=BATCH, epochs=1)
-    config = model_configs()["default"]
+    config = model_configs()[args.model]
     bare_train_rate(config, emb, counts, batches[:1], cfg, tags)  # warm-up outside the lease
     asked = time.time()
     with core_lease(want=args.threads_per_process) as cores:
@@ -224,7 +232,8 @@ def child(args) -> None:
 
 
 def _run_children(args, n: int) -> list[dict]:
-    command = [sys.executable, __file__, "--child", "--items", str(args.items_list[0]), "--steps", str(args.steps)]
+    command = [sys.executable, __file__, "--child", "--items", str(args.items_list[0]), "--steps", str(args.steps),
+               "--model", args.model]
     if args.threads_per_process:
         command += ["--threads-per-process", str(args.threads_per_process)]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n)]
@@ -247,7 +256,7 @@ def sharing(args) -> None:
         wall = max(r["end"] for r in last) - min(r["start"] for r in last)
         together.append(sum(r["samples"] for r in last) / wall)
     ratio = max(together) / max(alone)
-    emit(bench="sharing", n_items=args.items_list[0], processes=args.processes, steps=args.steps,
+    emit(bench="sharing", model=args.model, n_items=args.items_list[0], processes=args.processes, steps=args.steps,
          threads_per_process=args.threads_per_process or "lease", repeats=args.repeats,
          alone_samples_per_s=round(max(alone)), summed_samples_per_s=round(max(together)),
          last_round=[{k: round(r[k], 2) for k in ("samples_per_s", "threads", "waited_s")} for r in last],
@@ -262,6 +271,7 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=0, help="> 1: the sharing figure with this many processes")
     ap.add_argument("--threads-per-process", type=int, default=None,
                     help="--processes: most cores each process leases (default: all free ones)")
+    ap.add_argument("--model", default="default", help="--processes: default, default_sparse or dcn_din")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-loop", action="store_true",
                     help="also the per-family train_loop / attention / predict lines")
