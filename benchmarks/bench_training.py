@@ -3,9 +3,12 @@ any size? And is training/inference as fast as the bare model, per model family?
 
 1. ``step`` (always; one line per ``--items`` count): the default model (dcn_din_model's default
    config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
-   ``sparse_embedding_updates`` (``default_sparse``), beside the ``dcn_din`` preset, bare training steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser,
-   backward, clip, optimiser step) on the same batches, alternated for ``--repeats`` rounds, best
-   of each; ``ratio`` = default / dcn_din samples/s (goal >= 0.6 at 91,717 items). Data: the
+   ``sparse_embedding_updates`` (``default_sparse``), beside the ``dcn_din`` preset: bare training
+   steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser, backward, clip,
+   optimiser step) on the same batches, alternated for ``--repeats`` rounds, best of each;
+   ``<model>_ratio`` = its samples/s over dcn_din's (goal >= 0.6 at 91,717 items), ``_cpu_ratio``
+   the same from process CPU time per step (with ``--threads 1`` the figure a loaded machine
+   distorts least). Data: the
    synthetic set below with ``--items`` items (default the real 91,717), batch 4096, histories of
    width 100 with the real length statistics (min 3, median 6, mean ~8), ``--threads`` 2.
    With several ``--items`` counts (``--items 10000,1000000``) rounds interleave all counts, and a
