@@ -32,7 +32,7 @@ Comparisons alternate their sides and report the best of each, so load from othe
 shared box hurts both sides alike: the ratios are what count, not the absolute rates.
 
     .venv/bin/python benchmarks/bench_training.py [--items 91717[,1000000]] [--threads 2] [--repeats 3]
-        [--steps 20] [--processes 2 [--threads-per-process 1]]
+        [--steps 20] [--processes 2 [--threads-per-process 1] [--no-lease] [--model default]]
         [--train-loop [--synthetic [--history-median 60]] [--rows 200000] [--families ...]
          [--max-len 100] [--train-rows N] [--batch-sizes 1024,4096] [--skip-attention] [--skip-predict]]
 """
@@ -40,6 +40,7 @@ shared box hurts both sides alike: the ratios are what count, not the absolute r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -225,7 +226,9 @@ def child(args) -> None:
     config = model_configs()[args.model]
     bare_train_rate(config, emb, counts, batches[:1], cfg, tags)  # warm-up outside the lease
     asked = time.time()
-    with core_lease(want=args.threads_per_process) as cores:
+    lease = (contextlib.nullcontext(args.threads_per_process or torch.get_num_threads()) if args.no_lease
+             else core_lease(want=args.threads_per_process))
+    with lease as cores:
         torch.set_num_threads(cores)
         start = time.time()
         rate = bare_train_rate(config, emb, counts, batches, cfg, tags)
@@ -239,6 +242,8 @@ def _run_children(args, n: int) -> list[dict]:
                "--model", args.model]
     if args.threads_per_process:
         command += ["--threads-per-process", str(args.threads_per_process)]
+    if args.no_lease:
+        command += ["--no-lease"]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n)]
     out = []
     for p in procs:
@@ -260,7 +265,8 @@ def sharing(args) -> None:
         together.append(sum(r["samples"] for r in last) / wall)
     ratio = max(together) / max(alone)
     emit(bench="sharing", model=args.model, n_items=args.items_list[0], processes=args.processes, steps=args.steps,
-         threads_per_process=args.threads_per_process or "lease", repeats=args.repeats,
+         threads_per_process=args.threads_per_process or ("torch default" if args.no_lease else "lease"),
+         lease=not args.no_lease, repeats=args.repeats,
          alone_samples_per_s=round(max(alone)), summed_samples_per_s=round(max(together)),
          last_round=[{k: round(r[k], 2) for k in ("samples_per_s", "threads", "waited_s")} for r in last],
          ratio=round(ratio, 3), goal_ratio=0.8, meets_goal=ratio >= 0.8)
@@ -274,6 +280,8 @@ def main() -> None:
     ap.add_argument("--processes", type=int, default=0, help="> 1: the sharing figure with this many processes")
     ap.add_argument("--threads-per-process", type=int, default=None,
                     help="--processes: most cores each process leases (default: all free ones)")
+    ap.add_argument("--no-lease", action="store_true",
+                    help="--processes: each takes its threads without the lease (how it was before issue 31)")
     ap.add_argument("--model", default="default", help="--processes: default, default_sparse or dcn_din")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--train-loop", action="store_true",
