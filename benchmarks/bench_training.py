@@ -284,6 +284,7 @@ def main() -> None:
                     help="--processes: each takes its threads without the lease (how it was before issue 31)")
     ap.add_argument("--model", default="default", help="--processes: default, default_sparse or dcn_din")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-step", action="store_true", help="skip the step lines (e.g. only --processes)")
     ap.add_argument("--train-loop", action="store_true",
                     help="also the per-family train_loop / attention / predict lines")
     ap.add_argument("--synthetic", action="store_true", help="--train-loop: skip demo_data; synthesise in memory")
@@ -306,7 +307,8 @@ def main() -> None:
     if args.child:
         return child(args)
     torch.set_num_threads(args.threads)
-    step_comparison(args, args.items_list)
+    if not args.no_step:
+        step_comparison(args, args.items_list)
     if args.processes > 1:
         sharing(args)
     if args.train_loop:
