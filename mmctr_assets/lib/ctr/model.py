@@ -217,19 +217,20 @@ class CTRModel(nn.Module):
         the sparse optimisers' convention, a cost that does not grow with the tables.
         """
         cfg = self.config
-        rows_only = cfg.sparse_embedding_updates
-        items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique() if rows_only else None
-        items = items[items != 0] if rows_only else None
+        items = tags = None  # None: the whole table
+        if cfg.sparse_embedding_updates:
+            items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
+            items = items[items != 0]
+            if cfg.use_tag_embedding:
+                tags = self.item_tags[items].unique()
+                tags = tags[tags != 0]
         tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
         tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
         tables += [(self.item_bias, items)] if cfg.use_item_bias else []
-        if cfg.use_tag_embedding:
-            tags = self.item_tags[items].unique() if rows_only else None
-            tables.append((self.tag_embedding, tags[tags != 0] if rows_only else None))
-        for use, hashed in ((cfg.use_user_embedding, "user_embedding"), (cfg.use_user_bias, "user_bias")):
-            if use:
-                table = getattr(self, hashed)
-                tables.append((table.embedding, table.bucket(user_id).unique() if rows_only else None))
+        tables += [(self.tag_embedding, tags)] if cfg.use_tag_embedding else []
+        for hashed in ([self.user_embedding] if cfg.use_user_embedding else []) + (
+                [self.user_bias] if cfg.use_user_bias else []):
+            tables.append((hashed.embedding, hashed.bucket(user_id).unique() if cfg.sparse_embedding_updates else None))
         total = sum((_squared_norm(table, rows) for table, rows in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
