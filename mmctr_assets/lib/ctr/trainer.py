@@ -1,4 +1,5 @@
-"""Train a CTR model: seeded batch slicing, AdamW, LR-on-plateau and early stopping on valid AUC,
+"""Train a CTR model: seeded batch slicing, AdamW (row-wise for sparse tables: optim.py), LR-on-plateau
+and early stopping on valid AUC, threads from the machine-wide core lease (lib/cores.py),
 and resumable epochs.
 
 Resume contract: after every epoch ``checkpoint_dir/last.pt`` holds everything the loop needs
