@@ -1,37 +1,51 @@
-"""Is training/inference as fast as the bare model, per model family, and how much does packed
-attention buy?
+"""Is the default model's training step as cheap as it should be, at the real catalog size and at
+any size? And is training/inference as fast as the bare model, per model family?
 
-Each family's preset (lib/ctr/presets.py; the user embedding needs the data's user_id), CPU,
-batch 4096 (``--batch-sizes 1024,4096``: a ``train_loop`` line per size), history cap ``--max-len``
-(100: the data's full width), one process. Data: demo_data
-``medium`` (real MicroLens history-length distribution, generated once into ``--cache``), or
-with ``--synthetic`` an in-memory set with the same length statistics (min 3, median 6, mean ~8;
-``--history-median 60`` for long histories, as some real click logs have). ``--families`` may
-name ``default`` too: dcn_din_model's default config (trainable ids, tags and users).
-Each result is one JSON line:
+1. ``step`` (always; one line per ``--items`` count): the default model (dcn_din_model's default
+   config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
+   ``sparse_embedding_updates`` (``default_sparse``), beside the ``dcn_din`` preset: bare training
+   steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser, backward, clip,
+   optimiser step) on the same batches, alternated for ``--repeats`` rounds, best of each;
+   ``<model>_ratio`` = its samples/s over dcn_din's (goal >= 0.6 at 91,717 items), ``_cpu_ratio``
+   the same from process CPU time per step (with ``--threads 1`` the figure a loaded machine
+   distorts least). Data: the
+   synthetic set below with ``--items`` items (default the real 91,717), batch 4096, histories of
+   width 100 with the real length statistics (min 3, median 6, mean ~8), ``--threads`` 2.
+   With several ``--items`` counts (``--items 10000,1000000``) rounds interleave all counts, and a
+   ``catalog_scaling`` line per model gives its step time at the largest count over the smallest
+   (goal <= 1.5).
+2. ``sharing`` (``--processes 2``): the default's steps in one process alone, then in N processes
+   started together, each taking its threads from the machine-wide core lease
+   (lib/cores.py, as ``train()`` does); summed samples/s of the N over the one alone (goal >= 0.8).
+   ``--threads-per-process 1`` caps each process's lease (``compute.cpu_threads``).
+3. With ``--train-loop``, the older per-family lines (each family's preset, lib/ctr/presets.py;
+   ``--families`` may name ``default`` too), on demo_data ``medium`` (or ``--synthetic``):
 
-1. ``train_loop`` (one line per family): samples/s of ``train()`` for one epoch (seeded batch
-   slicing, eval and checkpoint included) vs the bare ``forward + backward + AdamW step`` on the
-   same batches already in memory. Goals: ratio >= 0.8 and >= 10,000 samples/s.
-2. ``attention`` (dcn_din): training-step samples/s with the padded reference attention, packed attention,
-   and packed attention with the split first layer (the default). Goal: default >= 10,000/s.
-3. ``predict``: rows/s of ``predict()`` vs the bare forward on ready tensors.
+   a. ``train_loop``: samples/s of ``train()`` for one epoch (seeded batch slicing, eval and
+      checkpoint included) vs the bare steps on the same batches already in memory. Goals: ratio
+      >= 0.8 and >= 10,000 samples/s.
+   b. ``attention`` (dcn_din): training-step samples/s with the padded reference attention, packed
+      attention, and packed attention with the split first layer (the default).
+   c. ``predict``: rows/s of ``predict()`` vs the bare forward on ready tensors.
 
-Comparisons alternate their two sides for ``--repeats`` rounds and report the best of each, so
-load from other processes on a shared box hurts both sides alike.
+Comparisons alternate their sides and report the best of each, so load from other processes on a
+shared box hurts both sides alike: the ratios are what count, not the absolute rates.
 
-    .venv/bin/python benchmarks/bench_training.py [--synthetic [--history-median 60]] [--rows 200000]
-        [--threads 1] [--repeats 2] [--families default,dcn_din,transformer_dcnv2,din] [--max-len 100]
-        [--train-rows N] [--skip-attention] [--skip-predict]
+    .venv/bin/python benchmarks/bench_training.py [--items 91717[,1000000]] [--threads 2] [--repeats 3]
+        [--steps 20] [--processes 2 [--threads-per-process 1] [--no-lease] [--model default]]
+        [--train-loop [--synthetic [--history-median 60]] [--rows 200000] [--families ...]
+         [--max-len 100] [--train-rows N] [--batch-sizes 1024,4096] [--skip-attention] [--skip-predict]]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,7 +64,14 @@ from mmctr_assets.lib.ctr.presets import preset  # noqa: E402
 from mmctr_assets.lib.ctr.tensors import CTRTensors, item_frequency, to_tensors  # noqa: E402
 from mmctr_assets.lib.ctr.trainer import TrainConfig, train  # noqa: E402
 
+try:
+    from mmctr_assets.lib.ctr.trainer import make_optimizer, training_step
+except ImportError:  # run against a checkout before row-wise table updates, for the baseline
+    make_optimizer = training_step = None
+
 BATCH = 4096
+REAL_ITEMS = 91_717
+MAX_LEN = 100
 
 
 def emit(**result) -> None:
@@ -104,35 +125,175 @@ def batches_like_train(tensors: CTRTensors, cfg: TrainConfig) -> list[CTRTensors
 
 
 def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarray,
-                    batches: list[CTRTensors], cfg: TrainConfig, tags: np.ndarray | None = None) -> float:
+                    batches: list[CTRTensors], cfg: TrainConfig, tags: np.ndarray | None = None,
+                    cpu: list[float] | None = None) -> float:
+    """samples/s of train()'s own step function over ``batches`` (model built outside the clock);
+    appends the process CPU seconds per step to ``cpu`` (less hurt by other processes' load)."""
     torch.manual_seed(cfg.seed)
     tags = tags if model_config.use_tag_embedding else None
     model = CTRModel(model_config, emb, tags, item_frequency=counts).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = sum(len(b) for b in batches)
-    regularise = model_config.embedding_regularizer > 0
-    t0 = time.perf_counter()
-    for b in batches:
-        loss = bce_loss(model(*b.model_inputs()), b.label)
-        if regularise:
-            loss = loss + model.embedding_penalty()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-        opt.step()
-    return n / (time.perf_counter() - t0)
+    if training_step is None:  # a checkout before lib/ctr/optim.py (the baseline): its plain step
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        c0, t0 = time.process_time(), time.perf_counter()
+        for b in batches:
+            loss = bce_loss(model(*b.model_inputs()), b.label)
+            if model_config.embedding_regularizer > 0:
+                loss = loss + model.embedding_penalty()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
+            opt.step()
+    else:
+        optimizer = make_optimizer(model, cfg)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        device = torch.device("cpu")
+        c0, t0 = time.process_time(), time.perf_counter()
+        for b in batches:
+            training_step(model, optimizer, scaler, b, cfg, device, params)
+    seconds = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / len(batches))
+    return n / seconds
+
+
+def model_configs() -> dict[str, ModelConfig]:
+    """The default (dcn_din_model's config when a run config says nothing), the default with
+    ``sparse_embedding_updates`` (when the library has it) and the dcn_din preset."""
+    configs = {name: ModelConfig(**(preset(name)["model"] | {"max_len": MAX_LEN})) for name in ("default", "dcn_din")}
+    if "sparse_embedding_updates" in ModelConfig.__dataclass_fields__:
+        configs["default_sparse"] = dataclasses.replace(configs["default"], sparse_embedding_updates=True)
+    return configs
+
+
+def step_data(n_items: int, steps: int, seed: int = 0):
+    """``steps`` training batches of the synthetic set with ``n_items`` items, plus what models need."""
+    frames, emb, tags, source = synthetic(steps * BATCH, n_items=n_items, seed=seed)
+    train_t = to_tensors(frames["train"], MAX_LEN, n_items=n_items)
+    cfg = TrainConfig(batch_size=BATCH, epochs=1)
+    return batches_like_train(train_t, cfg), emb, tags, item_frequency(train_t, n_items), source
+
+
+def step_comparison(args, items: list[int]) -> None:
+    """1. default vs dcn_din bare steps per catalog size, every size and both models alternated."""
+    configs = model_configs()
+    cfg = TrainConfig(batch_size=BATCH, epochs=1)
+    data = {n: step_data(n, args.steps) for n in items}
+    for n, (batches, emb, tags, counts, _) in data.items():
+        for config in configs.values():  # warm-up: lazy init, allocator
+            bare_train_rate(config, emb, counts, batches[:2], cfg, tags)
+    rates: dict[tuple[int, str], list[float]] = {}
+    cpu: dict[tuple[int, str], list[float]] = {}
+    for _ in range(args.repeats):
+        for n, (batches, emb, tags, counts, _) in data.items():
+            for name, config in configs.items():
+                rates.setdefault((n, name), []).append(
+                    bare_train_rate(config, emb, counts, batches, cfg, tags, cpu.setdefault((n, name), [])))
+    best = {k: max(v) for k, v in rates.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
+    for n, (batches, emb, tags, counts, source) in data.items():
+        dcn_din = best[n, "dcn_din"]
+        per_model = {}
+        for name in configs:
+            if name != "dcn_din":
+                per_model |= {f"{name}_samples_per_s": round(best[n, name]),
+                              f"{name}_cpu_ms_per_step": round(1000 * best_cpu[n, name], 1),
+                              f"{name}_ratio": round(best[n, name] / dcn_din, 3),
+                              f"{name}_cpu_ratio": round(best_cpu[n, "dcn_din"] / best_cpu[n, name], 3)}
+        emit(bench="step", n_items=n, source=source, batch_size=BATCH, max_len=MAX_LEN, steps=len(batches),
+             repeats=args.repeats, dcn_din_samples_per_s=round(dcn_din),
+             dcn_din_cpu_ms_per_step=round(1000 * best_cpu[n, "dcn_din"], 1), **per_model, goal_ratio=0.6,
+             library="row-wise updates" if training_step else "before row-wise updates (AdamW over whole tables)")
+    if len(items) > 1:
+        lo, hi = min(items), max(items)
+        for name in (k for k in configs if k != "dcn_din"):
+            growth = best[lo, name] / best[hi, name]
+            emit(bench="catalog_scaling", model=name, n_items=[lo, hi],
+                 step_ms=[round(1000 * BATCH / best[n, name], 1) for n in (lo, hi)],
+                 cpu_ms_per_step=[round(1000 * best_cpu[n, name], 1) for n in (lo, hi)],
+                 step_cost_growth=round(growth, 3), cpu_growth=round(best_cpu[hi, name] / best_cpu[lo, name], 3),
+                 goal=1.5, meets_goal=growth <= 1.5)
+
+
+def child(args) -> None:
+    """One process of the sharing figure: lease cores as train() does, run the default's steps."""
+    from mmctr_assets.lib.cores import core_lease
+
+    batches, emb, tags, counts, _ = step_data(args.items_list[0], args.steps)
+    cfg = TrainConfig(batch_size=BATCH, epochs=1)
+    config = model_configs()[args.model]
+    bare_train_rate(config, emb, counts, batches[:1], cfg, tags)  # warm-up outside the lease
+    asked = time.time()
+    lease = (contextlib.nullcontext(args.threads_per_process or torch.get_num_threads()) if args.no_lease
+             else core_lease(want=args.threads_per_process))
+    with lease as cores:
+        torch.set_num_threads(cores)
+        start = time.time()
+        rate = bare_train_rate(config, emb, counts, batches, cfg, tags)
+        end = time.time()
+    print(json.dumps({"samples": sum(len(b) for b in batches), "samples_per_s": rate, "threads": cores,
+                      "waited_s": start - asked, "start": start, "end": end}), flush=True)
+
+
+def _run_children(args, n: int) -> list[dict]:
+    command = [sys.executable, __file__, "--child", "--items", str(args.items_list[0]), "--steps", str(args.steps),
+               "--model", args.model]
+    if args.threads_per_process:
+        command += ["--threads-per-process", str(args.threads_per_process)]
+    if args.no_lease:
+        command += ["--no-lease"]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate()
+        if p.returncode:
+            raise SystemExit(f"child process failed ({p.returncode})")
+        out.append(json.loads(stdout.strip().splitlines()[-1]))
+    return out
+
+
+def sharing(args) -> None:
+    """2. one process alone, then ``--processes`` at once (best of ``--repeats`` each, alternated)."""
+    alone, together, last = [], [], None
+    for _ in range(args.repeats):
+        (one,) = _run_children(args, 1)
+        alone.append(one["samples_per_s"])
+        last = _run_children(args, args.processes)
+        wall = max(r["end"] for r in last) - min(r["start"] for r in last)
+        together.append(sum(r["samples"] for r in last) / wall)
+    ratio = max(together) / max(alone)
+    emit(bench="sharing", model=args.model, n_items=args.items_list[0], processes=args.processes, steps=args.steps,
+         threads_per_process=args.threads_per_process or ("torch default" if args.no_lease else "lease"),
+         lease=not args.no_lease, repeats=args.repeats,
+         alone_samples_per_s=round(max(alone)), summed_samples_per_s=round(max(together)),
+         last_round=[{k: round(r[k], 2) for k in ("samples_per_s", "threads", "waited_s")} for r in last],
+         ratio=round(ratio, 3), goal_ratio=0.8, meets_goal=ratio >= 0.8)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--synthetic", action="store_true", help="skip demo_data; synthesise in memory")
+    ap.add_argument("--items", default=str(REAL_ITEMS),
+                    help="catalog size(s) of the step comparison, comma-separated (default the real 91,717)")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per model and round (batch 4096)")
+    ap.add_argument("--processes", type=int, default=0, help="> 1: the sharing figure with this many processes")
+    ap.add_argument("--threads-per-process", type=int, default=None,
+                    help="--processes: most cores each process leases (default: all free ones)")
+    ap.add_argument("--no-lease", action="store_true",
+                    help="--processes: each takes its threads without the lease (how it was before issue 31)")
+    ap.add_argument("--model", default="default", help="--processes: default, default_sparse or dcn_din")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--no-step", action="store_true", help="skip the step lines (e.g. only --processes)")
+    ap.add_argument("--train-loop", action="store_true",
+                    help="also the per-family train_loop / attention / predict lines")
+    ap.add_argument("--synthetic", action="store_true", help="--train-loop: skip demo_data; synthesise in memory")
     ap.add_argument("--rows", type=int, default=200_000, help="train rows for --synthetic")
     ap.add_argument("--cache", type=Path, default=Path(".mmctr/bench"), help="where demo data is kept")
     ap.add_argument("--attention-batches", type=int, default=12,
                     help="training steps per attention variant (the padded one is slow)")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating rounds; best of each is reported")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2: the project's machines)")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating rounds; best of each is reported")
     ap.add_argument("--families", default=",".join(FAMILIES), help="comma-separated model families")
     ap.add_argument("--max-len", type=int, default=100, help="history cap (the data's width: 100)")
     ap.add_argument("--train-rows", type=int, default=None, help="use only the first N train rows")
@@ -142,16 +303,29 @@ def main() -> None:
     ap.add_argument("--skip-attention", action="store_true", help="skip the attention comparison")
     ap.add_argument("--skip-predict", action="store_true", help="skip the inference comparison")
     args = ap.parse_args()
+    args.items_list = [int(n) for n in args.items.split(",")]
+    if args.child:
+        return child(args)
+    torch.set_num_threads(args.threads)
+    if not args.no_step:
+        step_comparison(args, args.items_list)
+    if args.processes > 1:
+        sharing(args)
+    if args.train_loop:
+        per_family(args)
+
+
+def per_family(args) -> None:
+    """3. the per-family train_loop, attention and predict lines."""
     global MAX_LEN
     MAX_LEN = args.max_len
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     try:
-        frames, emb, tags, source = (synthetic(args.rows, history_median=args.history_median) if args.synthetic
+        frames, emb, tags, source = (synthetic(args.rows, args.items_list[0], history_median=args.history_median)
+                                     if args.synthetic
                                      else demo_medium(args.cache))
     except ImportError:
-        frames, emb, tags, source = synthetic(args.rows, history_median=args.history_median)
+        frames, emb, tags, source = synthetic(args.rows, args.items_list[0], history_median=args.history_median)
     n_items = emb.shape[0] - 1
     t0 = time.perf_counter()
     if args.train_rows:

@@ -80,12 +80,11 @@ class ProjectStorage(dg.ConfigurableResource):
         return self.out("clip_embeddings", f"shard-{key}.parquet")
 
     def cpu_lock_dir(self) -> Path:
-        """Per-core lock files of this deployment's CPU-heavy steps (defs/common.py cpu_cores): in the
-        machine's temp folder, since cores belong to the machine (not to a shared output volume)."""
-        import hashlib
+        """Per-core lock files of CPU-heavy steps (defs/common.py cpu_cores): one folder per machine
+        (lib/cores.py), since cores belong to the machine, not to a deployment or output folder."""
+        from .lib.cores import lock_dir
 
-        key = hashlib.sha1(str(Path(self.output_dir).resolve()).encode()).hexdigest()[:12]
-        return Path(tempfile.gettempdir()) / f"mmctr-cpu-cores-{key}"
+        return lock_dir()
 
     def item2vec(self) -> Path:
         return self.out("item2vec_embeddings", "embeddings.parquet")

@@ -9,7 +9,6 @@ from mmctr_assets.lib.ctr.layers import (
     HashedEmbedding,
     TargetAttention,
     TransformerHistory,
-    embedding_l2,
     length_buckets,
     pack_history,
     pack_history_with_recency,
@@ -249,13 +248,6 @@ def test_hashed_embedding_maps_any_user_id_to_a_bucket_deterministically():
     assert len(set(emb.bucket(torch.arange(1, 1000)).tolist())) == 7  # spreads over every bucket
     with pytest.raises(ValueError, match="n_buckets"):
         HashedEmbedding(0, 3)
-
-
-def test_embedding_l2_is_the_whole_table_without_the_padding_row():
-    table = torch.arange(12, dtype=torch.float32).reshape(4, 3)
-    expected = table[1:].pow(2).sum()
-    assert embedding_l2(table) == expected
-    assert embedding_l2(table, padding_row=None) == expected + table[0].pow(2).sum()
 
 
 def _encoder_inputs(batch=4, length=6, dim=8):

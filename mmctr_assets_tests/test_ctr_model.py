@@ -58,6 +58,11 @@ def _batch(seed=0):
             torch.randint(1, 11, (B,), generator=g), torch.randint(1, 11, (B,), generator=g))
 
 
+def _grad(p):
+    """A parameter's gradient as a dense tensor (the trainable tables' gradients are sparse)."""
+    return None if p.grad is None else p.grad.to_dense()
+
+
 def _warmed(model):
     """Train-mode passes give Dice running statistics; then eval mode for exact comparisons."""
     model.train()
@@ -111,15 +116,15 @@ def test_frozen_item_embeddings_get_no_gradient_and_everything_else_does():
     assert not model.item_embedding.weight.requires_grad and model.item_embedding.weight.grad is None
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert model.id_embedding.weight.grad.abs().sum() > 0
-    assert model.tag_embedding.weight.grad[0].abs().sum() == 0  # tag padding row
+            assert p.grad is not None and torch.isfinite(_grad(p)).all(), name
+    assert _grad(model.id_embedding.weight).abs().sum() > 0
+    assert _grad(model.tag_embedding.weight)[0].abs().sum() == 0  # tag padding row
 
 
 def test_finetuned_item_embeddings_learn_except_the_padding_row():
     model = _model(_cfg(finetune_item_embeddings=True))
     model(*_batch()).sum().backward()
-    grad = model.item_embedding.weight.grad
+    grad = _grad(model.item_embedding.weight)
     assert grad is not None and grad[1:].abs().sum() > 0
     assert torch.equal(grad[0], torch.zeros(D))
 
@@ -249,12 +254,12 @@ def test_every_family_gives_finite_logits_and_gradients_and_round_trips(family):
     users = torch.arange(B) * 1000
     logits = model(item_id, seq, likes, views, users)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
-    penalty = model.embedding_penalty()
+    penalty = model.embedding_penalty(item_id, seq, likes, views, users)
     assert penalty > 0
     (bce_loss(logits, torch.tensor([0.0, 1.0] * (B // 2))) + penalty).backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            assert p.grad is not None and torch.isfinite(_grad(p)).all(), name
     rebuilt = CTRModel.from_dict(spec := json.loads(json.dumps(model.to_dict())), ModelConfig.from_dict(spec["config"]))
     rebuilt.load_state_dict(model.state_dict())
     torch.testing.assert_close(rebuilt.eval()(item_id, seq, likes, views, users),
@@ -339,11 +344,43 @@ def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_froze
     expected = 0.5 / 2 * (model.id_embedding.weight[1:].pow(2).sum() + model.tag_embedding.weight[1:].pow(2).sum()
                           + model.user_embedding.embedding.weight.pow(2).sum()
                           + N_ITEMS * 0.25 ** 2 + 7 * 0.5 ** 2)
-    torch.testing.assert_close(model.embedding_penalty(), expected)
+    batch = torch.tensor([1]), torch.tensor([[0, 2]]), None, None, torch.tensor([5])  # rows the batch touches
+    torch.testing.assert_close(model.embedding_penalty(*batch), expected)
     # every row is paid for every step, whether or not the batch uses it (rare ids included)
-    model.embedding_penalty().backward()
+    model.embedding_penalty(*batch).backward()
     assert (model.id_embedding.weight.grad[1:] != 0).all(dim=1).all()
     assert (model.id_embedding.weight.grad[0] == 0).all()
+    assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
+
+
+def test_with_sparse_updates_the_penalty_is_lambda_half_the_squared_norm_of_the_rows_the_batch_touches():
+    model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
+                    use_item_bias=True, use_user_bias=True, user_buckets=7, embedding_regularizer=0.5,
+                    sparse_embedding_updates=True)
+    with torch.no_grad():  # a padding row that is not zero must still not be penalised
+        model.id_embedding.weight[0] = 3.0
+        model.tag_embedding.weight[0] = 3.0
+        model.item_bias.weight[0] = 3.0
+        model.item_bias.weight[1:] = 0.25
+        model.user_bias.embedding.weight.fill_(0.5)
+    item_id = torch.tensor([3, 5, 3])
+    seq = torch.tensor([[0, 0, 7, 5], [0, 0, 0, 0], [0, 9, 9, 3]])
+    users = torch.tensor([11, 11, 4000])
+    items = torch.tensor([3, 5, 7, 9])  # each touched item once, padding left out
+    tags = torch.as_tensor(_tags())[items].unique()
+    tags = tags[tags != 0]
+    buckets = model.user_embedding.bucket(users).unique()
+    w = {name: p.detach() for name, p in model.named_parameters()}
+    expected = 0.5 / 2 * (w["id_embedding.weight"][items].pow(2).sum() + w["tag_embedding.weight"][tags].pow(2).sum()
+                          + w["user_embedding.embedding.weight"][buckets].pow(2).sum()
+                          + len(items) * 0.25 ** 2 + len(buckets) * 0.5 ** 2)
+    penalty = model.embedding_penalty(item_id, seq, None, None, users)
+    torch.testing.assert_close(penalty, expected)
+    # the gradient pulls each touched row toward zero once (lambda * w) and names no other row
+    penalty.backward()
+    grad = model.id_embedding.weight.grad.coalesce()
+    assert grad.indices()[0].tolist() == items.tolist()
+    torch.testing.assert_close(grad.values(), 0.5 * w["id_embedding.weight"][items])
     assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
 
 

@@ -3,13 +3,13 @@ condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 
 import base64
 import contextlib
-import fcntl
 import time
 from pathlib import Path
 
 import dagster as dg
 
 from .. import settings
+from ..lib.cores import core_lease
 
 # item i belongs to shard i % MMCTR_CLIP_SHARDS (docs/assets.md: clip_embeddings shards)
 clip_shards = dg.StaticPartitionsDefinition([str(i) for i in range(settings.clip_shards())])
@@ -58,50 +58,18 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
-@contextlib.contextmanager
 def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step"):
     """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
 
     Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
-    of two runs); each spawning a thread per core oversubscribes the machine (both run several
-    times slower than alone: docs/results.md). So each core is a lock file under ``lock_dir``: a step takes up to
-    ``want`` free cores (None: all) without waiting, runs with that many threads, and waits only
-    while fewer than ``need`` are free. Released on exit (or when the process dies).
+    of two runs, of any deployment); each spawning a thread per core oversubscribes the machine.
+    So a step leases up to ``want`` free cores (None: all) from the machine-wide lease
+    (lib/cores.py), runs with that many threads, and waits only while fewer than ``need`` are free.
+    A training inside the block uses the step's cores instead of leasing more.
     """
     from ..lib.embeddings.clip import available_cpus
 
-    cores = available_cpus()
-    want = max(1, min(want or cores, cores))
-    need = max(1, min(need, want))
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    t0, logged = time.perf_counter(), False
-    while True:
-        got = []
-        for i in range(cores):
-            f = open(lock_dir / f"cpu-{i}.lock", "a+")
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                got.append(f)
-            except BlockingIOError:
-                f.close()
-            if len(got) == want:
-                break
-        if len(got) >= need:
-            break
-        for f in got:
-            f.close()  # closing drops the lock
-        if not logged:
-            log.info(f"{what}: waiting for {need} free CPU core(s) of {cores}; other CPU-heavy steps hold them "
-                     "(defs/common.py cpu_cores)")
-            logged = True
-        time.sleep(0.5)
-    if logged:
-        log.info(f"{what}: got {len(got)} CPU core(s) after {time.perf_counter() - t0:.0f}s")
-    try:
-        yield len(got)
-    finally:
-        for f in got:
-            f.close()
+    return core_lease(want, need, folder=lock_dir, cores=available_cpus(), on_wait=lambda m: log.info(f"{what}: {m}"))
 
 
 @contextlib.contextmanager

@@ -38,18 +38,20 @@ class DcnDin(CTRModel):
             self.position_value = position_table(config.max_len, item_dim)
         return item_dim
 
-    def _history(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _history(self, target: torch.Tensor, item_seq: torch.Tensor,
+                 vectors=None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (pooled interest ``[B, item_dim]``, sum of attention weights ``[B]``)."""
+        vectors = vectors or self.item_vectors
         position = self.config.position
         if self.config.attention_impl == "padded":
             recency = recency_positions(item_seq)
-            history = self.item_vectors(item_seq)
+            history = vectors(item_seq)
             key = self.position_key(recency) if position != "none" else None
             values = history + self.position_value(recency) if position == "key_value" else None
             return self.attention.forward_padded(target, history, item_seq != 0, return_score_sum=True,
                                                  key_bias=key, values=values)
         ids, rows, recency = pack_history_with_recency(item_seq)
-        history = self.item_vectors(ids)
+        history = vectors(ids)
         key = self.position_key(recency) if position != "none" else None
         values = history + self.position_value(recency) if position == "key_value" else None
         return self.attention(target, history, rows, return_score_sum=True, key_bias=key, values=values)

@@ -255,12 +255,12 @@ class HashedEmbedding(nn.Module):
 
     _MULTIPLIER = 0x9E3779B97F4A7C15 - (1 << 64)  # golden-ratio constant as a signed int64
 
-    def __init__(self, n_buckets: int, dim: int, *, init_std: float = 1e-4):
+    def __init__(self, n_buckets: int, dim: int, *, init_std: float = 1e-4, sparse: bool = False):
         super().__init__()
         if n_buckets < 1:
             raise ValueError(f"n_buckets must be >= 1, got {n_buckets}")
         self.n_buckets = n_buckets
-        self.embedding = nn.Embedding(n_buckets, dim)
+        self.embedding = nn.Embedding(n_buckets, dim, sparse=sparse)
         nn.init.normal_(self.embedding.weight, std=init_std)
 
     def bucket(self, ids: torch.Tensor) -> torch.Tensor:
@@ -269,15 +269,6 @@ class HashedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.bucket(ids))
-
-
-def embedding_l2(table: torch.Tensor, *, padding_row: int | None = 0) -> torch.Tensor:
-    """Squared L2 norm of the whole ``table`` (``padding_row`` excluded): FuxiCTR's embedding
-    regulariser, paid every step. Regularising only the rows a batch uses lets a rare id (a user
-    seen three times) escape it between its visits, and Adam's per-row scaling then fits its few
-    labels (measured: docs/results.md)."""
-    norm = table.pow(2).sum()
-    return norm - table[padding_row].pow(2).sum() if padding_row is not None else norm
 
 
 class TransformerHistory(nn.Module):

@@ -16,6 +16,7 @@ better (figures: docs/results.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, embedding_l2
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding
 
 
 class CTRModel(nn.Module):
@@ -77,10 +78,11 @@ class CTRModel(nn.Module):
         self.config = config
         self.n_items = emb.shape[0] - 1
         self.item_embedding = nn.Embedding.from_pretrained(
-            emb, freeze=not config.finetune_item_embeddings, padding_idx=0)
+            emb, freeze=not config.finetune_item_embeddings, padding_idx=0, sparse=config.sparse_embedding_updates)
         item_dim = config.embedding_dim
         if config.use_id_embedding:
-            self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim)
+            self.id_embedding = trainable_table(self.n_items + 1, config.id_embedding_dim,
+                                                sparse=config.sparse_embedding_updates)
             item_dim += config.id_embedding_dim
         self.n_tags = 0
         if config.use_tag_embedding:
@@ -97,14 +99,17 @@ class CTRModel(nn.Module):
             self.n_tags = int(tags.max()) + 1 if n_tags is None else n_tags
             if self.n_tags <= int(tags.max()):
                 raise ValueError(f"n_tags={n_tags} is too small for tag id {int(tags.max())}")
-            self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim)
+            # always dense: the tag vocabulary does not grow with the catalog, and one dense update
+            # is cheaper than summing the sparse gradient of every (item, tag) lookup
+            self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim, sparse=False)
             item_dim += config.tag_embedding_dim
         self.item_dim = item_dim
         self.likes_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         self.views_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         feature_dim = item_dim + 2 * config.level_embedding_dim
         if config.use_user_embedding:
-            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim)
+            self.user_embedding = HashedEmbedding(config.user_buckets, config.user_embedding_dim,
+                                                  sparse=config.sparse_embedding_updates)
             feature_dim += config.user_embedding_dim
         feature_dim += self._build_history(config, item_dim)
         if config.history_match_features:  # share and log-count of matching history items
@@ -124,9 +129,9 @@ class CTRModel(nn.Module):
             head_dim = self.head.output_dim
         self.output = nn.Linear(head_dim, 1)
         if config.use_item_bias:
-            self.item_bias = trainable_table(self.n_items + 1, 1)
+            self.item_bias = trainable_table(self.n_items + 1, 1, sparse=config.sparse_embedding_updates)
         if config.use_user_bias:
-            self.user_bias = HashedEmbedding(config.user_buckets, 1)
+            self.user_bias = HashedEmbedding(config.user_buckets, 1, sparse=config.sparse_embedding_updates)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
@@ -139,6 +144,21 @@ class CTRModel(nn.Module):
             parts.append(self.tag_embedding(tags).sum(-2) / count)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
+    def batch_item_vectors(self, item_id: torch.Tensor,
+                           item_seq: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+        """(target vectors ``[B, item_dim]``, a lookup ``ids [...] -> [..., item_dim]`` for this
+        batch's history ids): each distinct item of the batch (and the padding item) is represented
+        once and then gathered, so tables and tag pooling are paid per distinct item, not per
+        history position, and each table row gets one gradient row. Same vectors as
+        :meth:`item_vectors`."""
+        ids = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()]).unique()
+        table = self.item_vectors(ids)
+
+        def lookup(x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
+            return table.index_select(0, torch.searchsorted(ids, x.long()).reshape(-1)).view(*x.shape, table.shape[1])
+
+        return lookup(item_id), lookup
+
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """History summary ``[B, *]``: the pooled interest (attention families) or the pooled
         Transformer outputs."""
@@ -148,15 +168,17 @@ class CTRModel(nn.Module):
         """Create the family's history modules; return the width of its history summary."""
         raise NotImplementedError
 
-    def _history(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> (history summary ``[B, *]``, sum of sigmoid attention weights ``[B]`` or None)."""
+    def _history(self, target: torch.Tensor, item_seq: torch.Tensor, vectors: Callable[[torch.Tensor], torch.Tensor]
+                 | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (history summary ``[B, *]``, sum of sigmoid attention weights ``[B]`` or None).
+        ``vectors`` maps history ids to item vectors (default :meth:`item_vectors`)."""
         raise NotImplementedError
 
     def forward(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level: torch.Tensor,
                 views_level: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
         """-> logits ``[B]``. ``user_id`` is needed with ``use_user_embedding`` (any int64; hashed)."""
-        target = self.item_vectors(item_id)
-        summary, matches = self._history(target, item_seq)
+        target, vectors = self.batch_item_vectors(item_id, item_seq)
+        summary, matches = self._history(target, item_seq, vectors)
         parts = [target, summary, self.likes_embedding(likes_level), self.views_embedding(views_level)]
         if self.config.reads_user_id() and user_id is None:
             raise ValueError("use_user_embedding / use_user_bias: the model needs user_id "
@@ -182,18 +204,34 @@ class CTRModel(nn.Module):
             logit = logit + self.user_bias(user_id).squeeze(-1).to(logit.dtype)
         return logit
 
-    def embedding_penalty(self) -> torch.Tensor:
-        """``embedding_regularizer / 2`` x the squared L2 norm of every trainable embedding table
-        (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to each
-        step's loss: FuxiCTR's ``lambda / 2 * ||W||^2`` over whole tables."""
+    def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level=None, views_level=None,
+                          user_id: torch.Tensor | None = None) -> torch.Tensor:
+        """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding tables
+        (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to the
+        batch's loss. Takes ``forward``'s arguments.
+
+        By default FuxiCTR's ``lambda / 2 * ||W||^2`` over WHOLE tables every step: with Adam, a
+        row the batch does not use is pulled toward zero too, so a rare id (a user seen three
+        times) cannot escape it between its visits and fit its few labels. With
+        ``sparse_embedding_updates`` only the rows this batch looks up (each once): torchrec's and
+        the sparse optimisers' convention, a cost that does not grow with the tables.
+        """
         cfg = self.config
-        tables = [(self.item_embedding.weight, 0)] if cfg.finetune_item_embeddings else []
-        tables += [(self.id_embedding.weight, 0)] if cfg.use_id_embedding else []
-        tables += [(self.tag_embedding.weight, 0)] if cfg.use_tag_embedding else []
-        tables += [(self.user_embedding.embedding.weight, None)] if cfg.use_user_embedding else []
-        tables += [(self.item_bias.weight, 0)] if cfg.use_item_bias else []
-        tables += [(self.user_bias.embedding.weight, None)] if cfg.use_user_bias else []
-        total = sum((embedding_l2(table, padding_row=pad) for table, pad in tables),
+        items = tags = None  # None: the whole table
+        if cfg.sparse_embedding_updates:
+            items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
+            items = items[items != 0]
+            if cfg.use_tag_embedding:
+                tags = self.item_tags[items].unique()
+                tags = tags[tags != 0]
+        tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
+        tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
+        tables += [(self.item_bias, items)] if cfg.use_item_bias else []
+        tables += [(self.tag_embedding, tags)] if cfg.use_tag_embedding else []
+        for hashed in ([self.user_embedding] if cfg.use_user_embedding else []) + (
+                [self.user_bias] if cfg.use_user_bias else []):
+            tables.append((hashed.embedding, hashed.bucket(user_id).unique() if cfg.sparse_embedding_updates else None))
+        total = sum((_squared_norm(table, rows) for table, rows in tables),
                     start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
 
@@ -213,14 +251,23 @@ class CTRModel(nn.Module):
                         n_tags=d["n_tags"] or None, item_frequency=counts)
 
 
-def trainable_table(rows: int, dim: int) -> nn.Embedding:
+def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:
     """Trainable id/tag table, row 0 padding. Starts near zero (std 1e-4, FuxiCTR's default), so
-    the L2 embedding regulariser and the content vectors dominate until the data says otherwise."""
-    table = nn.Embedding(rows, dim, padding_idx=0)
+    the L2 embedding regulariser and the content vectors dominate until the data says otherwise.
+    ``sparse``: gradients name only the rows a batch looks up (lib/ctr/optim.py)."""
+    table = nn.Embedding(rows, dim, padding_idx=0, sparse=sparse)
     nn.init.normal_(table.weight, std=1e-4)
     with torch.no_grad():
         table.weight[0] = 0
     return table
+
+
+def _squared_norm(table: nn.Embedding, rows: torch.Tensor | None) -> torch.Tensor:
+    """Squared L2 norm of ``rows`` of ``table`` (None: the whole table), its padding row excluded."""
+    if rows is not None:
+        return F.embedding(rows, table.weight, sparse=table.sparse).pow(2).sum()
+    norm = table.weight.pow(2).sum()
+    return norm if table.padding_idx is None else norm - table.weight[table.padding_idx].pow(2).sum()
 
 
 def position_table(max_len: int, dim: int) -> nn.Embedding:

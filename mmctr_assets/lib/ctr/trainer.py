@@ -1,4 +1,5 @@
-"""Train a CTR model: seeded batch slicing, AdamW, LR-on-plateau and early stopping on valid AUC,
+"""Train a CTR model: seeded batch slicing, AdamW (row-wise for sparse tables: optim.py), LR-on-plateau
+and early stopping on valid AUC, threads from the machine-wide core lease (lib/cores.py),
 and resumable epochs.
 
 Resume contract: after every epoch ``checkpoint_dir/last.pt`` holds everything the loop needs
@@ -21,16 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmctr_assets.lib.cores import core_lease, held_cores
 from mmctr_assets.lib.ctr.artifacts import save_weights
 from mmctr_assets.lib.ctr.inference import check_user_ids, predict_batches
 from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
 from mmctr_assets.lib.ctr.model_config import ModelConfig
+from mmctr_assets.lib.ctr.optim import RowAdamW, clip_grad_norm_, coalesce_sparse_grads
 from mmctr_assets.lib.ctr.tensors import CTRTensors, check_labels, item_frequency
 from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss
 from mmctr_assets.lib.precision import autocast, check_precision
 
-CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/5"  # /5: biases, head MLP, restore on LR cut
+CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/6"  # /6: row-wise table updates (RowAdamW, touched-row regulariser)
 # TrainConfig fields that may change between a run and its resume (extend a finished run).
 _RESUMABLE_CHANGES = {"epochs"}
 
@@ -58,7 +61,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     eval_batch_size: int = 4096  # larger inference batches are slower on CPU (memory-bound)
-    num_threads: int | None = None  # None: torch's default (one per physical core)
+    num_threads: int | None = None  # None: the free cores of the machine-wide lease (lib/cores.py)
     deterministic: bool = True
 
     def __post_init__(self):
@@ -112,19 +115,24 @@ class TrainResult:
 
 @contextlib.contextmanager
 def _torch_settings(deterministic: bool, num_threads: int | None) -> Iterator[None]:
-    """Apply determinism / thread settings for the duration of training, then restore them."""
+    """Apply determinism / thread settings for the duration of training, then restore them.
+
+    Threads come from the machine-wide core lease (lib/cores.py): the cores the calling step
+    already holds, else up to ``num_threads`` (None: all) free ones, waiting for them, so two
+    trainings on one machine never run more threads than it has cores."""
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_threads = torch.get_num_threads()
-    try:
-        if deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        if num_threads:
-            torch.set_num_threads(num_threads)
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-        torch.set_num_threads(prev_threads)
+    with contextlib.ExitStack() as stack:
+        cores = held_cores() or stack.enter_context(core_lease(num_threads, need=num_threads or 1))
+        try:
+            if deterministic:
+                torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.set_num_threads(num_threads or cores)
+            yield
+        finally:
+            torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+            torch.set_num_threads(prev_threads)
 
 
 def _rng_state(generator: torch.Generator) -> dict[str, Any]:
@@ -226,25 +234,13 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
     """One pass over ``data`` in a seeded random order; returns the mean training loss."""
     model, optimizer, scaler = run.model, run.optimizer, run.scaler
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    regularise = model.config.embedding_regularizer > 0
     bounds = _batch_bounds(len(data), cfg.batch_size)
     perm = torch.randperm(len(data), generator=run.generator).to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no per-step host sync
     model.train()
     for step in range(len(bounds) - 1):
         b = data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
-        with autocast(device, cfg.precision):
-            logits = model(*b.model_inputs())
-        loss = bce_loss(logits, b.label)
-        if regularise:
-            loss = loss + model.embedding_penalty()
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if cfg.grad_clip_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        loss = training_step(model, optimizer, scaler, b, cfg, device, params)
         loss_sum += loss.detach() * len(b)
         if progress is not None:
             progress(epoch, step + 1, len(bounds) - 1)
@@ -254,6 +250,34 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
             f"training diverged in epoch {epoch}: mean train loss is {train_loss}. Lower TrainConfig.lr "
             f"(now {optimizer.param_groups[0]['lr']}), keep grad_clip_norm, or use precision='fp32'")
     return train_loss
+
+
+def make_optimizer(model: CTRModel, cfg: TrainConfig) -> RowAdamW:
+    """AdamW over the trainable parameters; the sparse tables' rows are updated only when a batch
+    touches them (lib/ctr/optim.py)."""
+    return RowAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def training_step(model: CTRModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                  batch: CTRTensors, cfg: TrainConfig, device: torch.device,
+                  params: list[torch.Tensor]) -> torch.Tensor:
+    """Forward, loss (+ the regulariser over the rows the batch touches), backward, clip, step;
+    returns the loss. The benchmarks time this same function."""
+    inputs = batch.model_inputs()
+    with autocast(device, cfg.precision):
+        logits = model(*inputs)
+    loss = bce_loss(logits, batch.label)
+    if model.config.embedding_regularizer > 0:
+        loss = loss + model.embedding_penalty(*inputs)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    coalesce_sparse_grads(params)
+    if cfg.grad_clip_norm:
+        scaler.unscale_(optimizer)
+        clip_grad_norm_(params, cfg.grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss
 
 
 def _record_best(run: _Run, epoch: int, valid_auc: float, cfg: TrainConfig, best_path: Path) -> bool:
@@ -328,8 +352,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         counts = (item_frequency(train_data, item_embeddings.shape[0] - 1)
                   if model_config.use_item_frequency else None)
         model = CTRModel(model_config, item_embeddings, item_tags, item_frequency=counts).to(device)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                      lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = make_optimizer(model, cfg)
         run = _Run(model=model, optimizer=optimizer,
                    scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
                        optimizer, mode="max", factor=cfg.lr_factor, patience=cfg.lr_patience - 1,

@@ -1,7 +1,7 @@
 """Transformer + DCN-V2 (the challenge winners' family): tokens ``[item, target, item * target]``
-projected to ``transformer_dim`` plus a recency embedding, a Transformer over the real history
-items only (rows run in length buckets, so padding costs next to nothing), last-k + max pooling;
-head: DCN-V2 || deep MLP."""
+projected to ``transformer_dim`` plus a recency embedding (computed for the real history items
+only), a Transformer over the real history items (rows run in length buckets, so padding costs
+next to nothing), last-k + max pooling; head: DCN-V2 || deep MLP."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import TransformerHistory, length_buckets, recency_positions
+from mmctr_assets.lib.ctr.layers import TransformerHistory, length_buckets
 from mmctr_assets.lib.ctr.model import CTRModel, position_table
 
 
@@ -37,20 +37,33 @@ class TransformerDcnV2(CTRModel):
             dropout=config.attention_dropout, last_k=config.last_k)
         return self.sequence.output_dim
 
-    def _history(self, target: torch.Tensor, item_seq: torch.Tensor) -> tuple[torch.Tensor, None]:
-        """Run the encoder per length bucket (real items only, ~2x at worst); empty rows stay 0."""
+    def _history(self, target: torch.Tensor, item_seq: torch.Tensor, vectors=None) -> tuple[torch.Tensor, None]:
+        """Run the encoder per length bucket (real items only, ~2x at worst); empty rows stay 0.
+
+        Tokens are computed once per REAL history item (packed), then laid out per bucket with
+        padding positions as zero tokens: padding is never a key, and its outputs are dropped."""
+        vectors = vectors or self.item_vectors
         out = target.new_zeros(target.shape[0], self.sequence.output_dim)
-        lengths = (item_seq != 0).sum(dim=1)
+        real = item_seq != 0
+        buckets = length_buckets(real.sum(dim=1), item_seq.shape[1])
+        if not buckets:
+            return out, None
+        rows, cols = real.nonzero(as_tuple=True)
+        history = vectors(item_seq[rows, cols])
         # token = W [h, t, h*t] + b, split so the target's part is computed once per row
         w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
-        per_row = F.linear(target, w_t, self.token.bias)
-        for rows, width in length_buckets(lengths, item_seq.shape[1]):
-            seq = item_seq.index_select(0, rows)[:, -width:]
-            history = self.item_vectors(seq)
-            t = target.index_select(0, rows).unsqueeze(1)
-            tokens = (F.linear(history, w_h) + F.linear(history * t, w_ht)
-                      + per_row.index_select(0, rows).unsqueeze(1))
-            if self.config.position == "token":
-                tokens = tokens + self.position_embedding(recency_positions(seq))
-            out = out.index_copy(0, rows, self.sequence(tokens, seq == 0))
-        return out, None
+        t = target.index_select(0, rows)
+        tokens = (F.linear(history, w_h) + F.linear(history * t, w_ht)
+                  + F.linear(target, w_t, self.token.bias).index_select(0, rows))
+        if self.config.position == "token":
+            tokens = tokens + self.position_embedding((item_seq.shape[1] - 1) - cols)
+        # where each (row, position) finds its token: 0 is a zero token (padding), i + 1 the i-th packed one
+        slot = torch.zeros_like(item_seq, dtype=torch.long)
+        slot[rows, cols] = torch.arange(1, rows.numel() + 1)
+        tokens = torch.cat([tokens.new_zeros(1, tokens.shape[1]), tokens])
+        outputs = []
+        for bucket_rows, width in buckets:
+            seq_slots = slot.index_select(0, bucket_rows)[:, -width:]
+            grid = tokens.index_select(0, seq_slots.reshape(-1)).view(*seq_slots.shape, -1)
+            outputs.append(self.sequence(grid, seq_slots == 0))
+        return out.index_copy(0, torch.cat([r for r, _ in buckets]), torch.cat(outputs)), None

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmctr_assets.lib import cores
+
 
 def available_cpus() -> int:
-    """Cores this process may run on (its affinity mask, not the machine's count)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    """Cores this process may run on (its affinity mask capped by a cgroup quota: lib/cores.py)."""
+    return cores.available_cpus()
 
 
 @dataclass(frozen=True)

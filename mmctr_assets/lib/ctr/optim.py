@@ -1,0 +1,103 @@
+"""The CTR trainer's optimiser: AdamW whose cost per step does not grow with the catalog.
+
+The trainable id, tag and user tables are ``nn.Embedding(sparse=True)``: their gradient names only
+the rows a batch looked up. :class:`RowAdamW` updates dense parameters exactly as
+``torch.optim.AdamW`` does, and a table with a sparse gradient row-wise ("lazy" Adam, as
+``torch.optim.SparseAdam``, TensorFlow's LazyAdam and torchrec's fused embedding optimisers do): only
+the touched rows' moments, decoupled weight decay and values change; every other row stays
+bit-identical. A dense table update would read and write the whole table (and its two moment
+tables) every step, a cost that grows with the number of items.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch.optim.adam import adam
+
+
+class RowAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay) for dense gradients, its row-wise lazy form for sparse ones.
+
+    A sparse row's moments advance only on steps that touch it; the bias correction uses the
+    parameter's step count (SparseAdam's convention). State names match AdamW's
+    (``step``, ``exp_avg``, ``exp_avg_sq``), so the optimiser's state_dict reads like AdamW's.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"RowAdamW: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    def _state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            dense = [p for p in group["params"] if p.grad is not None and not p.grad.is_sparse]
+            states = [self._state(p) for p in dense]
+            if dense:  # the same call torch.optim.AdamW makes
+                adam(dense, [p.grad for p in dense], [s["exp_avg"] for s in states],
+                     [s["exp_avg_sq"] for s in states], [], [s["step"] for s in states],
+                     amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"],
+                     eps=group["eps"], maximize=False, decoupled_weight_decay=True)
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    _row_step(p, p.grad, self._state(p), group)
+        return loss
+
+
+def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
+    """One AdamW step on the rows ``grad`` names (duplicates summed), as torch's Adam computes it."""
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    if rows.numel() == 0:
+        return
+    beta1, beta2 = group["betas"]
+    lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+    state["step"] += 1
+    step = float(state["step"])
+    exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
+    exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
+    state["exp_avg"].index_copy_(0, rows, exp_avg)
+    state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    value = p.index_select(0, rows)
+    if decay:
+        value.mul_(1 - lr * decay)
+    p.index_copy_(0, rows, value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step)))
+
+
+def coalesce_sparse_grads(params: Iterable[torch.Tensor]) -> None:
+    """Sum the duplicate rows of each sparse gradient (one entry per lookup until then), so norms
+    and clipping see each row's real gradient."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+
+
+def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a mix of dense and (coalesced) sparse gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norms = [(g._values() if g.is_sparse else g).norm() for g in grads]
+    total = torch.stack(norms).norm()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g._values() if g.is_sparse else g).mul_(coef)
+    return total

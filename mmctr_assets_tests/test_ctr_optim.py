@@ -1,0 +1,158 @@
+"""Row-wise table updates (lib/ctr/optim.py) and the default model's fast paths: a step pays for the
+rows and positions a batch really has, and computes what the plain formulation computes."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmctr_assets.lib.ctr.layers import length_buckets, recency_positions
+from mmctr_assets.lib.ctr.model import CTRModel
+from mmctr_assets.lib.ctr.model_config import ModelConfig
+from mmctr_assets.lib.ctr.optim import RowAdamW, clip_grad_norm_, coalesce_sparse_grads
+from mmctr_assets.lib.ctr.tensors import CTRTensors
+from mmctr_assets.lib.ctr.trainer import TrainConfig, make_optimizer, training_step
+
+N_ITEMS, D, B, L = 40, 8, 12, 10
+
+
+def test_dense_parameters_step_exactly_as_torch_adamw():
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    with torch.no_grad():
+        b.copy_(a)
+    ours, theirs = RowAdamW([a], lr=0.01, weight_decay=0.1), torch.optim.AdamW([b], lr=0.01, weight_decay=0.1)
+    for step in range(3):
+        grad = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step()
+        theirs.step()
+    assert torch.equal(a, b)  # same function, same path: bit-identical
+
+
+def test_a_sparse_gradient_updates_only_its_rows_as_adamw_would():
+    table = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Embedding(10, 4)
+    dense.load_state_dict(table.state_dict())
+    before = table.weight.detach().clone()
+    ours = RowAdamW(table.parameters(), lr=0.05, weight_decay=0.01)
+    theirs = torch.optim.AdamW(dense.parameters(), lr=0.05, weight_decay=0.01)
+    ids = torch.tensor([2, 5, 2, 7])  # a duplicate: its two gradient rows are summed
+    (table(ids) * torch.arange(16.0).view(4, 4)).sum().backward()
+    (dense(ids) * torch.arange(16.0).view(4, 4)).sum().backward()
+    ours.step()
+    theirs.step()
+    touched = [2, 5, 7]
+    untouched = [i for i in range(10) if i not in touched]
+    assert torch.equal(table.weight[untouched], before[untouched])  # bit-identical, weight decay included
+    # a touched row's first step is AdamW's (tolerance: float rounding of a different op order)
+    torch.testing.assert_close(table.weight[touched], dense.weight[touched], rtol=1e-6, atol=1e-7)
+
+
+def test_clipping_sees_each_rows_summed_gradient():
+    table = torch.nn.Embedding(6, 2, sparse=True)
+    lin = torch.nn.Linear(2, 1)
+    out = lin(table(torch.tensor([1, 1, 3]))).sum() * 100
+    out.backward()
+    params = [table.weight, *lin.parameters()]
+    coalesce_sparse_grads(params)
+    dense_grads = [p.grad.to_dense() for p in params]
+    expected = torch.cat([g.flatten() for g in dense_grads]).norm()
+    total = clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(total, expected)
+    clipped = torch.cat([p.grad.to_dense().flatten() for p in params]).norm()
+    torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def _default_like(**options):
+    config = ModelConfig(family="transformer_dcnv2", embedding_dim=D, max_len=L, use_id_embedding=True,
+                         sparse_embedding_updates=True,
+                         id_embedding_dim=4, use_tag_embedding=True, tag_embedding_dim=4, use_user_embedding=True,
+                         user_buckets=16, embedding_regularizer=0.1, transformer_dim=8, transformer_ff_dim=16,
+                         last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
+    emb[0] = 0
+    tags = rng.integers(0, 9, size=(N_ITEMS + 1, 3))
+    tags[0] = 0
+    torch.manual_seed(0)
+    return CTRModel(config, emb, tags, item_frequency=rng.integers(0, 50, N_ITEMS + 1))
+
+
+def _batch(seed=0, n=B):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, L + 1, (n,), generator=g)
+    seq = torch.randint(1, N_ITEMS + 1, (n, L), generator=g, dtype=torch.int32)
+    seq[torch.arange(L)[None, :] < (L - lengths)[:, None]] = 0
+    return CTRTensors(item_id=torch.randint(1, N_ITEMS + 1, (n,), generator=g), item_seq=seq,
+                      likes_level=torch.randint(1, 11, (n,), generator=g),
+                      views_level=torch.randint(1, 11, (n,), generator=g),
+                      label=torch.randint(0, 2, (n,), generator=g).float(), user_id=torch.arange(n) * 7)
+
+
+def test_batch_item_vectors_are_item_vectors():
+    model = _default_like()
+    b = _batch()
+    target, lookup = model.batch_item_vectors(b.item_id, b.item_seq)
+    assert torch.equal(target, model.item_vectors(b.item_id))
+    assert torch.equal(lookup(b.item_seq), model.item_vectors(b.item_seq.long()))
+
+
+def _padded_history(model, target, item_seq):
+    """The plain formulation: every position of each bucket (padding included) embedded and projected."""
+    out = target.new_zeros(target.shape[0], model.sequence.output_dim)
+    w_h, w_t, w_ht = model.token.weight.split(model.item_dim, dim=1)
+    for rows, width in length_buckets((item_seq != 0).sum(dim=1), item_seq.shape[1]):
+        seq = item_seq[rows][:, -width:]
+        h, t = model.item_vectors(seq.long()), target[rows].unsqueeze(1)
+        tokens = F.linear(h, w_h) + F.linear(h * t, w_ht) + F.linear(target[rows], w_t, model.token.bias).unsqueeze(1)
+        tokens = tokens + model.position_embedding(recency_positions(seq))
+        out[rows] = model.sequence(tokens, seq == 0)
+    return out
+
+
+def test_tokens_of_real_items_only_give_the_padded_formulations_outputs():
+    model = _default_like().eval()
+    b = _batch(1, n=64)
+    target = model.item_vectors(b.item_id)
+    packed, _ = model._history(target, b.item_seq)
+    # padding tokens differ (zero here, projected padding there) but are never keys and their outputs
+    # are dropped: equal up to float rounding of differently shaped matrix products
+    torch.testing.assert_close(packed, _padded_history(model, target, b.item_seq), rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_step_changes_only_the_table_rows_its_batch_touches():
+    model = _default_like()
+    cfg = TrainConfig(lr=0.01)
+    optimizer = make_optimizer(model, cfg)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    b = _batch(2, n=4)
+    before = model.id_embedding.weight.detach().clone()
+    user_before = model.user_embedding.embedding.weight.detach().clone()
+    training_step(model.train(), optimizer, torch.amp.GradScaler("cpu", enabled=False), b, cfg,
+                  torch.device("cpu"), params)
+    touched = torch.cat([b.item_id, b.item_seq[b.item_seq != 0].long()]).unique()
+    untouched = torch.ones(N_ITEMS + 1, dtype=torch.bool)
+    untouched[touched] = False
+    assert torch.equal(model.id_embedding.weight[untouched], before[untouched])
+    assert (model.id_embedding.weight[touched] != before[touched]).all(dim=1).all()
+    buckets = model.user_embedding.bucket(b.user_id).unique()
+    others = torch.ones(16, dtype=torch.bool)
+    others[buckets] = False
+    assert torch.equal(model.user_embedding.embedding.weight[others], user_before[others])
+
+
+@pytest.mark.parametrize("lam", [0.5])
+def test_the_regulariser_pulls_every_touched_row_toward_zero(lam):
+    """With no data signal, rows a batch keeps touching shrink; a row it never touches keeps its value."""
+    table = torch.nn.Embedding(5, 3, sparse=True)
+    torch.nn.init.normal_(table.weight)
+    start = table.weight.detach().clone()
+    optimizer = RowAdamW(table.parameters(), lr=0.05, weight_decay=0.0)
+    rows = torch.tensor([1, 2])
+    for _ in range(50):
+        optimizer.zero_grad()
+        (lam / 2 * F.embedding(rows, table.weight, sparse=True).pow(2).sum()).backward()
+        optimizer.step()
+    assert (table.weight[rows].abs() < 0.25 * start[rows].abs() + 0.05).all()
+    assert torch.equal(table.weight[[0, 3, 4]], start[[0, 3, 4]])
