@@ -64,12 +64,12 @@ def test_clipping_sees_each_rows_summed_gradient():
     torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
 
 
-def _default_like(**options):
+def _default_like(embedding_regularizer=0.1, **options):
     config = ModelConfig(family="transformer_dcnv2", embedding_dim=D, max_len=L, use_id_embedding=True,
                          sparse_embedding_updates=True,
                          id_embedding_dim=4, use_tag_embedding=True, tag_embedding_dim=4, use_user_embedding=True,
-                         user_buckets=16, embedding_regularizer=0.1, transformer_dim=8, transformer_ff_dim=16,
-                         last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)
+                         user_buckets=16, embedding_regularizer=embedding_regularizer, transformer_dim=8,
+                         transformer_ff_dim=16, last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
     emb[0] = 0
@@ -214,3 +214,13 @@ def test_catch_up_gives_an_untouched_row_the_dense_adam_l2_pull():
     # oscillates within lr instead of stopping. Equal within 1.5 steps' lr over the 20 steps.
     torch.testing.assert_close(table.weight[1], torch.tensor([0.3, -0.1, 0.0]), rtol=0, atol=1e-6)
     torch.testing.assert_close(table.weight[1], dense[1].detach(), rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.0])
+def test_the_trainer_catches_up_exactly_the_regularised_sparse_tables(lam):
+    model = _default_like(embedding_regularizer=lam)
+    optimizer = make_optimizer(model, TrainConfig())
+    catch_up = [id(p) for g in optimizer.param_groups if g.get("catch_up_shrink") for p in g["params"]]
+    tables = [model.id_embedding.weight, model.user_embedding.embedding.weight]  # the tag table is dense
+    assert sorted(catch_up) == (sorted(id(t) for t in tables) if lam else [])
+    assert model.id_embedding.sparse and model.user_embedding.embedding.sparse and not model.tag_embedding.sparse
