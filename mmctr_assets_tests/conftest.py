@@ -29,6 +29,13 @@ def clip_config(model_dir) -> dict:
     return {"ops": {"clip_embeddings": {"config": {"model": str(model_dir)}}}}
 
 
+@pytest.fixture(autouse=True)
+def _private_cpu_locks(tmp_path, monkeypatch):
+    """Each test leases cores from its own lock folder (lib/cores.py): the machine-wide one is shared
+    with every other mmctr process, so a test counting the cores it got would depend on them."""
+    monkeypatch.setenv("MMCTR_CPU_LOCK_DIR", str(tmp_path / "cpu-locks"))
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A tiny MicroLens-format dataset with planted signal (read-only: copy before corrupting)."""
