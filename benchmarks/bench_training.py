@@ -3,9 +3,9 @@ any size? And is training/inference as fast as the bare model, per model family?
 
 1. ``step`` (always; one line per ``--items`` count): the default model (dcn_din_model's default
    config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
-   ``sparse_embedding_updates`` (``default_sparse``), beside the ``dcn_din`` preset: bare training
-   steps (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser, backward, clip,
-   optimiser step) on the same batches, alternated for ``--repeats`` rounds, best of each;
+   whole-table steps (``default_dense``: ``sparse_embedding_updates: false``), beside the
+   ``dcn_din`` preset: bare training steps (lib/ctr/trainer.py ``training_step``: forward, loss +
+   regulariser, backward, clip, optimiser step) on the same batches, alternated for ``--repeats`` rounds, best of each;
    ``<model>_ratio`` = its samples/s over dcn_din's (goal >= 0.6 at 91,717 items), ``_cpu_ratio``
    the same from process CPU time per step (with ``--threads 1`` the figure a loaded machine
    distorts least). Data: the
@@ -160,11 +160,12 @@ def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarr
 
 
 def model_configs() -> dict[str, ModelConfig]:
-    """The default (dcn_din_model's config when a run config says nothing), the default with
-    ``sparse_embedding_updates`` (when the library has it) and the dcn_din preset."""
+    """The default (dcn_din_model's config when a run config says nothing), the default with the
+    whole-table step (``sparse_embedding_updates: false``, when the library has the option) and
+    the dcn_din preset."""
     configs = {name: ModelConfig(**(preset(name)["model"] | {"max_len": MAX_LEN})) for name in ("default", "dcn_din")}
     if "sparse_embedding_updates" in ModelConfig.__dataclass_fields__:
-        configs["default_sparse"] = dataclasses.replace(configs["default"], sparse_embedding_updates=True)
+        configs["default_dense"] = dataclasses.replace(configs["default"], sparse_embedding_updates=False)
     return configs
 
 
@@ -282,7 +283,7 @@ def main() -> None:
                     help="--processes: most cores each process leases (default: all free ones)")
     ap.add_argument("--no-lease", action="store_true",
                     help="--processes: each takes its threads without the lease (how it was before issue 31)")
-    ap.add_argument("--model", default="default", help="--processes: default, default_sparse or dcn_din")
+    ap.add_argument("--model", default="default", help="--processes: default, default_dense or dcn_din")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-step", action="store_true", help="skip the step lines (e.g. only --processes)")
     ap.add_argument("--train-loop", action="store_true",

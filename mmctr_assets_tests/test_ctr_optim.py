@@ -64,12 +64,12 @@ def test_clipping_sees_each_rows_summed_gradient():
     torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
 
 
-def _default_like(**options):
+def _default_like(embedding_regularizer=0.1, **options):
     config = ModelConfig(family="transformer_dcnv2", embedding_dim=D, max_len=L, use_id_embedding=True,
                          sparse_embedding_updates=True,
                          id_embedding_dim=4, use_tag_embedding=True, tag_embedding_dim=4, use_user_embedding=True,
-                         user_buckets=16, embedding_regularizer=0.1, transformer_dim=8, transformer_ff_dim=16,
-                         last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)
+                         user_buckets=16, embedding_regularizer=embedding_regularizer, transformer_dim=8,
+                         transformer_ff_dim=16, last_k=3, deep_units=(16,), cross_rank=4, dropout=0.0, **options)
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(N_ITEMS + 1, D)).astype(np.float32)
     emb[0] = 0
@@ -156,3 +156,71 @@ def test_the_regulariser_pulls_every_touched_row_toward_zero(lam):
         optimizer.step()
     assert (table.weight[rows].abs() < 0.25 * start[rows].abs() + 0.05).all()
     assert torch.equal(table.weight[[0, 3, 4]], start[[0, 3, 4]])
+
+
+def _l2_step(optimizer, table, rows, lam=0.5):
+    optimizer.zero_grad()
+    (lam / 2 * F.embedding(torch.tensor(rows), table.weight, sparse=True).pow(2).sum()).backward()
+    optimizer.step()
+
+
+def test_catch_up_shrinks_a_row_by_the_learning_rates_of_the_steps_it_missed():
+    table = torch.nn.Embedding(5, 3, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(torch.tensor([[0.0, 0, 0], [0.5, -0.5, 0.05], [0.4, -0.02, 0.3],
+                                         [0.25, -0.01, 0.0], [-0.3, 0.2, 0.015]]))
+    optimizer = RowAdamW(table.parameters(), lr=0.01, weight_decay=0.0, catch_up_shrink=True)
+    _l2_step(optimizer, table, [1, 2])
+    after_first = table.weight.detach().clone()
+    _l2_step(optimizer, table, [1])
+    optimizer.param_groups[0]["lr"] = 0.02  # an LR cut (here a rise) counts at the rate of each step
+    _l2_step(optimizer, table, [1])
+    # between their visits the rows a batch skips are not touched at all
+    assert torch.equal(table.weight[[2, 3, 4]], torch.cat([after_first[2:3], after_first[3:]]))
+    optimizer.flush()
+    # row 2 missed steps 2 and 3 (lr 0.01 + 0.02), rows 3 and 4 all three (0.01 + 0.01 + 0.02):
+    # soft-thresholded by those sums, a coordinate smaller than its sum ending at zero
+    for row, missed in ((2, 0.03), (3, 0.04), (4, 0.04)):
+        expected = after_first[row].sign() * (after_first[row].abs() - missed).clamp(min=0)
+        torch.testing.assert_close(table.weight[row], expected, rtol=0, atol=1e-6)  # float32 lr sums
+    assert table.weight[3, 1] == 0 and table.weight[4, 2] == 0
+    assert torch.equal(table.weight[0], torch.zeros(3))  # padding-like zero rows stay zero
+    settled = table.weight.detach().clone()
+    optimizer.flush()
+    assert torch.equal(table.weight, settled)  # nothing left pending
+
+
+def test_catch_up_gives_an_untouched_row_the_dense_adam_l2_pull():
+    """A row no batch uses gets only the whole-table penalty's gradient ``lambda * w`` under dense
+    Adam; the catch-up shrink gives it the same pull in closed form."""
+    start = torch.tensor([[0.0, 0, 0], [0.5, -0.3, 0.05]])
+    dense = torch.nn.Parameter(start.clone())
+    adam = torch.optim.Adam([dense], lr=0.01)  # L2 in the loss, as the trainer adds it
+    table = torch.nn.Embedding(2, 3, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(start)
+    lazy = RowAdamW(table.parameters(), lr=0.01, weight_decay=0.0, catch_up_shrink=True)
+    _l2_step(lazy, table, [0])  # a step that touches another row starts the table's clock
+    for _ in range(20):
+        adam.zero_grad()
+        (0.004 / 2 * dense.pow(2).sum()).backward()
+        adam.step()
+    for _ in range(19):
+        _l2_step(lazy, table, [0])
+    lazy.flush()
+    # 20 steps of lr 0.01: 0.5 -> 0.3, -0.3 -> -0.1 and 0.05 to zero. Dense Adam's step is lr x
+    # sign(grad) only while the gradient holds steady: as the row shrinks so does lambda * w, and
+    # v, remembering the larger ones, slows it (0.5 -> 0.306, -0.3 -> -0.112); near zero it
+    # oscillates within lr instead of stopping. Equal within 1.5 steps' lr over the 20 steps.
+    torch.testing.assert_close(table.weight[1], torch.tensor([0.3, -0.1, 0.0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(table.weight[1], dense[1].detach(), rtol=0, atol=0.015)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.0])
+def test_the_trainer_catches_up_exactly_the_regularised_sparse_tables(lam):
+    model = _default_like(embedding_regularizer=lam)
+    optimizer = make_optimizer(model, TrainConfig())
+    catch_up = [id(p) for g in optimizer.param_groups if g.get("catch_up_shrink") for p in g["params"]]
+    tables = [model.id_embedding.weight, model.user_embedding.embedding.weight]  # the tag table is dense
+    assert sorted(catch_up) == (sorted(id(t) for t in tables) if lam else [])
+    assert model.id_embedding.sparse and model.user_embedding.embedding.sparse and not model.tag_embedding.sparse

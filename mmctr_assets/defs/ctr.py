@@ -44,8 +44,9 @@ _HELP = {
     "seed": "Seed of initialisation and batch order (default: MMCTR_SEED).",
     "eval_batch_size": "Batch size of validation scoring.",
     "num_threads": "torch threads (null: the cores the step leased; set it for bit-equal AUC across loads).",
-    "sparse_embedding_updates": "Update and regularise only the table rows a batch touches: a step cost "
-                                "that does not grow with the catalog, weaker regularisation of rare ids.",
+    "sparse_embedding_updates": "Update and regularise only the table rows a batch touches (each caught up on "
+                                "the regulariser's pull it missed): a step cost that does not grow with the "
+                                "catalog. false: whole tables every step.",
     "deterministic": "Deterministic torch kernels.",
 }
 

@@ -210,24 +210,23 @@ class CTRModel(nn.Module):
         (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to the
         batch's loss. Takes ``forward``'s arguments.
 
-        By default FuxiCTR's ``lambda / 2 * ||W||^2`` over WHOLE tables every step: with Adam, a
-        row the batch does not use is pulled toward zero too, so a rare id (a user seen three
-        times) cannot escape it between its visits and fit its few labels. With
-        ``sparse_embedding_updates`` only the rows this batch looks up (each once): torchrec's and
-        the sparse optimisers' convention, a cost that does not grow with the tables.
+        Without ``sparse_embedding_updates``: FuxiCTR's ``lambda / 2 * ||W||^2`` over WHOLE tables
+        every step, a cost that grows with the catalog. With it (the default): only the rows this
+        batch looks up (each once), and the optimiser catches every other row up when a batch next
+        touches it (``RowAdamW``'s catch-up shrink, lib/ctr/optim.py): between its visits Adam
+        pulls a row toward zero under the whole-table penalty, so rare ids stay regularised as
+        strongly as the dense step keeps them. The tag table is dense and as large as the tag
+        vocabulary, not the catalog: always whole.
         """
         cfg = self.config
-        items = tags = None  # None: the whole table
+        items = None  # None: the whole table
         if cfg.sparse_embedding_updates:
             items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
             items = items[items != 0]
-            if cfg.use_tag_embedding:
-                tags = self.item_tags[items].unique()
-                tags = tags[tags != 0]
         tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
         tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
         tables += [(self.item_bias, items)] if cfg.use_item_bias else []
-        tables += [(self.tag_embedding, tags)] if cfg.use_tag_embedding else []
+        tables += [(self.tag_embedding, None)] if cfg.use_tag_embedding else []
         for hashed in ([self.user_embedding] if cfg.use_user_embedding else []) + (
                 [self.user_bias] if cfg.use_user_bias else []):
             tables.append((hashed.embedding, hashed.bucket(user_id).unique() if cfg.sparse_embedding_updates else None))

@@ -63,9 +63,9 @@ class ModelConfig:
     # a model without trainable tables must set it to 0 (nothing for it to act on)
     embedding_regularizer: float = 0.004
     # True: a step updates and regularises only the table rows its batch touches (sparse gradients,
-    # lazy AdamW), so its cost does not grow with the catalog; it regularises rare ids less
-    # (docs/models.md; valid AUC cost: docs/results.md)
-    sparse_embedding_updates: bool = False
+    # lazy AdamW catching each row up on the regulariser's pull it missed), so its cost does not
+    # grow with the catalog; False: whole tables every step (docs/models.md)
+    sparse_embedding_updates: bool = True
     level_vocab_size: int = MAX_LEVEL + 1  # likes_level / views_level take values 0..level_vocab_size-1
     level_embedding_dim: int = 16
     # "key": a learned embedding of each history item's distance from the most recent click

@@ -7,6 +7,15 @@ the rows a batch looked up. :class:`RowAdamW` updates dense parameters exactly a
 the touched rows' moments, decoupled weight decay and values change; every other row stays
 bit-identical. A dense table update would read and write the whole table (and its two moment
 tables) every step, a cost that grows with the number of items.
+
+With ``catch_up_shrink`` (a param-group option; the trainer sets it on the tables the model's L2
+embedding regulariser covers) a row also gets, when a batch next touches it, the pull toward zero
+the whole-table regulariser would have given it on each step it missed, in closed form: under the
+constant-sign gradient ``lambda * w`` of a row no batch uses, Adam steps ``lr`` per coordinate
+(``m / sqrt(v)`` -> sign), so the missed steps soft-threshold the row by the sum of their learning
+rates (the lazy-regularisation trick of sparse SGD and FTRL, Carpenter 2008, here with Adam's step
+size). Each row keeps the running learning-rate sum at its last update; :meth:`RowAdamW.flush`
+settles every row at once before the weights are read (evaluation, saving).
 """
 
 from __future__ import annotations
@@ -23,14 +32,18 @@ class RowAdamW(torch.optim.Optimizer):
 
     A sparse row's moments advance only on steps that touch it; the bias correction uses the
     parameter's step count (SparseAdam's convention). State names match AdamW's
-    (``step``, ``exp_avg``, ``exp_avg_sq``), so the optimiser's state_dict reads like AdamW's.
+    (``step``, ``exp_avg``, ``exp_avg_sq``), so the optimiser's state_dict reads like AdamW's;
+    ``catch_up_shrink`` adds ``lr_total`` (the learning rates summed over the table's steps) and
+    ``lr_mark`` (its value at each row's last update), in the parameter's dtype, as torch's
+    ``load_state_dict`` casts them: a resumed run continues bit for bit.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
+                 weight_decay: float = 1e-2, catch_up_shrink: bool = False):
         if lr <= 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError(f"RowAdamW: invalid lr={lr}, betas={betas}, eps={eps} or weight_decay={weight_decay}")
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                                  "catch_up_shrink": catch_up_shrink})
 
     def _state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -60,6 +73,33 @@ class RowAdamW(torch.optim.Optimizer):
                     _row_step(p, p.grad, self._state(p), group)
         return loss
 
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply every row's pending catch-up shrink now (one pass over the tables: call it before
+        evaluating or saving, not per step), so the weights read as the dense optimiser's would."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if group["catch_up_shrink"] and state:
+                    _shrink(p, None, state)
+
+
+def _shrink(p: torch.Tensor, rows: torch.Tensor | None, state: dict) -> None:
+    """Soft-threshold ``rows`` of ``p`` (None: every row) toward zero by the learning rates of the
+    steps each missed since its last update; they are then up to date."""
+    if "lr_mark" not in state:
+        state["lr_total"] = p.new_zeros(())
+        state["lr_mark"] = p.new_zeros(p.shape[0])
+    mark = state["lr_mark"] if rows is None else state["lr_mark"].index_select(0, rows)
+    missed = (state["lr_total"] - mark).clamp_(min=0).unsqueeze(1)
+    value = p if rows is None else p.index_select(0, rows)
+    value = value.sign() * (value.abs() - missed).clamp_(min=0)
+    if rows is None:
+        p.copy_(value)
+        state["lr_mark"].copy_(state["lr_total"].expand_as(state["lr_mark"]))
+    else:
+        p.index_copy_(0, rows, value)
+
 
 def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
     """One AdamW step on the rows ``grad`` names (duplicates summed), as torch's Adam computes it."""
@@ -71,6 +111,8 @@ def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> 
     lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
     state["step"] += 1
     step = float(state["step"])
+    if group["catch_up_shrink"]:
+        _shrink(p, rows, state)
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
     exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
     state["exp_avg"].index_copy_(0, rows, exp_avg)
@@ -80,6 +122,9 @@ def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> 
     if decay:
         value.mul_(1 - lr * decay)
     p.index_copy_(0, rows, value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step)))
+    if group["catch_up_shrink"]:
+        state["lr_total"] += lr
+        state["lr_mark"].index_fill_(0, rows, state["lr_total"])
 
 
 def coalesce_sparse_grads(params: Iterable[torch.Tensor]) -> None:

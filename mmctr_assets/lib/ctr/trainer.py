@@ -33,7 +33,7 @@ from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss
 from mmctr_assets.lib.precision import autocast, check_precision
 
-CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/6"  # /6: row-wise table updates (RowAdamW, touched-row regulariser)
+CHECKPOINT_FORMAT = "mmctr.dcn_din.checkpoint/7"  # /7: RowAdamW's catch-up shrink state (lr_total, lr_mark)
 # TrainConfig fields that may change between a run and its resume (extend a finished run).
 _RESUMABLE_CHANGES = {"epochs"}
 
@@ -254,8 +254,14 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
 
 def make_optimizer(model: CTRModel, cfg: TrainConfig) -> RowAdamW:
     """AdamW over the trainable parameters; the sparse tables' rows are updated only when a batch
-    touches them (lib/ctr/optim.py)."""
-    return RowAdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    touches them, and then first caught up on the regulariser's pull they missed (lib/ctr/optim.py)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    tables = {id(m.weight): m.weight for m in model.modules()
+              if isinstance(m, torch.nn.Embedding) and m.sparse and m.weight.requires_grad}
+    groups = [{"params": [p for p in params if id(p) not in tables]}] if len(params) > len(tables) else []
+    if tables:  # every sparse table is one the embedding regulariser covers
+        groups.append({"params": list(tables.values()), "catch_up_shrink": model.config.embedding_regularizer > 0})
+    return RowAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def training_step(model: CTRModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -368,6 +374,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
             lr = optimizer.param_groups[0]["lr"]
             train_loss = _train_epoch(run, train_data, cfg, device, epoch, progress)
             train_seconds = time.perf_counter() - t0
+            optimizer.flush()  # the sparse tables' pending regulariser pull, before they are read
             probs = predict_batches(model, valid_data, cfg.eval_batch_size, device, cfg.precision)
             valid_auc = auc(valid_labels, probs)
             improved = _record_best(run, epoch, valid_auc, cfg, best_path)
