@@ -302,7 +302,7 @@ def test_item_feature_keeps_levels_and_vectors_of_the_real_download_without_a_wa
 
 
 @pytest.mark.parametrize("levels, problem", [([0, 1, 2, 3, 4, 11], "values outside 0..10"),
-                                             ([1, None, 2, 3, 4, 5], "(or null)")])
+                                             ([1, None, 2, 3, 4, 5], "null (missing) levels")])
 def test_item_feature_levels_are_checked_like_the_rows(tmp_path, levels, problem):
     root = write_dataset(tmp_path, item_feature=item_feature(likes_level=levels))
     got = outcomes(root, "item_feature")["levels_in_range"]

@@ -167,7 +167,9 @@ def test_failed_submission_keeps_previous_zip(outputs, tiny_data, make_resources
 def test_unknown_embedding_source_is_refused_at_launch_with_the_choices(outputs, tiny_data, make_resources, instance):
     with pytest.raises(dg.DagsterInvalidConfigError,
                        match=r"embedding_source not in enum type "
-                             r"Literal\['fused', 'content', 'item2vec', 'organisers'\] got clip"):
+                             r"Literal\['fused', 'content', 'item2vec', 'organisers', 'item_emb:item_emb_d128_v1', "
+                             r"'item_emb:item_emb_d128_v2', 'item_emb:item_emb_d128_v3', 'item_emb:item_emb_d128_e4'\] "
+                             r"got clip"):
         dg.materialize([task2.dcn_din_model], resources=make_resources(tiny_data, outputs), instance=instance,
                        run_config=train_config(embedding_source="clip"))
     assert not instance.get_runs()  # nothing started

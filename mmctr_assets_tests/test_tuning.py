@@ -304,12 +304,18 @@ def test_a_trial_the_budget_stops_after_an_epoch_completes_with_its_auc_so_far(t
 
 KILLED_WORKER = textwrap.dedent("""
     import sys, time
+    import sqlalchemy
     from mmctr_assets.lib.ctr import tuning
     storage = tuning.open_storage(sys.argv[1], heartbeat_interval=1, grace_period=1)
     study = tuning.open_study(storage, "resume", seed=0, n_trials=2)
     space = tuning.parse_search_space({"params": {"lr": {"low": 1e-3, "high": 5e-3, "log": True}}})
 
     def hang(trial, model_config, train_config):
+        # Optuna's heartbeat thread records the trial's first beat shortly after it starts: a worker
+        # killed before that beat leaves a trial that can never turn stale, so say TRAINING after it
+        with storage.engine.connect() as connection:
+            while not connection.execute(sqlalchemy.text("select count(*) from trial_heartbeats")).scalar():
+                time.sleep(0.05)
         print("TRAINING", flush=True)
         time.sleep(600)
 
@@ -488,7 +494,7 @@ def test_a_trial_the_budget_stops_inside_the_asset_ends_pruned_and_the_last_best
     best.parent.mkdir(parents=True, exist_ok=True)
     best.write_text("last good")
     config = {"n_trials": 2, "search_space": str(write_space(tmp_path, TINY_SPACE)), "study_name": "spent",
-              "budget_minutes": 5, "storage": f"sqlite:///{tmp_path / 'optuna.db'}"}
+              "budget_minutes": 5, "storage": f"sqlite:///{out / 'optuna.db'}"}  # a sqlite storage lies in the outputs
     with dg.instance_for_test() as instance:
         result = dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out), instance=instance,
                                 run_config={"ops": {"ctr_tuning": {"config": config}}}, raise_on_error=False)
