@@ -534,3 +534,31 @@ def test_each_family_is_its_own_module_over_the_shared_parts(family):
         changed = {"attention_units": (8,), "attention_impl": "padded", "cross_rank": 4}.get(name, 2)
         with pytest.raises(ValueError, match=f"{name} is not an option of family '{family}'"):
             ModelConfig(**base, **{name: changed})
+
+
+def test_factorised_tokens_are_the_per_position_formula_and_old_models_load_as_elementwise():
+    """The factorised token projects each distinct item once and gathers it; it must equal the
+    formula computed per history position. A transformer config saved before the option (no
+    ``token_interaction`` key) rebuilds as ``elementwise`` and loads its weights unchanged."""
+    model = _warmed(_family("transformer_dcnv2", use_id_embedding=True, use_tag_embedding=True))
+    item_id, seq, likes, views = _batch()
+    rows, cols = (seq != 0).nonzero(as_tuple=True)
+    ids = seq[rows, cols]
+    with torch.no_grad():
+        target, items = model.batch_item_vectors(item_id, seq)
+        h, t, d = model.item_vectors(ids), model.item_vectors(item_id)[rows], model.config.transformer_dim
+        a, p = (h @ model.token_history.weight.t()).split(d, dim=1)
+        b, q = (t @ model.token_target.weight.t() + model.token_target.bias).split(d, dim=1)
+        torch.testing.assert_close(model._tokens(target, ids, rows, items), a + b + p * q)
+
+    old = _family("transformer_dcnv2", token_interaction="elementwise")
+    spec = json.loads(json.dumps(old.to_dict()))
+    del spec["config"]["token_interaction"]
+    config = ModelConfig.from_dict(spec["config"])
+    assert config.token_interaction == "elementwise"
+    rebuilt = CTRModel.from_dict(spec, config)
+    rebuilt.load_state_dict(old.state_dict())  # strict: the old weights are exactly the parameters
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt.eval()(item_id, seq, likes, views), old.eval()(item_id, seq, likes, views))
+    with pytest.raises(ValueError, match="token_interaction must be one of"):
+        ModelConfig(token_interaction="concat")

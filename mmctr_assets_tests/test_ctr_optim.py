@@ -101,18 +101,24 @@ def test_batch_item_vectors_are_item_vectors():
 def _padded_history(model, target, item_seq):
     """The plain formulation: every position of each bucket (padding included) embedded and projected."""
     out = target.new_zeros(target.shape[0], model.sequence.output_dim)
-    w_h, w_t, w_ht = model.token.weight.split(model.item_dim, dim=1)
+    d = model.config.transformer_dim
     for rows, width in length_buckets((item_seq != 0).sum(dim=1), item_seq.shape[1]):
         seq = item_seq[rows][:, -width:]
         h, t = model.item_vectors(seq.long()), target[rows].unsqueeze(1)
-        tokens = F.linear(h, w_h) + F.linear(h * t, w_ht) + F.linear(target[rows], w_t, model.token.bias).unsqueeze(1)
+        if model.config.token_interaction == "factorised":  # A h + B t + b + (P h) * (Q t)
+            (a, p), (b, q) = F.linear(h, model.token_history.weight).split(d, -1), model.token_target(t).split(d, -1)
+            tokens = a + b + p * q
+        else:
+            w_h, w_t, w_ht = model.token.weight.split(model.item_dim, dim=1)
+            tokens = F.linear(h, w_h) + F.linear(h * t, w_ht) + F.linear(t, w_t, model.token.bias)
         tokens = tokens + model.position_embedding(recency_positions(seq))
         out[rows] = model.sequence(tokens, seq == 0)
     return out
 
 
-def test_tokens_of_real_items_only_give_the_padded_formulations_outputs():
-    model = _default_like().eval()
+@pytest.mark.parametrize("token_interaction", ["factorised", "elementwise"])
+def test_tokens_of_real_items_only_give_the_padded_formulations_outputs(token_interaction):
+    model = _default_like(token_interaction=token_interaction).eval()
     b = _batch(1, n=64)
     target = model.item_vectors(b.item_id)
     packed, _ = model._history(target, b.item_seq)

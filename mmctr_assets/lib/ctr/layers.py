@@ -40,17 +40,19 @@ def recency_positions(seq: torch.Tensor) -> torch.Tensor:
 
 
 def length_buckets(lengths: torch.Tensor, max_len: int) -> list[tuple[torch.Tensor, int]]:
-    """Group rows by real history length into power-of-two widths (4, 8, 16, ..., ``max_len``).
+    """Group rows by real history length into widths growing by half (4, 6, 8, 12, 16, 24, ...,
+    ``max_len``).
 
     Returns ``[(row_index, width)]`` for every non-empty group; rows with no history are left out.
     A left-padded history of length ``n <= width`` keeps all its items in its last ``width``
-    positions, so a sequence model run per group pays at most ~2x the real items instead of
-    ``max_len`` per row (87% padding on MicroLens histories).
+    positions, so a sequence model run per group pays at most ~1.5x the real items instead of
+    ``max_len`` per row (87% padding on MicroLens histories); power-of-two widths would pay up to 2x
+    for one fewer group in two.
     """
     widths, w = [], 4
     while w < max_len:
         widths.append(w)
-        w *= 2
+        w = w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3  # 4, 6, 8, 12, 16, 24, 32, ...
     widths.append(max_len)
     out, lo = [], 0
     for width in widths:
@@ -59,6 +61,15 @@ def length_buckets(lengths: torch.Tensor, max_len: int) -> list[tuple[torch.Tens
             out.append((index, width))
         lo = width
     return out
+
+
+def pad_width(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
+    """``x [N, d]`` with zero columns appended up to a multiple of ``multiple``. CPU matrix
+    kernels (oneDNN/MKL) run several times slower on an output width that is not one (e.g. 593),
+    and both the forward and the backward of a layer over ``x`` produce such widths;
+    :class:`CrossNet` and :class:`MLP` accept the padded input and give the same result."""
+    pad = -x.shape[-1] % multiple
+    return F.pad(x, (0, pad)) if pad else x
 
 
 class Dice(nn.Module):
@@ -117,6 +128,12 @@ class MLP(nn.Module):
         self.output_dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [N, input_dim]``, or zero-padded wider (:func:`pad_width`): the first layer's weight
+        is padded to match, so the result is the same."""
+        first = self.layers[0]
+        if x.shape[-1] != first.in_features:
+            x = F.linear(x, F.pad(first.weight, (0, x.shape[-1] - first.in_features)), first.bias)
+            return self.layers[1:](x)
         return self.layers(x)
 
 
@@ -142,14 +159,27 @@ class CrossNet(nn.Module):
                 return nn.Sequential(nn.Linear(input_dim, rank, bias=False), nn.Linear(rank, input_dim, bias=False))
             return nn.Linear(input_dim, out, bias=False)
 
+        self.input_dim, self.rank = input_dim, rank
         self.weights = nn.ModuleList(weight() for _ in range(num_layers))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(input_dim)) for _ in range(num_layers))
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
+        """``x0 [N, input_dim]``, or zero-padded wider (:func:`pad_width`): the weights are padded
+        with zeros to match, the padding stays zero through every layer and is cut off the output,
+        so the result is the same."""
+        pad = x0.shape[-1] - self.input_dim
         x = x0
         for w, b in zip(self.weights, self.biases):
-            x = x0 * w(x) + b + x
-        return x
+            if not pad:
+                x = x0 * w(x) + b + x
+                continue
+            if self.rank:  # W = U V^T: V's input columns and U's output rows padded
+                down, up = F.pad(w[0].weight, (0, pad)), F.pad(w[1].weight, (0, 0, 0, pad))
+                wx = F.linear(F.linear(x, down), up)
+            else:  # v1: [1, d] (input columns); v2: [d, d] (both)
+                wx = F.linear(x, F.pad(w.weight, (0, pad, 0, pad if self.version == "v2" else 0)))
+            x = x0 * wx + F.pad(b, (0, pad)) + x
+        return x[:, :self.input_dim] if pad else x
 
 
 class TargetAttention(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, pad_width
 
 
 class CTRModel(nn.Module):
@@ -152,12 +152,8 @@ class CTRModel(nn.Module):
         history position, and each table row gets one gradient row. Same vectors as
         :meth:`item_vectors`."""
         ids = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()]).unique()
-        table = self.item_vectors(ids)
-
-        def lookup(x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
-            return table.index_select(0, torch.searchsorted(ids, x.long()).reshape(-1)).view(*x.shape, table.shape[1])
-
-        return lookup(item_id), lookup
+        items = BatchItems(ids, self.item_vectors(ids))
+        return items(item_id), items
 
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """History summary ``[B, *]``: the pooled interest (attention families) or the pooled
@@ -190,7 +186,7 @@ class CTRModel(nn.Module):
             parts.append(torch.stack([matches / n_real, torch.log1p(matches)], dim=-1))
         if self.config.use_item_frequency:
             parts.append(self.item_log_frequency[item_id].unsqueeze(-1).to(target.dtype))
-        features = torch.cat(parts, dim=-1)
+        features = pad_width(torch.cat(parts, dim=-1))
         if self.uses_cross:
             hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1)
         else:
@@ -248,6 +244,22 @@ class CTRModel(nn.Module):
         counts = np.zeros(d["n_items"] + 1, np.int64) if config.use_item_frequency else None
         return CTRModel(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
                         n_tags=d["n_tags"] or None, item_frequency=counts)
+
+
+class BatchItems:
+    """The vectors of a batch's distinct items (``table [n, item_dim]`` for the sorted ``ids``);
+    calling it with ids ``[...]`` gathers their vectors ``[..., item_dim]``. A family may instead
+    transform ``table`` once per distinct item and gather the result with :meth:`rows_of`."""
+
+    def __init__(self, ids: torch.Tensor, table: torch.Tensor):
+        self.ids, self.table = ids, table
+
+    def rows_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Row of ``table`` holding each id of ``x``, flattened."""
+        return torch.searchsorted(self.ids, x.long()).reshape(-1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
+        return self.table.index_select(0, self.rows_of(x)).view(*x.shape, self.table.shape[1])
 
 
 def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:

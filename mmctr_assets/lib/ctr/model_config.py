@@ -14,6 +14,7 @@ from mmctr_assets.lib.ctr.transformer_dcnv2 import TransformerDcnV2
 from mmctr_assets.lib.data.microlens import MAX_LEVEL
 
 ATTENTION_IMPLS = ("packed_split", "packed", "padded")
+TOKEN_INTERACTIONS = ("factorised", "elementwise")
 # Each family's module says which options it reads (CTRModel: OPTIONS with its own defaults and
 # allowed values, READS with plain defaults); ModelConfig fills in and checks them.
 FAMILY_MODELS: dict[str, type[CTRModel]] = {m.family: m for m in (DcnDin, TransformerDcnV2, Din)}
@@ -79,6 +80,10 @@ class ModelConfig:
     history_match_features: bool | None = None  # mean and log-sum of the (sigmoid) attention weights
     use_item_frequency: bool | None = None  # the target's standardised log count in the training data
     transformer_dim: int = 32  # tokens [item, target, item*target] are projected to this width
+    # "factorised": token = A h + B t + b + (P h) * (Q t), h projected once per distinct item of
+    # the batch (cost independent of the item vectors' width per position); "elementwise":
+    # W [h, t, h * t] + b, the form of models saved before the option (docs/models.md)
+    token_interaction: str = "factorised"
     transformer_layers: int = 1
     transformer_heads: int = 1
     transformer_ff_dim: int = 64
@@ -100,6 +105,8 @@ class ModelConfig:
         if self.family not in FAMILIES:
             raise ValueError(f"Invalid ModelConfig: family must be one of {FAMILIES}, got {self.family!r}")
         problems = self._resolve_family_options()
+        if self.token_interaction not in TOKEN_INTERACTIONS:
+            problems.append(f"token_interaction must be one of {TOKEN_INTERACTIONS}, got {self.token_interaction!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             problems.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.history_match_features and self.attention_output_activation not in (None, "sigmoid"):
@@ -179,11 +186,14 @@ class ModelConfig:
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """A saved config (``to_dict``, stored whole with every model). Options its family does not
         own are dropped: a validated config held only don't-care values there, and an older version
-        stored some as plain numbers (``cross_rank: 0`` on ``din``) where they are unset now."""
+        stored some as plain numbers (``cross_rank: 0`` on ``din``) where they are unset now. A
+        ``transformer_dcnv2`` config saved before ``token_interaction`` existed had the elementwise tokens."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"Unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
         family = FAMILY_MODELS.get(d.get("family", cls.family))
         own = family.OPTIONS if family is not None else _DEFAULTED
+        if d.get("family") == TransformerDcnV2.family and "token_interaction" not in d:
+            d = d | {"token_interaction": "elementwise"}  # saved before the option: its only form then
         return cls(**{k: v for k, v in d.items() if k not in _DEFAULTED or k in own})

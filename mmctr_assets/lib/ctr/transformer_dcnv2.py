@@ -1,7 +1,7 @@
-"""Transformer + DCN-V2 (the challenge winners' family): tokens ``[item, target, item * target]``
-projected to ``transformer_dim`` plus a recency embedding (computed for the real history items
-only), a Transformer over the real history items (rows run in length buckets, so padding costs
-next to nothing), last-k + max pooling; head: DCN-V2 || deep MLP."""
+"""Transformer + DCN-V2 (the challenge winners' family): a token per history item from the item
+and the target (``token_interaction``) at ``transformer_dim`` plus a recency embedding (computed
+for the real history items only), a Transformer over the real history items (rows run in length
+buckets, so padding costs next to nothing), last-k + max pooling; head: DCN-V2 || deep MLP."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmctr_assets.lib.ctr.layers import TransformerHistory, length_buckets
-from mmctr_assets.lib.ctr.model import CTRModel, position_table
+from mmctr_assets.lib.ctr.model import BatchItems, CTRModel, position_table
 
 
 class TransformerDcnV2(CTRModel):
@@ -24,11 +24,16 @@ class TransformerDcnV2(CTRModel):
         "cross_rank": (32, None),
     }
     READS = ("transformer_dim", "transformer_layers", "transformer_heads", "transformer_ff_dim",
-             "last_k")
+             "last_k", "token_interaction")
     uses_cross = True
 
     def _build_history(self, config, item_dim: int) -> int:
-        self.token = nn.Linear(3 * item_dim, config.transformer_dim)
+        if config.token_interaction == "factorised":
+            # [history part, history factor] per distinct item; [target part + bias, target factor] per row
+            self.token_history = nn.Linear(item_dim, 2 * config.transformer_dim, bias=False)
+            self.token_target = nn.Linear(item_dim, 2 * config.transformer_dim)
+        else:
+            self.token = nn.Linear(3 * item_dim, config.transformer_dim)
         if config.position == "token":
             self.position_embedding = position_table(config.max_len, config.transformer_dim)
         self.sequence = TransformerHistory(
@@ -38,23 +43,19 @@ class TransformerDcnV2(CTRModel):
         return self.sequence.output_dim
 
     def _history(self, target: torch.Tensor, item_seq: torch.Tensor, vectors=None) -> tuple[torch.Tensor, None]:
-        """Run the encoder per length bucket (real items only, ~2x at worst); empty rows stay 0.
+        """Run the encoder per length bucket (real items only, 1.5x at worst); empty rows stay 0.
 
         Tokens are computed once per REAL history item (packed), then laid out per bucket with
         padding positions as zero tokens: padding is never a key, and its outputs are dropped."""
-        vectors = vectors or self.item_vectors
+        if vectors is None:
+            _, vectors = self.batch_item_vectors(item_seq.new_zeros(0), item_seq)
         out = target.new_zeros(target.shape[0], self.sequence.output_dim)
         real = item_seq != 0
         buckets = length_buckets(real.sum(dim=1), item_seq.shape[1])
         if not buckets:
             return out, None
         rows, cols = real.nonzero(as_tuple=True)
-        history = vectors(item_seq[rows, cols])
-        # token = W [h, t, h*t] + b, split so the target's part is computed once per row
-        w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
-        t = target.index_select(0, rows)
-        tokens = (F.linear(history, w_h) + F.linear(history * t, w_ht)
-                  + F.linear(target, w_t, self.token.bias).index_select(0, rows))
+        tokens = self._tokens(target, item_seq[rows, cols], rows, vectors)
         if self.config.position == "token":
             tokens = tokens + self.position_embedding((item_seq.shape[1] - 1) - cols)
         # where each (row, position) finds its token: 0 is a zero token (padding), i + 1 the i-th packed one
@@ -67,3 +68,22 @@ class TransformerDcnV2(CTRModel):
             grid = tokens.index_select(0, seq_slots.reshape(-1)).view(*seq_slots.shape, -1)
             outputs.append(self.sequence(grid, seq_slots == 0))
         return out.index_copy(0, torch.cat([r for r, _ in buckets]), torch.cat(outputs)), None
+
+    def _tokens(self, target: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, items: BatchItems) -> torch.Tensor:
+        """Token ``[M, transformer_dim]`` of each packed history item ``ids [M]`` (row ``rows [M]``).
+
+        ``factorised``: ``A h + B t + b + (P h) * (Q t)``: the item's parts are projected once per
+        distinct item of the batch and the target's once per row, so each history position costs
+        gathers and products at ``transformer_dim`` width, not at the item vectors' width.
+        ``elementwise`` (models saved before the option): ``W [h, t, h * t] + b``, the
+        target's part computed once per row."""
+        d = self.config.transformer_dim
+        if self.config.token_interaction == "factorised":
+            history_part, history_factor = F.linear(items.table, self.token_history.weight).index_select(
+                0, items.rows_of(ids)).split(d, dim=1)
+            target_part, target_factor = self.token_target(target).index_select(0, rows).split(d, dim=1)
+            return history_part + target_part + history_factor * target_factor
+        history = items(ids)
+        w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
+        return (F.linear(history, w_h) + F.linear(history * target.index_select(0, rows), w_ht)
+                + F.linear(target, w_t, self.token.bias).index_select(0, rows))
