@@ -138,14 +138,14 @@ class CTRModel(nn.Module):
         parts = [self.item_embedding(ids)]
         if self.config.use_id_embedding:
             parts.append(self.id_embedding(ids))
-        if self.config.use_tag_embedding:
-            tags = self.item_tags[ids]
-            count = (tags != 0).sum(-1, keepdim=True).clamp(min=1)
-            parts.append(self.tag_embedding(tags).sum(-2) / count)
+        if self.config.use_tag_embedding:  # the mean over the item's tags, padding (0) left out
+            tags = self.item_tags[ids.reshape(-1)]
+            pooled = F.embedding_bag(tags, self.tag_embedding.weight, mode="mean", padding_idx=0)
+            parts.append(pooled.view(*ids.shape, pooled.shape[-1]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def batch_item_vectors(self, item_id: torch.Tensor,
-                           item_seq: torch.Tensor) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+                           item_seq: torch.Tensor) -> tuple[torch.Tensor, BatchItems]:
         """(target vectors ``[B, item_dim]``, a lookup ``ids [...] -> [..., item_dim]`` for this
         batch's history ids): each distinct item of the batch (and the padding item) is represented
         once and then gathered, so tables and tag pooling are paid per distinct item, not per
