@@ -395,7 +395,7 @@ def test_with_sparse_updates_the_penalty_is_lambda_half_the_squared_norm_of_the_
     ({"family": "transformer_dcnv2", "attention_output_activation": "sigmoid"},
      r"attention_output_activation is not an option of family 'transformer_dcnv2'"),
     ({"family": "transformer_dcnv2", "attention_units": (8,)}, r"attention_units is not an option of family"),
-    ({"family": "dcn_din", "last_k": 4}, r"last_k is not an option of family 'dcn_din'"),
+    ({"family": "dcn_din", "last_k": 6}, r"last_k is not an option of family 'dcn_din'"),
     ({"user_buckets": 0}, r"user_buckets must be >= 1, got 0"),
     # the library default's regulariser on a model without tables: the message says what to set
     ({"use_id_embedding": False, "use_tag_embedding": False, "use_user_embedding": False},
@@ -417,7 +417,7 @@ def test_family_defaults_are_filled_in_and_survive_a_round_trip():
     assert (dcn.position, dcn.cross_version, dcn.cross_layers, dcn.history_match_features,
             dcn.cross_rank) == ("key", "v1", 3, True, 0)
     tr = ModelConfig(family="transformer_dcnv2")
-    assert (tr.position, tr.cross_version, tr.history_match_features, tr.cross_rank) == ("token", "v2", None, 32)
+    assert (tr.position, tr.cross_version, tr.history_match_features, tr.cross_rank) == ("token", "v2", None, 16)
     assert din.cross_rank is None  # no cross net
     for config in (din, dcn, tr):
         assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
@@ -510,7 +510,7 @@ def test_the_library_defaults_are_the_default_model_and_a_preset_file_means_what
     assert preset("default") == {"model": {}, "train": {}}
     default = ModelConfig(max_len=20)
     assert (default.family, default.use_id_embedding, default.use_tag_embedding, default.use_user_embedding,
-            default.cross_rank) == ("transformer_dcnv2", True, True, True, 32)
+            default.cross_rank) == ("transformer_dcnv2", True, True, True, 16)
     assert default.embedding_regularizer > 0 and TrainConfig().lr_factor == 0.5
     # another family: its own family options (din reads no cross net), the shared defaults kept
     din = ModelConfig(family="din", max_len=20)

@@ -87,7 +87,7 @@ class ModelConfig:
     transformer_layers: int = 1
     transformer_heads: int = 1
     transformer_ff_dim: int = 64
-    last_k: int = 8  # transformer outputs of the k most recent positions kept as features
+    last_k: int = 4  # transformer outputs of the k most recent positions kept as features
     cross_layers: int | None = None
     cross_version: str | None = None
     cross_rank: int | None = None  # 0: full-rank DCN-V2 matrices; r > 0: low-rank U V^T (cross_version v2)

@@ -21,7 +21,7 @@ class TransformerDcnV2(CTRModel):
         "cross_layers": (3, None),
         "cross_version": ("v2", ("v1", "v2")),
         # low rank: full rank would triple the step on its ~470-wide features (docs/models.md)
-        "cross_rank": (32, None),
+        "cross_rank": (16, None),
     }
     READS = ("transformer_dim", "transformer_layers", "transformer_heads", "transformer_ff_dim",
              "last_k", "token_interaction")
