@@ -19,8 +19,9 @@ fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train
 file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
 
 Reference line (``config: "logistic_regression"``): scikit-learn's LogisticRegression on nine
-features a user would fit first: user and item click rates (smoothed towards the mean rate;
-leave-one-out on training rows) and log counts from the training rows, likes/views levels, history
+features a user would fit first: item and user click rates (logits, smoothed towards the mean rate)
+and log counts from the training rows (out of fold on training rows: ``lib/ctr/statistics.py``, what
+``use_statistics_features`` gives a model), likes/views levels, history
 length, and the share of the whole / the last 5 history items sharing a tag with the target.
 
     .venv/bin/python benchmarks/bench_quality.py [--worlds v2,v3] [--sizes small,medium]
@@ -59,8 +60,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import emit, peak_mb  # noqa: E402
 
+from mmctr_assets.lib.ctr.statistics import FEATURES as STATISTICS_FEATURES  # noqa: E402
+
 CEILINGS = ("", "_without_user_bias", "_without_item_appeal")
-LR_SMOOTHING = 5.0  # pseudo-rows at the mean click rate in each user/item rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,16 +270,18 @@ def tune(ds: Dataset, size: str, args) -> dict:
 # Logistic-regression reference
 
 
-def _rate_features(train: pl.DataFrame, frame: pl.DataFrame, key: str, prior: float, is_train: bool) -> np.ndarray:
-    """Smoothed click rate and log count of ``key`` from the training rows (leave-one-out there)."""
-    stats = train.group_by(key).agg(pl.col("label").sum().alias("clicks"), pl.len().alias("n"))
-    joined = frame.select(key, "label" if is_train else pl.lit(0.0).alias("label")).join(
-        stats, on=key, how="left", maintain_order="left").fill_null(0)
-    clicks, n = joined["clicks"].to_numpy().astype(float), joined["n"].to_numpy().astype(float)
-    if is_train:  # the row's own label is not a feature of itself
-        clicks, n = clicks - joined["label"].to_numpy(), n - 1
-    rate = (clicks + LR_SMOOTHING * prior) / (n + LR_SMOOTHING)
-    return np.stack([rate, np.log1p(n)], axis=1)
+def rate_features(ds: Dataset, seed: int = 0) -> dict[str, np.ndarray]:
+    """Split -> the item's and user's smoothed click rate (logit) and log count: out of fold on
+    training rows, from all training rows on valid/test: ``lib/ctr/statistics.py``, which the
+    models' ``use_statistics_features`` reads too."""
+    from mmctr_assets.lib.ctr.statistics import TrainingStatistics
+
+    train = ds.frames["train"]
+    stats, oof = TrainingStatistics.fit(train["item_id"].to_numpy(), train["user_id"].to_numpy(),
+                                        train["label"].to_numpy(), ds.emb.shape[0] - 1, seed=seed)
+    return {"train": oof.numpy()} | {k: stats.features(ds.frames[k]["item_id"].to_numpy(),
+                                                          ds.frames[k]["user_id"].to_numpy())
+                                     for k in ("valid", "test")}
 
 
 def _tag_overlap(frame: pl.DataFrame, tags: np.ndarray, last: int | None, chunk: int = 20_000) -> np.ndarray:
@@ -297,13 +301,10 @@ def _tag_overlap(frame: pl.DataFrame, tags: np.ndarray, last: int | None, chunk:
     return out
 
 
-def lr_features(ds: Dataset, name: str) -> np.ndarray:
-    train, frame = ds.frames["train"], ds.frames[name]
-    prior = float(train["label"].mean())
-    is_train = name == "train"
+def lr_features(ds: Dataset, name: str, rates: dict[str, np.ndarray]) -> np.ndarray:
+    frame = ds.frames[name]
     return np.column_stack([
-        _rate_features(train, frame, "user_id", prior, is_train),
-        _rate_features(train, frame, "item_id", prior, is_train),
+        rates[name],
         frame["likes_level"].to_numpy(), frame["views_level"].to_numpy(),
         frame.get_column("item_seq").list.eval(pl.element() > 0).list.sum().to_numpy(),
         _tag_overlap(frame, ds.tags, None), _tag_overlap(frame, ds.tags, 5),
@@ -317,14 +318,14 @@ def logistic_regression(ds: Dataset) -> dict:
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    x = {k: lr_features(ds, k) for k in ("train", "valid", "test")}
+    rates = rate_features(ds)
+    x = {k: lr_features(ds, k, rates) for k in ("train", "valid", "test")}
     y = {k: ds.frames[k]["label"].to_numpy() for k in x}
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], y["train"])
     auc = {k: float(roc_auc_score(y[k], model.predict_proba(x[k])[:, 1])) for k in ("valid", "test")}
     return {"valid_auc": round(auc["valid"], 4), "test_auc": round(auc["test"], 4),
             **gaps(ds.manifest, auc["valid"], auc["test"]), "train_s": round(time.perf_counter() - t0, 1),
-            "features": ["user_click_rate", "user_log_count", "item_click_rate", "item_log_count",
-                         "likes_level", "views_level", "history_length", "history_tag_overlap",
+            "features": [*STATISTICS_FEATURES, "likes_level", "views_level", "history_length", "history_tag_overlap",
                          "last5_tag_overlap"]}
 
 
