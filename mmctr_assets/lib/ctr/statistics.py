@@ -162,5 +162,5 @@ class TrainingStatistics(nn.Module):
     def features(self, item_id, user_id) -> np.ndarray:
         """:meth:`forward` for numpy/polars callers (a benchmark's logistic regression)."""
         with torch.no_grad():
-            return self(torch.as_tensor(np.asarray(item_id, dtype=np.int64)),
-                        torch.as_tensor(np.asarray(user_id, dtype=np.int64))).numpy()
+            return self(torch.tensor(np.asarray(item_id, dtype=np.int64)),
+                        torch.tensor(np.asarray(user_id, dtype=np.int64))).numpy()
