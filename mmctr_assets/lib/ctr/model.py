@@ -9,7 +9,8 @@ cross net) -> optional MLP -> linear, plus optional item and user biases on the 
 
 The optional scalars: the history-match features (the mean and log-sum of sigmoid attention
 weights: which share, and how many, of the user's items match the target; a pooled vector only
-implies them) and the target's log frequency in the training data (popularity). They pay off when
+implies them), the target's log frequency in the training data (popularity) and the item's and
+user's click statistics (lib/ctr/statistics.py, out of fold on training rows). The first two pay off when
 the item table separates topics; with a noisy table the DIN paper's linear weights without them do
 better (figures: docs/results.md).
 """
