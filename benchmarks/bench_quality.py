@@ -10,7 +10,8 @@ is the demo data's own ``item_emb_d128``: a fast, weak stand-in. ``--item-table 
 CLIP fitted on the demo covers/titles, item2vec, fusion; ``bench_pipeline.build_task1``) and cached.
 One JSON line per result: world, size, config, valid and test AUC, their gaps to the manifest's
 ceilings (the true click probabilities; without each user's bias; v3: without each item's appeal),
-wall time, epochs and the config.
+wall time, epochs and the config. Every config after a world's first carries DeLong's paired
+difference to it on the same valid and test rows (``valid_diff``, ``test_diff``, with standard errors).
 
 Configs: every preset in ``mmctr_assets/deploy/presets/`` (``lib/ctr/presets.PRESETS``; ``default``
 is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the whole history as
@@ -176,8 +177,10 @@ def _values(ds: Dataset, sections: dict, seed: int, max_epochs: int | None, thre
     return model_values, train_values
 
 
-def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, progress=None) -> dict:
-    """Train one config and score it: valid AUC (best epoch), test AUC, the curve."""
+def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, progress=None,
+                  keep: dict | None = None) -> dict:
+    """Train one config and score it: valid AUC (best epoch), test AUC, the curve. ``keep`` (a dict)
+    receives the valid and test probabilities."""
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -195,6 +198,8 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, pr
     train_s = time.perf_counter() - t0
     test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
     test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))
+    if keep is not None:
+        keep.update(valid=result.valid_predictions, test=test_prob)
     valid_auc = float(result.best_valid_auc)
     return {"valid_auc": round(valid_auc, 4), "test_auc": round(test_auc, 4),
             **gaps(ds.manifest, valid_auc, test_auc),
@@ -205,13 +210,13 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, pr
 
 
 def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
-              threads: int | None, batch_size: int | None = None) -> dict:
+              threads: int | None, batch_size: int | None = None, keep: dict | None = None) -> dict:
     from mmctr_assets.lib.ctr.model_config import ModelConfig
     from mmctr_assets.lib.ctr.trainer import TrainConfig
 
     model_values, train_values = _values(ds, sections, seed, max_epochs, threads, batch_size)
     model_config, train_config = ModelConfig(**model_values), TrainConfig(**train_values)
-    return {**fit_and_score(ds, model_config, train_config),
+    return {**fit_and_score(ds, model_config, train_config, keep=keep),
             "model": {k: v for k, v in dataclasses.asdict(model_config).items() if k in model_values},
             "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k in train_values}}
 
@@ -264,6 +269,18 @@ def tune(ds: Dataset, size: str, args) -> dict:
             "default_trial_valid_auc": default["auc"], "default_trial_state": default["state"],
             "best_trial": best.number, "search_space": str(Path(space_file).relative_to(REPO)),
             "model": model, "train": train}
+
+
+def paired(ds: Dataset, kept: dict, base_name: str, base: dict) -> dict:
+    """DeLong's paired difference to ``base``'s AUC on the same valid and test rows, with its
+    standard error: two configs' AUCs move together with the rows drawn, their difference less."""
+    from mmctr_assets.lib.metrics import delong_test
+
+    out = {"paired_with": base_name}
+    for split in ("valid", "test"):
+        c = delong_test(ds.frames[split].get_column("label").to_numpy(), kept[split], base[split])
+        out |= {f"{split}_diff": round(c.diff, 4), f"{split}_diff_se": round(c.se, 4)}
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,10 +390,14 @@ def main(argv: list[str] | None = None) -> None:
                     "history_median": ds.manifest["history_length"]["median"]}
             if not args.no_lr:
                 emit(**head, config="logistic_regression", **logistic_regression(ds))
+            first = None  # (name, probabilities) of the world's first config: the others' paired baseline
             for name, sections in todo.items():
                 t0 = time.perf_counter()
+                kept: dict = {}
                 result = train_one(ds, name, sections, args.seed, args.max_epochs, args.threads,
-                                   args.batch_size)
+                                   args.batch_size, keep=kept)
+                result |= paired(ds, kept, *first) if first else {}
+                first = first or (name, kept)
                 emit(**head, config=name, **result, wall_s=round(time.perf_counter() - t0, 1),
                      peak_rss_mb=round(peak_mb()))
             if args.tune:
