@@ -287,15 +287,16 @@ def paired(ds: Dataset, kept: dict, base_name: str, base: dict) -> dict:
 # Logistic-regression reference
 
 
-def rate_features(ds: Dataset, seed: int = 0) -> dict[str, np.ndarray]:
+def rate_features(ds: Dataset, seed: int = 0, strength: float | None = None) -> dict[str, np.ndarray]:
     """Split -> the item's and user's smoothed click rate (logit) and log count: out of fold on
     training rows, from all training rows on valid/test: ``lib/ctr/statistics.py``, which the
     models' ``use_statistics_features`` reads too."""
-    from mmctr_assets.lib.ctr.statistics import TrainingStatistics
+    from mmctr_assets.lib.ctr.statistics import DEFAULT_PRIOR_STRENGTH, TrainingStatistics
 
     train = ds.frames["train"]
     stats, oof = TrainingStatistics.fit(train["item_id"].to_numpy(), train["user_id"].to_numpy(),
-                                        train["label"].to_numpy(), ds.emb.shape[0] - 1, seed=seed)
+                                        train["label"].to_numpy(), ds.emb.shape[0] - 1, seed=seed,
+                                        strength=strength or DEFAULT_PRIOR_STRENGTH)
     return {"train": oof.numpy()} | {k: stats.features(ds.frames[k]["item_id"].to_numpy(),
                                                           ds.frames[k]["user_id"].to_numpy())
                                      for k in ("valid", "test")}
@@ -328,14 +329,14 @@ def lr_features(ds: Dataset, name: str, rates: dict[str, np.ndarray]) -> np.ndar
     ]).astype(np.float64)
 
 
-def logistic_regression(ds: Dataset) -> dict:
+def logistic_regression(ds: Dataset, strength: float | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    rates = rate_features(ds)
+    rates = rate_features(ds, strength=strength)
     x = {k: lr_features(ds, k, rates) for k in ("train", "valid", "test")}
     y = {k: ds.frames[k]["label"].to_numpy() for k in x}
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], y["train"])
@@ -343,7 +344,7 @@ def logistic_regression(ds: Dataset) -> dict:
     return {"valid_auc": round(auc["valid"], 4), "test_auc": round(auc["test"], 4),
             **gaps(ds.manifest, auc["valid"], auc["test"]), "train_s": round(time.perf_counter() - t0, 1),
             "features": [*STATISTICS_FEATURES, "likes_level", "views_level", "history_length", "history_tag_overlap",
-                         "last5_tag_overlap"]}
+                         "last5_tag_overlap"], "prior_strength": strength or "default"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, action="append", default=[],
                     help="a run-config fragment YAML (model:/train:, or ops: dcn_din_model: config:); repeatable")
     ap.add_argument("--no-lr", action="store_true", help="skip the logistic-regression reference line")
+    ap.add_argument("--lr-prior-strength", type=float, action="append", default=[],
+                    help="the reference line's click-rate prior strength (default: the library's); repeatable, "
+                         "one line each")
     ap.add_argument("--max-epochs", type=int, default=None, help="cap every config's epochs")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="every config's training batch size (small: 512, as `make demo` trains: at 4096 an "
@@ -389,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
             head = {"bench": "quality", "world": world, "size": size, "item_table": args.item_table,
                     "history_median": ds.manifest["history_length"]["median"]}
             if not args.no_lr:
-                emit(**head, config="logistic_regression", **logistic_regression(ds))
+                for strength in args.lr_prior_strength or [None]:
+                    emit(**head, config="logistic_regression", **logistic_regression(ds, strength))
             first = None  # (name, probabilities) of the world's first config: the others' paired baseline
             for name, sections in todo.items():
                 t0 = time.perf_counter()
