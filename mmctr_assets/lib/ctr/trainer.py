@@ -350,7 +350,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
     statistics = None
     if model_config.use_statistics_features:  # training rows out of fold; valid rows from all training rows
         statistics, oof = TrainingStatistics.fit(
-            train_data.item_id, train_data.user_id, train_data.label, item_embeddings.shape[0] - 1,
+            train_data.item_id.cpu(), train_data.user_id.cpu(), train_data.label.cpu(), item_embeddings.shape[0] - 1,
             folds=model_config.statistics_folds, seed=cfg.seed, strength=model_config.statistics_prior_strength)
         train_data = dataclasses.replace(train_data, statistics=oof)
         valid_data = dataclasses.replace(valid_data, statistics=None)
