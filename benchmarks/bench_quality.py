@@ -10,7 +10,8 @@ is the demo data's own ``item_emb_d128``: a fast, weak stand-in. ``--item-table 
 CLIP fitted on the demo covers/titles, item2vec, fusion; ``bench_pipeline.build_task1``) and cached.
 One JSON line per result: world, size, config, valid and test AUC, their gaps to the manifest's
 ceilings (the true click probabilities; without each user's bias; v3: without each item's appeal),
-wall time, epochs and the config.
+wall time, epochs and the config. Every config after a world's first carries DeLong's paired
+difference to it on the same valid and test rows (``valid_diff``, ``test_diff``, with standard errors).
 
 Configs: every preset in ``mmctr_assets/deploy/presets/`` (``lib/ctr/presets.PRESETS``; ``default``
 is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the whole history as
@@ -19,8 +20,9 @@ fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train
 file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
 
 Reference line (``config: "logistic_regression"``): scikit-learn's LogisticRegression on nine
-features a user would fit first: user and item click rates (smoothed towards the mean rate;
-leave-one-out on training rows) and log counts from the training rows, likes/views levels, history
+features a user would fit first: item and user click rates (logits, smoothed towards the mean rate)
+and log counts from the training rows (out of fold on training rows: ``lib/ctr/statistics.py``, what
+``use_statistics_features`` gives a model), likes/views levels, history
 length, and the share of the whole / the last 5 history items sharing a tag with the target.
 
     .venv/bin/python benchmarks/bench_quality.py [--worlds v2,v3] [--sizes small,medium]
@@ -59,8 +61,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from _common import emit, peak_mb  # noqa: E402
 
+from mmctr_assets.lib.ctr.statistics import FEATURES as STATISTICS_FEATURES  # noqa: E402
+
 CEILINGS = ("", "_without_user_bias", "_without_item_appeal")
-LR_SMOOTHING = 5.0  # pseudo-rows at the mean click rate in each user/item rate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -174,8 +177,10 @@ def _values(ds: Dataset, sections: dict, seed: int, max_epochs: int | None, thre
     return model_values, train_values
 
 
-def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, progress=None) -> dict:
-    """Train one config and score it: valid AUC (best epoch), test AUC, the curve."""
+def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, progress=None,
+                  keep: dict | None = None) -> dict:
+    """Train one config and score it: valid AUC (best epoch), test AUC, the curve. ``keep`` (a dict)
+    receives the valid and test probabilities."""
     import torch
     from sklearn.metrics import roc_auc_score
 
@@ -193,6 +198,8 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, pr
     train_s = time.perf_counter() - t0
     test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
     test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))
+    if keep is not None:
+        keep.update(valid=result.valid_predictions, test=test_prob)
     valid_auc = float(result.best_valid_auc)
     return {"valid_auc": round(valid_auc, 4), "test_auc": round(test_auc, 4),
             **gaps(ds.manifest, valid_auc, test_auc),
@@ -203,13 +210,13 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, pr
 
 
 def train_one(ds: Dataset, name: str, sections: dict, seed: int, max_epochs: int | None,
-              threads: int | None, batch_size: int | None = None) -> dict:
+              threads: int | None, batch_size: int | None = None, keep: dict | None = None) -> dict:
     from mmctr_assets.lib.ctr.model_config import ModelConfig
     from mmctr_assets.lib.ctr.trainer import TrainConfig
 
     model_values, train_values = _values(ds, sections, seed, max_epochs, threads, batch_size)
     model_config, train_config = ModelConfig(**model_values), TrainConfig(**train_values)
-    return {**fit_and_score(ds, model_config, train_config),
+    return {**fit_and_score(ds, model_config, train_config, keep=keep),
             "model": {k: v for k, v in dataclasses.asdict(model_config).items() if k in model_values},
             "train": {k: v for k, v in dataclasses.asdict(train_config).items() if k in train_values}}
 
@@ -264,20 +271,35 @@ def tune(ds: Dataset, size: str, args) -> dict:
             "model": model, "train": train}
 
 
+def paired(ds: Dataset, kept: dict, base_name: str, base: dict) -> dict:
+    """DeLong's paired difference to ``base``'s AUC on the same valid and test rows, with its
+    standard error: two configs' AUCs move together with the rows drawn, their difference less."""
+    from mmctr_assets.lib.metrics import delong_test
+
+    out = {"paired_with": base_name}
+    for split in ("valid", "test"):
+        c = delong_test(ds.frames[split].get_column("label").to_numpy(), kept[split], base[split])
+        out |= {f"{split}_diff": round(c.diff, 4), f"{split}_diff_se": round(c.se, 4)}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Logistic-regression reference
 
 
-def _rate_features(train: pl.DataFrame, frame: pl.DataFrame, key: str, prior: float, is_train: bool) -> np.ndarray:
-    """Smoothed click rate and log count of ``key`` from the training rows (leave-one-out there)."""
-    stats = train.group_by(key).agg(pl.col("label").sum().alias("clicks"), pl.len().alias("n"))
-    joined = frame.select(key, "label" if is_train else pl.lit(0.0).alias("label")).join(
-        stats, on=key, how="left", maintain_order="left").fill_null(0)
-    clicks, n = joined["clicks"].to_numpy().astype(float), joined["n"].to_numpy().astype(float)
-    if is_train:  # the row's own label is not a feature of itself
-        clicks, n = clicks - joined["label"].to_numpy(), n - 1
-    rate = (clicks + LR_SMOOTHING * prior) / (n + LR_SMOOTHING)
-    return np.stack([rate, np.log1p(n)], axis=1)
+def rate_features(ds: Dataset, seed: int = 0, strength: float | None = None) -> dict[str, np.ndarray]:
+    """Split -> the item's and user's smoothed click rate (logit) and log count: out of fold on
+    training rows, from all training rows on valid/test: ``lib/ctr/statistics.py``, which the
+    models' ``use_statistics_features`` reads too."""
+    from mmctr_assets.lib.ctr.statistics import DEFAULT_PRIOR_STRENGTH, TrainingStatistics
+
+    train = ds.frames["train"]
+    stats, oof = TrainingStatistics.fit(train["item_id"].to_numpy(), train["user_id"].to_numpy(),
+                                        train["label"].to_numpy(), ds.emb.shape[0] - 1, seed=seed,
+                                        strength=strength or DEFAULT_PRIOR_STRENGTH)
+    return {"train": oof.numpy()} | {k: stats.features(ds.frames[k]["item_id"].to_numpy(),
+                                                          ds.frames[k]["user_id"].to_numpy())
+                                     for k in ("valid", "test")}
 
 
 def _tag_overlap(frame: pl.DataFrame, tags: np.ndarray, last: int | None, chunk: int = 20_000) -> np.ndarray:
@@ -297,35 +319,32 @@ def _tag_overlap(frame: pl.DataFrame, tags: np.ndarray, last: int | None, chunk:
     return out
 
 
-def lr_features(ds: Dataset, name: str) -> np.ndarray:
-    train, frame = ds.frames["train"], ds.frames[name]
-    prior = float(train["label"].mean())
-    is_train = name == "train"
+def lr_features(ds: Dataset, name: str, rates: dict[str, np.ndarray]) -> np.ndarray:
+    frame = ds.frames[name]
     return np.column_stack([
-        _rate_features(train, frame, "user_id", prior, is_train),
-        _rate_features(train, frame, "item_id", prior, is_train),
+        rates[name],
         frame["likes_level"].to_numpy(), frame["views_level"].to_numpy(),
         frame.get_column("item_seq").list.eval(pl.element() > 0).list.sum().to_numpy(),
         _tag_overlap(frame, ds.tags, None), _tag_overlap(frame, ds.tags, 5),
     ]).astype(np.float64)
 
 
-def logistic_regression(ds: Dataset) -> dict:
+def logistic_regression(ds: Dataset, strength: float | None = None) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     t0 = time.perf_counter()
-    x = {k: lr_features(ds, k) for k in ("train", "valid", "test")}
+    rates = rate_features(ds, strength=strength)
+    x = {k: lr_features(ds, k, rates) for k in ("train", "valid", "test")}
     y = {k: ds.frames[k]["label"].to_numpy() for k in x}
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(x["train"], y["train"])
     auc = {k: float(roc_auc_score(y[k], model.predict_proba(x[k])[:, 1])) for k in ("valid", "test")}
     return {"valid_auc": round(auc["valid"], 4), "test_auc": round(auc["test"], 4),
             **gaps(ds.manifest, auc["valid"], auc["test"]), "train_s": round(time.perf_counter() - t0, 1),
-            "features": ["user_click_rate", "user_log_count", "item_click_rate", "item_log_count",
-                         "likes_level", "views_level", "history_length", "history_tag_overlap",
-                         "last5_tag_overlap"]}
+            "features": [*STATISTICS_FEATURES, "likes_level", "views_level", "history_length", "history_tag_overlap",
+                         "last5_tag_overlap"], "prior_strength": strength or "default"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +358,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--config", type=Path, action="append", default=[],
                     help="a run-config fragment YAML (model:/train:, or ops: dcn_din_model: config:); repeatable")
     ap.add_argument("--no-lr", action="store_true", help="skip the logistic-regression reference line")
+    ap.add_argument("--lr-prior-strength", type=float, action="append", default=[],
+                    help="the reference line's click-rate prior strength (default: the library's); repeatable, "
+                         "one line each")
     ap.add_argument("--max-epochs", type=int, default=None, help="cap every config's epochs")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="every config's training batch size (small: 512, as `make demo` trains: at 4096 an "
@@ -371,11 +393,16 @@ def main(argv: list[str] | None = None) -> None:
             head = {"bench": "quality", "world": world, "size": size, "item_table": args.item_table,
                     "history_median": ds.manifest["history_length"]["median"]}
             if not args.no_lr:
-                emit(**head, config="logistic_regression", **logistic_regression(ds))
+                for strength in args.lr_prior_strength or [None]:
+                    emit(**head, config="logistic_regression", **logistic_regression(ds, strength))
+            first = None  # (name, probabilities) of the world's first config: the others' paired baseline
             for name, sections in todo.items():
                 t0 = time.perf_counter()
+                kept: dict = {}
                 result = train_one(ds, name, sections, args.seed, args.max_epochs, args.threads,
-                                   args.batch_size)
+                                   args.batch_size, keep=kept)
+                result |= paired(ds, kept, *first) if first else {}
+                first = first or (name, kept)
                 emit(**head, config=name, **result, wall_s=round(time.perf_counter() - t0, 1),
                      peak_rss_mb=round(peak_mb()))
             if args.tune:

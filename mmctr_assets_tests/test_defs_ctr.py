@@ -678,3 +678,40 @@ def test_every_shipped_preset_trains_through_the_asset_as_the_library_resolves_i
             k: str(v) for k, v in model.to_dict().items()}, name
         assert {k: params[f"train.{k}"] for k in train.to_dict()} == {
             k: str(v) for k, v in dataclasses.asdict(train).items()}, name
+
+
+# ---- issue 30: leak-free statistics features ------------------------------------------------------
+
+
+def test_statistics_features_train_through_the_asset_and_serve_as_they_were_validated(outputs, tiny_data,
+                                                                                     make_resources, instance):
+    """`use_statistics_features` set in the run config: the model trains, records the option in MLflow,
+    and the file it is served from scores the validation rows as the training run did (the model file
+    carries the training rows' statistics), while `predictions` writes test rows from that same file."""
+    import numpy as np
+
+    from mmctr_assets.lib.ctr import artifacts, inference, tensors
+    from mmctr_assets.lib.metrics import auc
+
+    model = {"use_statistics_features": True, "statistics_prior_strength": 5.0}
+    res = lenient(make_resources(tiny_data, outputs))
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config(model=model, epochs=2))
+    assert result.success
+    meta = model_metadata(result)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs.parent / 'mlflow.db'}")
+    params = client.get_run(meta["mlflow_run_id"].value).data.params
+    assert params["model.use_statistics_features"] == "True" and params["model.statistics_prior_strength"] == "5.0"
+    served = artifacts.load_model(outputs / "dcn_din_model" / "model.pt")
+    assert served.config.use_statistics_features and served.statistics.n_users > 0
+    valid = pl.read_parquet(microlens.table_path(tiny_data, "valid"))
+    probs = inference.predict(served, tensors.to_tensors(valid, served.config.max_len, n_items=served.n_items),
+                              batch_size=4096)
+    # the training run's best valid AUC, recomputed from the served file: an AUC ranks, so only a
+    # reordering of two rows by thread-count rounding could move it
+    assert auc(valid.get_column("label").to_numpy(), probs) == pytest.approx(meta["best_valid_auc"].value, abs=1e-3)
+    pred = pl.read_csv(outputs / "prediction.csv")
+    test = pl.read_parquet(microlens.table_path(tiny_data, "test"))
+    want = inference.predict(served, tensors.to_tensors(test, served.config.max_len, n_items=served.n_items))
+    assert pred.get_column("ID").to_list() == test.get_column("ID").to_list()
+    np.testing.assert_allclose(pred.get_column("probability").to_numpy(), want, rtol=1e-5, atol=1e-6)

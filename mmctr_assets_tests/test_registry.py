@@ -372,3 +372,45 @@ def test_a_locked_sqlite_store_says_so_and_what_to_do(tmp_path):
     finally:
         holder.rollback()
         holder.close()
+
+
+# ---- issue 30: a model with click statistics serves them from its registered file ---------------------
+
+
+def test_registered_pyfunc_with_statistics_features_scores_from_the_training_statistics(store, tmp_path):
+    import torch
+
+    from mmctr_assets.lib.ctr.artifacts import load_model
+    from mmctr_assets.lib.ctr.inference import predict
+    from mmctr_assets.lib.ctr.statistics import TrainingStatistics
+    from mmctr_assets.lib.ctr.tensors import to_tensors
+
+    resource, _ = store
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(N_ITEMS + 1, DIM)).astype(np.float32)
+    emb[0] = 0
+    config = ModelConfig(embedding_dim=DIM, max_len=WIDTH, attention_units=(8,), deep_units=(8,),
+                         use_item_frequency=False, family="dcn_din", use_id_embedding=False,
+                         use_tag_embedding=False, use_user_embedding=False, embedding_regularizer=0.0,
+                         use_statistics_features=True)
+    stats, _ = TrainingStatistics.fit(rng.integers(1, N_ITEMS + 1, 200), rng.integers(0, 5, 200),
+                                      rng.integers(0, 2, 200), N_ITEMS)
+    model = CTRModel(config, emb, statistics=stats)
+    path = save_model(model, tmp_path / "stats" / "model.pt")
+    (tmp_path / "stats" / "model_config.json").write_text("{}")
+    with resource.start_run("r") as run:
+        version = resource.register_model(run, path, tmp_path / "stats" / "model_config.json",
+                                          {reg.TAG_AUC: "0.6", reg.TAG_ITEMS: "items-A"})
+    registry = resource.registry()
+    registry.gate(version, 0.6, _by_tag(registry), 0.0, owner="a")
+    seq = rng.integers(1, N_ITEMS + 1, (6, WIDTH))
+    seq[:, :2] = 0
+    # users 0..4 were in the training rows, 77 never: each row's own statistics, the prior for 77
+    frame = pl.DataFrame({"user_id": [0, 1, 2, 3, 4, 77], "item_seq": seq.tolist(),
+                          "item_id": rng.integers(1, N_ITEMS + 1, 6), "likes_level": rng.integers(1, 11, 6),
+                          "views_level": rng.integers(1, 11, 6)})
+    got = np.asarray(mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(frame.to_pandas()))
+    served = load_model(registry.model_file(registry.champion(), tmp_path / "c"))
+    assert torch.equal(served.statistics.user_counts, stats.user_counts)
+    np.testing.assert_array_equal(got, predict(served, to_tensors(frame, WIDTH, n_items=N_ITEMS)))
+    np.testing.assert_array_equal(got, predict(model, to_tensors(frame, WIDTH, n_items=N_ITEMS)))

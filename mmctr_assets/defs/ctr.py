@@ -48,6 +48,10 @@ _HELP = {
                                 "the regulariser's pull it missed): a step cost that does not grow with the "
                                 "catalog. false: whole tables every step.",
     "deterministic": "Deterministic torch kernels.",
+    "use_statistics_features": "Add the target item's and the user's smoothed click rates and log counts from the "
+                               "training rows (out of fold on training rows; saved with the model). Needs user_id.",
+    "statistics_prior_strength": "Pseudo-rows at the mean click rate in each smoothed rate (> 0).",
+    "statistics_folds": "Folds of the training rows' out-of-fold statistics (>= 2; assigned with train.seed).",
 }
 
 

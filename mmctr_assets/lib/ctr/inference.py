@@ -11,10 +11,10 @@ from mmctr_assets.lib.precision import autocast, check_precision
 
 
 def check_user_ids(config, tensors: CTRTensors, name: str) -> None:
-    """A model with a user embedding needs the user_id column."""
+    """A model with a user embedding or user statistics needs the user_id column."""
     if config.reads_user_id() and tensors.user_id is None:
-        raise ValueError(f"{name} has no user_id but the model uses a user embedding "
-                         "(use_user_embedding or use_user_bias): read a frame with its user_id column")
+        raise ValueError(f"{name} has no user_id but the model reads it (use_user_embedding, use_user_bias or "
+                         "use_statistics_features): read a frame with its user_id column")
 
 
 def predict_batches(model: CTRModel, tensors: CTRTensors, batch_size: int, device: torch.device,

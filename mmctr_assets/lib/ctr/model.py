@@ -9,7 +9,8 @@ cross net) -> optional MLP -> linear, plus optional item and user biases on the 
 
 The optional scalars: the history-match features (the mean and log-sum of sigmoid attention
 weights: which share, and how many, of the user's items match the target; a pooled vector only
-implies them) and the target's log frequency in the training data (popularity). They pay off when
+implies them), the target's log frequency in the training data (popularity) and the item's and
+user's click statistics (lib/ctr/statistics.py, out of fold on training rows). The first two pay off when
 the item table separates topics; with a noisy table the DIN paper's linear weights without them do
 better (figures: docs/results.md).
 """
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, pad_width
+from mmctr_assets.lib.ctr.statistics import FEATURES as STATISTICS_FEATURES
+from mmctr_assets.lib.ctr.statistics import TrainingStatistics
 
 
 class CTRModel(nn.Module):
@@ -43,6 +46,8 @@ class CTRModel(nn.Module):
     ``[n_items + 1]`` counts each item's occurrences in the training data (needed with
     ``use_item_frequency``; :func:`mmctr_assets.lib.ctr.tensors.item_frequency` computes it); the
     model keeps it as a buffer, so a saved model predicts with its training data's counts.
+    ``statistics`` (needed with ``use_statistics_features``; ``TrainingStatistics.fit`` on the
+    training rows builds it) holds the training rows' click statistics, likewise saved with the model.
     """
 
     family: ClassVar[str] = ""
@@ -64,7 +69,8 @@ class CTRModel(nn.Module):
 
     def __init__(self, config, item_embeddings: np.ndarray | torch.Tensor,
                  item_tags: np.ndarray | torch.Tensor | None = None, *, n_tags: int | None = None,
-                 item_frequency: np.ndarray | torch.Tensor | None = None):
+                 item_frequency: np.ndarray | torch.Tensor | None = None,
+                 statistics: TrainingStatistics | None = None):
         super().__init__()
         emb = torch.as_tensor(np.asarray(item_embeddings, dtype=np.float32))
         if emb.ndim != 2 or emb.shape[1] != config.embedding_dim:
@@ -117,6 +123,16 @@ class CTRModel(nn.Module):
         if config.use_item_frequency:
             self.register_buffer("item_log_frequency", _standardised_log_counts(item_frequency, self.n_items))
             feature_dim += 1
+        if config.use_statistics_features:
+            if statistics is None:
+                raise ValueError("use_statistics_features=True needs statistics (the training rows' click "
+                                 "statistics, ctr.statistics.TrainingStatistics.fit builds them); pass them "
+                                 "or set use_statistics_features=False")
+            if statistics.item_counts.shape[0] != self.n_items + 1:
+                raise ValueError(f"statistics cover {statistics.item_counts.shape[0] - 1} items, the item "
+                                 f"table {self.n_items}: fit them with n_items={self.n_items}")
+            self.statistics = statistics
+            feature_dim += len(STATISTICS_FEATURES)
         if self.uses_cross:
             self.cross = CrossNet(feature_dim, config.cross_layers, version=config.cross_version,
                                   rank=config.cross_rank)
@@ -171,13 +187,18 @@ class CTRModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level: torch.Tensor,
-                views_level: torch.Tensor, user_id: torch.Tensor | None = None) -> torch.Tensor:
-        """-> logits ``[B]``. ``user_id`` is needed with ``use_user_embedding`` (any int64; hashed)."""
+                views_level: torch.Tensor, user_id: torch.Tensor | None = None,
+                statistics: torch.Tensor | None = None) -> torch.Tensor:
+        """-> logits ``[B]``. ``user_id`` is needed with ``use_user_embedding`` (any int64; hashed).
+
+        ``statistics`` ``[B, 4]``: the rows' raw statistics features (training rows: out of fold,
+        CTRTensors.statistics); None computes them from the training statistics the model holds
+        (valid, test, serving), which a training step must not do: its own labels are in them."""
         target, vectors = self.batch_item_vectors(item_id, item_seq)
         summary, matches = self._history(target, item_seq, vectors)
         parts = [target, summary, self.likes_embedding(likes_level), self.views_embedding(views_level)]
         if self.config.reads_user_id() and user_id is None:
-            raise ValueError("use_user_embedding / use_user_bias: the model needs user_id "
+            raise ValueError("use_user_embedding / use_user_bias / use_statistics_features: the model needs user_id "
                              "(the user_id column of the frame)")
         if self.config.use_user_embedding:
             parts.append(self.user_embedding(user_id))
@@ -186,6 +207,13 @@ class CTRModel(nn.Module):
             parts.append(torch.stack([matches / n_real, torch.log1p(matches)], dim=-1))
         if self.config.use_item_frequency:
             parts.append(self.item_log_frequency[item_id].unsqueeze(-1).to(target.dtype))
+        if self.config.use_statistics_features:
+            if statistics is None and self.training:
+                raise ValueError("use_statistics_features: a training batch needs its rows' out-of-fold "
+                                 "statistics (CTRTensors.statistics, set by trainer.train); the model's own "
+                                 "hold every training label")
+            raw = self.statistics(item_id, user_id) if statistics is None else statistics
+            parts.append(self.statistics.standardise(raw.float()).to(target.dtype))
         features = pad_width(torch.cat(parts, dim=-1))
         if self.uses_cross:
             hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1)
@@ -201,7 +229,7 @@ class CTRModel(nn.Module):
         return logit
 
     def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level=None, views_level=None,
-                          user_id: torch.Tensor | None = None) -> torch.Tensor:
+                          user_id: torch.Tensor | None = None, statistics=None) -> torch.Tensor:
         """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding tables
         (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to the
         batch's loss. Takes ``forward``'s arguments.
@@ -234,7 +262,8 @@ class CTRModel(nn.Module):
         """Architecture (config + table shapes): with a state_dict, enough to rebuild the model."""
         return {"config": self.config.to_dict(), "n_items": self.n_items,
                 "n_tags": self.n_tags,
-                "n_tag_slots": int(self.item_tags.shape[1]) if self.config.use_tag_embedding else 0}
+                "n_tag_slots": int(self.item_tags.shape[1]) if self.config.use_tag_embedding else 0,
+                "n_statistics_users": self.statistics.n_users if self.config.use_statistics_features else 0}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], config) -> CTRModel:
@@ -242,8 +271,11 @@ class CTRModel(nn.Module):
         (``ModelConfig.from_dict(d["config"])``); load a state_dict into it."""
         tags = np.zeros((d["n_items"] + 1, d["n_tag_slots"]), np.int64) if config.use_tag_embedding else None
         counts = np.zeros(d["n_items"] + 1, np.int64) if config.use_item_frequency else None
+        statistics = (TrainingStatistics(d["n_items"], d.get("n_statistics_users", 0),
+                                         config.statistics_prior_strength)
+                      if config.use_statistics_features else None)
         return CTRModel(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
-                        n_tags=d["n_tags"] or None, item_frequency=counts)
+                        n_tags=d["n_tags"] or None, item_frequency=counts, statistics=statistics)
 
 
 class BatchItems:

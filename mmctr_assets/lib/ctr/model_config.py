@@ -10,6 +10,7 @@ from typing import Any
 from mmctr_assets.lib.ctr.dcn_din import DcnDin
 from mmctr_assets.lib.ctr.din import Din
 from mmctr_assets.lib.ctr.model import CTRModel
+from mmctr_assets.lib.ctr.statistics import DEFAULT_FOLDS, DEFAULT_PRIOR_STRENGTH
 from mmctr_assets.lib.ctr.transformer_dcnv2 import TransformerDcnV2
 from mmctr_assets.lib.data.microlens import MAX_LEVEL
 
@@ -96,6 +97,11 @@ class ModelConfig:
     head_units: tuple[int, ...] = ()
     dropout: float = 0.1
     batch_norm: bool = False
+    # the target item's and the user's smoothed click rates and log counts from the training rows,
+    # out-of-fold on training rows (lib/ctr/statistics.py); needs user_id
+    use_statistics_features: bool = False
+    statistics_prior_strength: float = DEFAULT_PRIOR_STRENGTH  # pseudo-rows at the mean click rate
+    statistics_folds: int = DEFAULT_FOLDS  # folds of the training rows' out-of-fold statistics
 
     def __post_init__(self):
         # Lists arrive from JSON/Dagster config; store tuples so the config stays hashable.
@@ -143,6 +149,10 @@ class ModelConfig:
                             "use_tag_embedding, use_user_embedding, use_item_bias, use_user_bias or "
                             "finetune_item_embeddings); a model without any sets embedding_regularizer: 0 "
                             f"(the default, {ModelConfig.embedding_regularizer}, is the default model's)")
+        if not self.statistics_prior_strength > 0:
+            problems.append(f"statistics_prior_strength must be > 0, got {self.statistics_prior_strength}")
+        if self.statistics_folds < 2:
+            problems.append(f"statistics_folds must be >= 2, got {self.statistics_folds}")
         if problems:
             raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 
@@ -173,7 +183,7 @@ class ModelConfig:
         return any(getattr(self, switch) for switch in TRAINABLE_TABLE_SWITCHES)
 
     def reads_user_id(self) -> bool:
-        return self.use_user_embedding or self.use_user_bias
+        return self.use_user_embedding or self.use_user_bias or self.use_statistics_features
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -37,6 +37,9 @@ class CTRTensors:
     views_level: torch.Tensor  # [N] int64
     label: torch.Tensor | None = None  # [N] float32, None for the test set
     user_id: torch.Tensor | None = None  # [N] int64 raw user ids (the model hashes them), None if absent
+    # [N, 4] float32 raw click statistics of training rows, out of fold (lib/ctr/statistics.py; set by
+    # trainer.train); None elsewhere: the model computes valid/test rows' from its training statistics
+    statistics: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.item_id.shape[0]
@@ -79,8 +82,9 @@ class CTRTensors:
         return tuple(t for t in self._fields() if t is not None)
 
     def model_inputs(self) -> tuple[torch.Tensor | None, ...]:
-        """The model's forward arguments: ``(item_id, item_seq, likes_level, views_level, user_id)``."""
-        return self.item_id, self.item_seq, self.likes_level, self.views_level, self.user_id
+        """The model's forward arguments: ``(item_id, item_seq, likes_level, views_level, user_id,
+        statistics)``."""
+        return self.item_id, self.item_seq, self.likes_level, self.views_level, self.user_id, self.statistics
 
     @property
     def history_width(self) -> int:

@@ -28,6 +28,7 @@ from mmctr_assets.lib.ctr.inference import check_user_ids, predict_batches
 from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
 from mmctr_assets.lib.ctr.model_config import ModelConfig
 from mmctr_assets.lib.ctr.optim import RowAdamW, clip_grad_norm_, coalesce_sparse_grads
+from mmctr_assets.lib.ctr.statistics import TrainingStatistics
 from mmctr_assets.lib.ctr.tensors import CTRTensors, check_labels, item_frequency
 from mmctr_assets.lib.io import array_fingerprint, atomic_path
 from mmctr_assets.lib.metrics import auc, logloss
@@ -346,6 +347,13 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         data_fingerprint = array_fingerprint(*train_data.arrays(), *valid_data.arrays(),
                                         item_embeddings, *extra)
     run_key = _run_key(model_config, cfg, data_fingerprint)
+    statistics = None
+    if model_config.use_statistics_features:  # training rows out of fold; valid rows from all training rows
+        statistics, oof = TrainingStatistics.fit(
+            train_data.item_id.cpu(), train_data.user_id.cpu(), train_data.label.cpu(), item_embeddings.shape[0] - 1,
+            folds=model_config.statistics_folds, seed=cfg.seed, strength=model_config.statistics_prior_strength)
+        train_data = dataclasses.replace(train_data, statistics=oof)
+        valid_data = dataclasses.replace(valid_data, statistics=None)
     last_path, best_path = Path(checkpoint_dir) / "last.pt", Path(checkpoint_dir) / "best.pt"
     if device.type == "cuda":  # batches are then gathered on the GPU, no host round-trips
         train_data, valid_data = train_data.to(device), valid_data.to(device)
@@ -357,7 +365,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         torch.manual_seed(cfg.seed)
         counts = (item_frequency(train_data, item_embeddings.shape[0] - 1)
                   if model_config.use_item_frequency else None)
-        model = CTRModel(model_config, item_embeddings, item_tags, item_frequency=counts).to(device)
+        model = CTRModel(model_config, item_embeddings, item_tags, item_frequency=counts,
+                         statistics=statistics).to(device)
         optimizer = make_optimizer(model, cfg)
         run = _Run(model=model, optimizer=optimizer,
                    scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(
