@@ -91,6 +91,9 @@ class ModelConfig:
     head_units: tuple[int, ...] = ()
     dropout: float = 0.1
     batch_norm: bool = False
+    # each item's own likes/views level (item_feature's, per item) embedded into its vector, for the
+    # target and every history position (the row's levels stay as they are): docs/models.md
+    use_item_levels: bool = False
 
     def __post_init__(self):
         # Lists arrive from JSON/Dagster config; store tuples so the config stays hashable.
