@@ -14,6 +14,7 @@ import dagster as dg
 import mlflow
 import polars as pl
 import pytest
+import torch
 
 from mmctr_assets.defs import ctr as task2
 from mmctr_assets.lib.data import microlens
@@ -678,3 +679,48 @@ def test_every_shipped_preset_trains_through_the_asset_as_the_library_resolves_i
             k: str(v) for k, v in model.to_dict().items()}, name
         assert {k: params[f"train.{k}"] for k in train.to_dict()} == {
             k: str(v) for k, v in dataclasses.asdict(train).items()}, name
+
+
+# ---- issue 30: model inputs in one place; item-level likes/views levels -------------------------
+
+def test_item_levels_option_trains_through_the_asset_reads_its_inputs_from_the_assembly_and_serves(
+        outputs, tiny_data, make_resources, instance, task2_outputs):
+    from mmctr_assets.defs.training import read_model_inputs
+    from mmctr_assets.lib.ctr import artifacts
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
+
+    res = lenient(make_resources(tiny_data, outputs))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs.parent / 'mlflow.db'}")
+    inputs = read_model_inputs(res["storage"], "fused", seed=TRAIN["seed"])
+    # the session's default model trained on exactly the assembly's inputs (same fingerprint)
+    default_run = client.get_run(model_metadata(task2_outputs[1])["mlflow_run_id"].value)
+    assert default_run.data.params["data_fingerprint"] == inputs.fingerprints.run
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config(model={"use_item_levels": True}, epochs=1))
+    assert result.success
+    run = client.get_run(model_metadata(result)["mlflow_run_id"].value)
+    assert run.data.params["model.use_item_levels"] == "True"
+    with_levels = ModelConfig(max_len=inputs.history_width, use_item_levels=True)
+    assert run.data.params["data_fingerprint"] == inputs.fingerprints_for(with_levels).run != inputs.fingerprints.run
+    model = artifacts.load_model(outputs / "dcn_din_model" / "model.pt")  # promoted: the served model
+    assert model.config.use_item_levels and torch.equal(model.item_levels.cpu(), torch.as_tensor(inputs.item_levels))
+    pred = pl.read_csv(outputs / "prediction.csv")
+    assert pred.height == pl.read_parquet(microlens.table_path(tiny_data, "test")).height
+    assert pred.get_column("probability").is_between(0, 1).all()
+
+
+def test_item_emb_source_without_the_file_names_it_and_what_to_do(outputs, data_copy, make_resources, instance):
+    from mmctr_assets.defs.raw import raw_assets
+
+    missing = microlens.table_path(data_copy, "item_emb")
+    missing.unlink()  # optional in the download: raw_item_emb writes an empty snapshot
+    res = lenient(make_resources(data_copy, outputs))
+    raw_item_emb = next(a for a in raw_assets if a.key.to_user_string() == "raw_item_emb")
+    assert dg.materialize([raw_item_emb], resources=res, instance=instance).success
+    result = dg.materialize([task2.dcn_din_model], resources=res, instance=instance, raise_on_error=False,
+                            run_config=train_config("item_emb:item_emb_d128_v3"))
+    assert not result.success
+    message = str(result.failure_data_for_node("dcn_din_model").error)
+    assert "item_emb.parquet" in message and str(missing) in message
+    assert "materialise raw_item_emb" in message
+    assert {"raw_item_emb", "raw_item_feature"} <= {k.to_user_string() for k in task2.dcn_din_model.dependency_keys}
