@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -512,6 +513,9 @@ def test_config_fields_carry_descriptions_to_the_launchpad():
     dcn = fields(task2.dcn_din_model)
     assert "fused (Task 1's deliverable)" in dcn["embedding_source"].description
     assert "transformer_dcnv2 (default)" in dcn["model"].config_type.fields["family"].description
+    # the asset keeps its name, but its help names the real default family (issue 30)
+    assert "Transformer + DCN-V2" in dcn["model"].description and "DCN-DIN" not in task2.dcn_din_model.op.description
+    assert "item_feature" in dcn["model"].config_type.fields["use_item_levels"].description
     assert "learning rate" in dcn["train"].config_type.fields["lr"].description
     assert all(f.description for f in dcn["train"].config_type.fields.values())
     assert all(f.description for f in dcn["model"].config_type.fields.values())
@@ -724,3 +728,41 @@ def test_item_emb_source_without_the_file_names_it_and_what_to_do(outputs, data_
     assert "item_emb.parquet" in message and str(missing) in message
     assert "materialise raw_item_emb" in message
     assert {"raw_item_emb", "raw_item_feature"} <= {k.to_user_string() for k in task2.dcn_din_model.dependency_keys}
+
+
+def _null_levels(data: Path, table: str, rows: list[int]) -> pl.DataFrame:
+    path = microlens.table_path(data, table)
+    frame = pl.read_parquet(path)
+    mask = pl.Series(np.isin(np.arange(frame.height), rows))
+    damaged = frame.with_columns(pl.when(mask).then(None).otherwise(pl.col(c)).alias(c)
+                                 for c in ("likes_level", "views_level"))
+    damaged.write_parquet(path)
+    return frame
+
+
+def test_null_row_levels_are_filled_from_the_item_levels_in_training_and_serving(outputs, data_copy, make_resources,
+                                                                                instance):
+    from mmctr_assets.defs.raw import raw_assets
+    from mmctr_assets.defs.training import read_model_inputs
+
+    original = {t: _null_levels(data_copy, t, [0, 5, 7]) for t in ("train", "test")}
+    res = lenient(make_resources(data_copy, outputs))
+    raw = [a for a in raw_assets if a.key.to_user_string() in ("raw_train", "raw_test")]
+    result = dg.materialize(raw, resources=res, instance=instance)  # the nulls pass: item_feature has levels
+    checks = {e.asset_check_evaluation_data.asset_check_key.to_user_string(): e.asset_check_evaluation_data
+              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks["raw_train:levels_in_range"].passed
+    assert checks["raw_train:levels_in_range"].metadata["filled_from_items"].value == {"likes_level": 3,
+                                                                                     "views_level": 3}
+    inputs = read_model_inputs(res["storage"], "organisers", seed=TRAIN["seed"])
+    # the demo's row levels are its target item's levels: the filled frame is the original one
+    assert inputs.frames["train"].equals(original["train"])
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config("organisers", epochs=1))
+    assert result.success
+    assert pl.read_csv(outputs / "prediction.csv").height == original["test"].height
+    # without per-item levels a null row level is refused at the raw check, as before
+    feature = microlens.table_path(data_copy, "item_feature")
+    pl.read_parquet(feature).drop("likes_level", "views_level").write_parquet(feature)
+    result = dg.materialize(raw[:1], resources=res, instance=instance, raise_on_error=False)
+    assert not result.success

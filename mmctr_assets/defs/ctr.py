@@ -80,12 +80,15 @@ TrainSection = _config_section("TrainSection", TrainConfig)
 
 
 class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
-    """DCN-DIN run config: the item table, `model:` (lib/ctr/model_config.py ModelConfig) and `train:`
-    (lib/ctr/trainer.py TrainConfig). Extra keys are accepted only to be refused with the shape
-    that works (the flat keys of earlier versions)."""
+    """dcn_din_model's run config (the asset keeps its name; its default model is the Transformer +
+    DCN-V2 over trainable ids, ModelConfig's defaults): the item table, `model:`
+    (lib/ctr/model_config.py ModelConfig) and `train:` (lib/ctr/trainer.py TrainConfig). Extra keys
+    are accepted only to be refused with the shape that works (the flat keys of earlier versions)."""
 
     embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
-    model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig).")
+    model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig); unset "
+                                "fields take the default model's values: a Transformer + DCN-V2 over trainable "
+                                "item-id, tag and user embeddings (family transformer_dcnv2).")
     train: TrainSection = Field(default=TrainSection(), description="Optimisation (TrainConfig).")
     tuned: bool = Field(default=False, description="Train ctr_tuning's best config (its best_run_config.yaml); "
                         "keys set in model:/train: here win.")

@@ -329,7 +329,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
           on_epoch_end: Callable[[EpochLog], None] | None = None,
           progress: Callable[[int, int, int], None] | None = None,
           item_levels: np.ndarray | None = None) -> TrainResult:
-    """Train DCN-DIN with AdamW, LR-on-plateau and early stopping on valid AUC; resume if possible.
+    """Train the CTR model of ``model_config.family`` (default the Transformer + DCN-V2) with AdamW,
+    LR-on-plateau and early stopping on valid AUC; resume if possible.
 
     ``data_fingerprint`` identifies the data for resuming (default: a hash of the tensors,
     embeddings and tags). ``on_epoch_end(log)`` runs after ``last.pt`` is written, so an exception
