@@ -144,6 +144,16 @@ def item_levels(item_feature: pl.DataFrame, n_items: int, max_level: int) -> np.
     return table
 
 
+def stored_item_levels(store: RawSnapshots, n_items: int, max_level: int) -> np.ndarray:
+    """:func:`item_levels` of the raw_item_feature snapshot, reading only its id and level columns
+    (the real file also holds 1,792 floats per item)."""
+    path = store.raw("item_feature")
+    if not path.exists():
+        raise ValueError("raw_item_feature has not been materialised.")
+    columns = [c for c in ("item_id", *LEVELS) if c in pl.read_parquet_schema(path)]
+    return item_levels(store.read_raw("item_feature", columns=columns), n_items, max_level)
+
+
 def fill_row_levels(frame: pl.DataFrame, levels: np.ndarray | None, name: str) -> pl.DataFrame:
     """``frame`` with each null row ``likes_level``/``views_level`` replaced by its target item's
     level from ``levels`` (:func:`item_levels`): a row that lacks its own levels reads the item's.
@@ -175,13 +185,10 @@ def read_inputs(store: RawSnapshots, source: str, item_table: Callable[[str], np
     tags = store.read_raw("item_info", columns=["item_tags"]).get_column("item_tags")
     tags = tags.list.to_array(tags.list.len().max()).to_numpy()
     levels, problem = None, ""
-    if not store.raw("item_feature").exists():
-        problem = "raw_item_feature has not been materialised."
-    else:
-        try:
-            levels = item_levels(store.read_raw("item_feature"), n_items, max_level)
-        except ValueError as e:
-            problem = str(e)
+    try:
+        levels = stored_item_levels(store, n_items, max_level)
+    except ValueError as e:
+        problem = str(e)
     filled = {t: fill_row_levels(f, levels, f"raw_{t}") for t, f in frames.items()}
     fp = Fingerprints(file_fingerprint(store.raw("train")), file_fingerprint(store.raw("valid")),
                       array_fingerprint(emb), file_fingerprint(store.raw("item_info")), source)
@@ -198,7 +205,11 @@ def read_test(store: RawSnapshots, model, max_level: int) -> pl.DataFrame:
         return test
     levels = getattr(model, "item_levels", None)
     if levels is not None:
-        levels = levels.cpu().numpy()
-    elif store.raw("item_feature").exists():
-        levels = item_levels(store.read_raw("item_feature"), model.n_items, max_level)
+        return fill_row_levels(test, levels.cpu().numpy(), "raw_test")
+    try:
+        levels = stored_item_levels(store, model.n_items, max_level)
+    except ValueError as e:
+        raise ValueError(f"raw_test has null likes/views levels and no per-item levels to fill them from: {e} "
+                         "Fill them in test.parquet, or supply item_feature.parquet with both levels for every "
+                         "item.") from None
     return fill_row_levels(test, levels, "raw_test")
