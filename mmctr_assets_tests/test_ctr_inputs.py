@@ -134,3 +134,47 @@ def test_every_task2_training_asset_reads_its_inputs_through_the_one_assembly():
         source = inspect.getsource(module)
         assert not re.search(r"read_raw\(\s*\"(train|valid|item_feature)\"", source), module.__name__
         assert "item_tags" not in source.replace("item_tags=", ""), module.__name__
+
+
+class _NullTestRows(_NoItemFeature):
+    """The raw snapshots with null levels in test rows 0 and 3."""
+
+    def raw(self, table: str) -> Path:
+        return self.storage.raw(table)
+
+    def read_raw(self, table: str, columns=None) -> pl.DataFrame:
+        frame = self.storage.read_raw(table, columns)
+        if table != "test":
+            return frame
+        null = pl.int_range(pl.len()).is_in([0, 3])
+        return frame.with_columns(pl.when(null).then(None).otherwise(pl.col(c)).alias(c) for c in inputs.LEVELS)
+
+
+def test_predictions_fill_null_test_levels_from_the_served_models_own_item_levels(raw_outputs, tmp_path):
+    from mmctr_assets.lib.ctr.model import CTRModel
+
+    store = _NullTestRows(raw_outputs, tmp_path)
+    n_items = store.storage.n_items()
+    stored = inputs.stored_item_levels(store, n_items, 10)
+    own = stored.copy()
+    own[1:, 0] = (own[1:, 0] + 1) % 11  # the model trained with other levels than the file has now
+    config = ModelConfig(max_len=16, use_item_levels=True)
+    tags = pl.read_parquet(raw_outputs.raw("item_info")).get_column("item_tags").list.to_array(5).to_numpy()
+    plain, levelled = (CTRModel(c, np.zeros((n_items + 1, 128), np.float32), tags, item_levels=lv,
+                                item_frequency=np.ones(n_items + 1)) for c, lv in
+                       ((ModelConfig(max_len=16), None), (config, own)))
+    test = store.storage.read_raw("test")
+    target = test.get_column("item_id").to_numpy()[[0, 3]]
+    for model, levels in ((plain, stored), (levelled, own)):
+        got = inputs.read_test(store, model, 10)
+        assert got.get_column("likes_level").to_numpy()[[0, 3]].tolist() == levels[target, 0].tolist()
+        assert got.get_column("views_level").to_numpy()[[0, 3]].tolist() == levels[target, 1].tolist()
+        assert got.drop("likes_level", "views_level").equals(test.drop("likes_level", "views_level"))
+    with pytest.raises(ValueError, match="raw_test has null likes/views levels and no per-item levels to fill them "
+                                         "from: raw_item_feature has not been materialised"):
+        inputs.read_test(_NoFeatureNullTest(raw_outputs, tmp_path), plain, 10)
+
+
+class _NoFeatureNullTest(_NullTestRows):
+    def raw(self, table: str) -> Path:
+        return self.tmp_path / "absent.parquet" if table == "item_feature" else self.storage.raw(table)

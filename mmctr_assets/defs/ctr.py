@@ -204,7 +204,7 @@ def _gate_next_step(check: dg.AssetCheckResult) -> str:
     owners=OWNERS,
     backfill_policy=SINGLE_RUN,
     **ON_GPU,
-    deps=[dcn_din_model, "raw_test"],
+    deps=[dcn_din_model, "raw_test", "raw_item_feature"],  # item levels fill a null row level
     automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
