@@ -17,6 +17,8 @@ is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the who
 ``dcn_din_model`` does), then each ``--config FILE.yaml`` (a run-config
 fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train}``; its name is the
 file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
+A config with ``use_item_levels: true`` reads the demo's item_feature.parquet levels
+(``lib/ctr/inputs.item_levels``, as ``dcn_din_model`` does).
 
 Reference line (``config: "logistic_regression"``): scikit-learn's LogisticRegression on nine
 features a user would fit first: user and item click rates (smoothed towards the mean rate;
