@@ -18,6 +18,8 @@ is what ``dcn_din_model`` trains with no config; ``max_len`` unset reads the who
 ``dcn_din_model`` does), then each ``--config FILE.yaml`` (a run-config
 fragment: ``ops: dcn_din_model: config: {model, train}`` or just ``{model, train}``; its name is the
 file's stem, and a ``preset: NAME`` key starts from that preset). ``--only a,b`` keeps those names.
+A config with ``use_item_levels: true`` reads the demo's item_feature.parquet levels
+(``lib/ctr/inputs.item_levels``, as ``dcn_din_model`` does).
 
 Reference line (``config: "logistic_regression"``): scikit-learn's LogisticRegression on nine
 features a user would fit first: item and user click rates (logits, smoothed towards the mean rate)
@@ -88,6 +90,7 @@ class Dataset:
     emb: np.ndarray                  # (N+1, 128) organisers' embedding, row 0 padding
     tags: np.ndarray                 # (N+1, 5) item_info tags, left-padded 0
     manifest: dict
+    levels: np.ndarray | None = None  # (N+1, 2) item_feature's per-item likes/views levels (use_item_levels)
 
 
 def fused_table(cache: Path, root: Path) -> Path:
@@ -112,7 +115,13 @@ def load(root: Path, item_table: Path | None = None) -> Dataset:
     tags = info.get_column("item_tags")
     tags = tags.list.to_array(int(tags.list.len().max())).to_numpy().astype(np.int64)
     manifest = json.loads((root / "ground_truth" / "manifest.json").read_text())
-    return Dataset(frames, emb, tags, manifest)
+    levels = None
+    if (root / "item_feature.parquet").exists():
+        from mmctr_assets.lib.ctr.inputs import item_levels
+        from mmctr_assets.lib.data.microlens import MAX_LEVEL
+
+        levels = item_levels(pl.read_parquet(root / "item_feature.parquet"), emb.shape[0] - 1, MAX_LEVEL)
+    return Dataset(frames, emb, tags, manifest, levels)
 
 
 def gaps(manifest: dict, valid_auc: float, test_auc: float) -> dict:
@@ -194,7 +203,8 @@ def fit_and_score(ds: Dataset, model_config, train_config, on_epoch_end=None, pr
     with tempfile.TemporaryDirectory() as tmp:
         result = train(model_config, train_config, tensors["train"], tensors["valid"], ds.emb,
                        item_tags=ds.tags if model_config.use_tag_embedding else None, checkpoint_dir=tmp,
-                       on_epoch_end=on_epoch_end, progress=progress)
+                       on_epoch_end=on_epoch_end, progress=progress,
+                       item_levels=ds.levels if model_config.use_item_levels else None)
     train_s = time.perf_counter() - t0
     test_prob = predict(result.model, tensors["test"], batch_size=train_config.eval_batch_size)
     test_auc = float(roc_auc_score(ds.frames["test"].get_column("label").to_numpy(), test_prob))

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -562,3 +563,53 @@ def test_factorised_tokens_are_the_per_position_formula_and_old_models_load_as_e
         torch.testing.assert_close(rebuilt.eval()(item_id, seq, likes, views), old.eval()(item_id, seq, likes, views))
     with pytest.raises(ValueError, match="token_interaction must be one of"):
         ModelConfig(token_interaction="concat")
+
+
+# ---- issue 30: item-level likes/views levels at every history position ----------------------------
+
+def _levels(seed=0):
+    levels = np.random.default_rng(seed).integers(0, 11, size=(N_ITEMS + 1, 2))
+    levels[0] = 0
+    return levels
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_item_levels_join_every_item_vector_and_travel_with_the_model_file(family, tmp_path):
+    from mmctr_assets.lib.ctr.artifacts import load_model, save_model
+
+    plain = _family(family)
+    model = CTRModel(dataclasses.replace(plain.config, use_item_levels=True), _embeddings(), None,
+                     item_frequency=_counts(), item_levels=_levels())
+    assert model.item_dim == plain.item_dim + 2 * model.config.level_embedding_dim
+    ids = torch.tensor([0, 3, 7])
+    vectors = model.item_vectors(ids)
+    assert torch.equal(vectors[0], torch.zeros_like(vectors[0]))  # the padding item stays zero
+    lv = torch.as_tensor(_levels())[ids[1:]]
+    expected = torch.cat([model.likes_embedding(lv[:, 0]), model.views_embedding(lv[:, 1])], dim=-1)
+    assert torch.equal(vectors[1:, plain.item_dim:], expected)  # the shared level tables, item by item
+    # a history item's own levels reach the prediction (not only the target's row levels)
+    model.eval()
+    item_id, seq, likes, views = _batch()
+    before = model(item_id, seq, likes, views)
+    row = int((seq != 0).sum(1).argmax())
+    hist_item = int(seq[row][seq[row] != 0][-1])
+    with torch.no_grad():
+        model.item_levels[hist_item] = (model.item_levels[hist_item] + 5) % 11
+    after = model(item_id, seq, likes, views)
+    assert not torch.equal(before[row], after[row])
+    # saved and loaded: the levels buffer comes back, so the loaded model predicts the same
+    loaded = load_model(save_model(model, tmp_path / "model.pt"))
+    assert torch.equal(loaded.item_levels, model.item_levels)
+    assert torch.equal(loaded(item_id, seq, likes, views), after)  # same path, same shapes: bit-equal
+    assert not hasattr(plain, "item_levels") and plain(item_id, seq, likes, views).shape == (B,)
+
+
+@pytest.mark.parametrize("levels,message", [
+    (None, "use_item_levels=True needs item_levels"),
+    (np.zeros((N_ITEMS, 2), np.int64), r"item_levels must have shape \[51, 2\]"),
+    (np.full((N_ITEMS + 1, 2), 11), r"item_levels: 102 values outside the level tables' 0..10, e.g. item 0's likes"),
+    (np.full((N_ITEMS + 1, 2), -1), "values outside the level tables' 0..10"),
+])
+def test_bad_item_levels_are_refused_naming_the_item_and_the_fix(levels, message):
+    with pytest.raises(ValueError, match=message):
+        CTRModel(_cfg(use_item_levels=True), _embeddings(), item_frequency=_counts(), item_levels=levels)

@@ -344,7 +344,7 @@ def test_predict_and_load_model_errors(data, tmp_path):
     with pytest.raises(FileNotFoundError, match="no model file at"):
         load_model(tmp_path / "missing.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match="not a DCN-DIN model written by save_model"):
+    with pytest.raises(ValueError, match="not an mmctr CTR model written by save_model"):
         load_model(tmp_path / "foreign.pt")
     old = torch.load(result.best_model_path, weights_only=True) | {"format": "mmctr.dcn_din.model/1"}
     torch.save(old, tmp_path / "old.pt")

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import numpy as np
 import polars as pl
 import pytest
+import torch
 
 from mmctr_assets.defs import ctr as task2
 from mmctr_assets.lib.data import microlens
@@ -511,6 +513,9 @@ def test_config_fields_carry_descriptions_to_the_launchpad():
     dcn = fields(task2.dcn_din_model)
     assert "fused (Task 1's deliverable)" in dcn["embedding_source"].description
     assert "transformer_dcnv2 (default)" in dcn["model"].config_type.fields["family"].description
+    # the asset keeps its name, but its help names the real default family (issue 30)
+    assert "Transformer + DCN-V2" in dcn["model"].description and "DCN-DIN" not in task2.dcn_din_model.op.description
+    assert "item_feature" in dcn["model"].config_type.fields["use_item_levels"].description
     assert "learning rate" in dcn["train"].config_type.fields["lr"].description
     assert all(f.description for f in dcn["train"].config_type.fields.values())
     assert all(f.description for f in dcn["model"].config_type.fields.values())
@@ -715,3 +720,86 @@ def test_statistics_features_train_through_the_asset_and_serve_as_they_were_vali
     want = inference.predict(served, tensors.to_tensors(test, served.config.max_len, n_items=served.n_items))
     assert pred.get_column("ID").to_list() == test.get_column("ID").to_list()
     np.testing.assert_allclose(pred.get_column("probability").to_numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+# ---- issue 30: model inputs in one place; item-level likes/views levels -------------------------
+
+def test_item_levels_option_trains_through_the_asset_reads_its_inputs_from_the_assembly_and_serves(
+        outputs, tiny_data, make_resources, instance, task2_outputs):
+    from mmctr_assets.defs.training import read_model_inputs
+    from mmctr_assets.lib.ctr import artifacts
+    from mmctr_assets.lib.ctr.model_config import ModelConfig
+
+    res = lenient(make_resources(tiny_data, outputs))
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{outputs.parent / 'mlflow.db'}")
+    inputs = read_model_inputs(res["storage"], "fused", seed=TRAIN["seed"])
+    # the session's default model trained on exactly the assembly's inputs (same fingerprint)
+    default_run = client.get_run(model_metadata(task2_outputs[1])["mlflow_run_id"].value)
+    assert default_run.data.params["data_fingerprint"] == inputs.fingerprints.run
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config(model={"use_item_levels": True}, epochs=1))
+    assert result.success
+    run = client.get_run(model_metadata(result)["mlflow_run_id"].value)
+    assert run.data.params["model.use_item_levels"] == "True"
+    with_levels = ModelConfig(max_len=inputs.history_width, use_item_levels=True)
+    assert run.data.params["data_fingerprint"] == inputs.fingerprints_for(with_levels).run != inputs.fingerprints.run
+    model = artifacts.load_model(outputs / "dcn_din_model" / "model.pt")  # promoted: the served model
+    assert model.config.use_item_levels and torch.equal(model.item_levels.cpu(), torch.as_tensor(inputs.item_levels))
+    pred = pl.read_csv(outputs / "prediction.csv")
+    assert pred.height == pl.read_parquet(microlens.table_path(tiny_data, "test")).height
+    assert pred.get_column("probability").is_between(0, 1).all()
+
+
+def test_item_emb_source_without_the_file_names_it_and_what_to_do(outputs, data_copy, make_resources, instance):
+    from mmctr_assets.defs.raw import raw_assets
+
+    missing = microlens.table_path(data_copy, "item_emb")
+    missing.unlink()  # optional in the download: raw_item_emb writes an empty snapshot
+    res = lenient(make_resources(data_copy, outputs))
+    raw_item_emb = next(a for a in raw_assets if a.key.to_user_string() == "raw_item_emb")
+    assert dg.materialize([raw_item_emb], resources=res, instance=instance).success
+    result = dg.materialize([task2.dcn_din_model], resources=res, instance=instance, raise_on_error=False,
+                            run_config=train_config("item_emb:item_emb_d128_v3"))
+    assert not result.success
+    message = str(result.failure_data_for_node("dcn_din_model").error)
+    assert "item_emb.parquet" in message and str(missing) in message
+    assert "materialise raw_item_emb" in message
+    assert {"raw_item_emb", "raw_item_feature"} <= {k.to_user_string() for k in task2.dcn_din_model.dependency_keys}
+
+
+def _null_levels(data: Path, table: str, rows: list[int]) -> pl.DataFrame:
+    path = microlens.table_path(data, table)
+    frame = pl.read_parquet(path)
+    mask = pl.Series(np.isin(np.arange(frame.height), rows))
+    damaged = frame.with_columns(pl.when(mask).then(None).otherwise(pl.col(c)).alias(c)
+                                 for c in ("likes_level", "views_level"))
+    damaged.write_parquet(path)
+    return frame
+
+
+def test_null_row_levels_are_filled_from_the_item_levels_in_training_and_serving(outputs, data_copy, make_resources,
+                                                                                instance):
+    from mmctr_assets.defs.raw import raw_assets
+    from mmctr_assets.defs.training import read_model_inputs
+
+    original = {t: _null_levels(data_copy, t, [0, 5, 7]) for t in ("train", "test")}
+    res = lenient(make_resources(data_copy, outputs))
+    raw = [a for a in raw_assets if a.key.to_user_string() in ("raw_train", "raw_test")]
+    result = dg.materialize(raw, resources=res, instance=instance)  # the nulls pass: item_feature has levels
+    checks = {e.asset_check_evaluation_data.asset_check_key.to_user_string(): e.asset_check_evaluation_data
+              for e in result.all_events if e.event_type_value == "ASSET_CHECK_EVALUATION"}
+    assert checks["raw_train:levels_in_range"].passed
+    assert checks["raw_train:levels_in_range"].metadata["filled_from_items"].value == {"likes_level": 3,
+                                                                                     "views_level": 3}
+    inputs = read_model_inputs(res["storage"], "organisers", seed=TRAIN["seed"])
+    # the demo's row levels are its target item's levels: the filled frame is the original one
+    assert inputs.frames["train"].equals(original["train"])
+    result = dg.materialize([task2.dcn_din_model, task2.predictions], resources=res, instance=instance,
+                            run_config=train_config("organisers", epochs=1))
+    assert result.success
+    assert pl.read_csv(outputs / "prediction.csv").height == original["test"].height
+    # without per-item levels a null row level is refused at the raw check, as before
+    feature = microlens.table_path(data_copy, "item_feature")
+    pl.read_parquet(feature).drop("likes_level", "views_level").write_parquet(feature)
+    result = dg.materialize(raw[:1], resources=res, instance=instance, raise_on_error=False)
+    assert not result.success

@@ -22,7 +22,7 @@ GPU_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": 
 ON_GPU = {"pool": "gpu", "op_tags": GPU_TAGS}
 # asset arguments of a model trained on the fused item table (dcn_din_model, task1_score)
 TRAINED_ON_FUSED = {"kinds": {"pytorch", "mlflow"}, "owners": OWNERS, "backfill_policy": SINGLE_RUN, **ON_GPU,
-                    "deps": ["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"]}
+                    "deps": ["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info", "raw_item_feature"]}
 # refresh once after an upstream update, never on data that failed a blocking check
 REFRESH_AFTER_UPSTREAM = dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 

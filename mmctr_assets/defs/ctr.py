@@ -18,9 +18,9 @@ from ..lib.ctr.trainer import TrainConfig
 from ..lib.io import atomic_path
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, REFRESH_AFTER_UPSTREAM, SINGLE_RUN, launched_config
-from .embeddings import EMBEDDING_SOURCES, item_embedding_table
+from .embeddings import EMBEDDING_SOURCES
 from .freshness import FreshnessConfig, require_fresh_upstream
-from .training import NOT_WORSE, champion_model_file, read_train_valid, register_and_gate, train_tracked
+from .training import NOT_WORSE, champion_model_file, read_model_inputs, register_and_gate, train_tracked
 
 GROUP = "task2_ctr"
 # set by the compute resource or the item table, so not run config
@@ -52,6 +52,9 @@ _HELP = {
                                "training rows (out of fold on training rows; saved with the model). Needs user_id.",
     "statistics_prior_strength": "Pseudo-rows at the mean click rate in each smoothed rate (> 0).",
     "statistics_folds": "Folds of the training rows' out-of-fold statistics (>= 2; assigned with train.seed).",
+    "use_item_levels": "Embed each item's own likes/views level (raw_item_feature's, per item) into its vector, "
+                       "for the target and every history position; null row levels are filled from them either "
+                       "way. Needs item_feature.parquet with both levels for every item.",
 }
 
 
@@ -81,12 +84,15 @@ TrainSection = _config_section("TrainSection", TrainConfig)
 
 
 class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
-    """DCN-DIN run config: the item table, `model:` (lib/ctr/model_config.py ModelConfig) and `train:`
-    (lib/ctr/trainer.py TrainConfig). Extra keys are accepted only to be refused with the shape
-    that works (the flat keys of earlier versions)."""
+    """dcn_din_model's run config (the asset keeps its name; its default model is the Transformer +
+    DCN-V2 over trainable ids, ModelConfig's defaults): the item table, `model:`
+    (lib/ctr/model_config.py ModelConfig) and `train:` (lib/ctr/trainer.py TrainConfig). Extra keys
+    are accepted only to be refused with the shape that works (the flat keys of earlier versions)."""
 
     embedding_source: EmbeddingSource = Field(default="fused", description=EMBEDDING_SOURCE_HELP)
-    model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig).")
+    model: ModelSection = Field(default=ModelSection(), description="Model architecture (ModelConfig); unset "
+                                "fields take the default model's values: a Transformer + DCN-V2 over trainable "
+                                "item-id, tag and user embeddings (family transformer_dcnv2).")
     train: TrainSection = Field(default=TrainSection(), description="Optimisation (TrainConfig).")
     tuned: bool = Field(default=False, description="Train ctr_tuning's best config (its best_run_config.yaml); "
                         "keys set in model:/train: here win.")
@@ -139,13 +145,9 @@ class DcnDinConfig(dg.PermissiveConfig, FreshnessConfig):
         return model_config, self.train.model_dump()
 
 
-def _item_tags(storage: ProjectStorage) -> np.ndarray:
-    tags = storage.read_raw("item_info", columns=["item_tags"]).get_column("item_tags")
-    return tags.list.to_array(tags.list.len().max()).to_numpy()
-
-
 @dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
-          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"],
+          # raw_item_emb: the item_emb:<column> tables; raw_item_feature: the per-item levels
+          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info", "raw_item_emb", "raw_item_feature"],
           automation_condition=REFRESH_AFTER_UPSTREAM,
           check_specs=[dg.AssetCheckSpec(NOT_WORSE, asset="dcn_din_model", blocking=True,
                                          description="Not significantly worse than the champion, scored now "
@@ -160,21 +162,18 @@ def dcn_din_model(context: dg.AssetExecutionContext, config: DcnDinConfig, stora
     baseline). Every run is an MLflow run
     and a new version of the registered model; it replaces model.pt (and so feeds predictions) only
     when the champion gate promotes it. An interrupted materialisation resumes from its last epoch."""
-    from ..lib.ctr import tensors
     from . import publish
 
     require_fresh_upstream(context, config)
     # before hours of training, not after; a registry that served model.pt must still exist
     mlflow.check_reachable(must_exist=storage.model().exists())
-    frames = read_train_valid(storage)
     config = config.with_tuned(storage.output_dir, launched_config(context))
-    model_config, train_values = config.library_configs(tensors.history_width(frames["train"]))
+    source, seed = config.embedding_source, config.train.seed
+    inputs = read_model_inputs(storage, source, seed)
+    model_config, train_values = config.library_configs(inputs.history_width)
     train_config = TrainConfig(**train_values, precision=compute.precision)
-    source = config.embedding_source
-    emb = item_embedding_table(storage, source, train_config.seed)
-    item_tags = _item_tags(storage) if model_config.use_tag_embedding else None
-    with train_tracked(context, storage, compute, mlflow, frames=frames, model_config=model_config,
-                       train_config=train_config, source=source, emb=emb, item_tags=item_tags, plots=True,
+    with train_tracked(context, storage, compute, mlflow, inputs=inputs, model_config=model_config,
+                       train_config=train_config, plots=True,
                        run_name=f"{model_config.family}_{source}",
                        tags={"stage": "task2", "family": model_config.family},
                        checkpoint_dir=storage.model_dir() / f"checkpoints-{source}") as trained:
@@ -209,7 +208,7 @@ def _gate_next_step(check: dg.AssetCheckResult) -> str:
     owners=OWNERS,
     backfill_policy=SINGLE_RUN,
     **ON_GPU,
-    deps=[dcn_din_model, "raw_test"],
+    deps=[dcn_din_model, "raw_test", "raw_item_feature"],  # item levels fill a null row level
     automation_condition=REFRESH_AFTER_UPSTREAM,
     check_specs=[dg.AssetCheckSpec("predictions_valid", asset="predictions", blocking=True)],
 )
@@ -221,7 +220,7 @@ def predictions(context: dg.AssetExecutionContext, config: PredictionsConfig, st
     passes."""
     import time
 
-    from ..lib.ctr import artifacts, inference, tensors
+    from ..lib.ctr import artifacts, inference, inputs, tensors
     from . import publish
 
     require_fresh_upstream(context, config)
@@ -229,7 +228,7 @@ def predictions(context: dg.AssetExecutionContext, config: PredictionsConfig, st
     model_file, champion = champion_model_file(storage, mlflow)
     context.log.info(f"serving {mlflow.registered_model} version {champion.version} (champion) from {model_file}")
     model = artifacts.load_model(model_file)
-    test = storage.read_raw("test")
+    test = inputs.read_test(storage, model, settings.max_level())
     test_t = tensors.to_tensors(test, model.config.max_len, n_items=model.n_items,
                                 level_vocab_size=model.config.level_vocab_size)
     started = time.perf_counter()

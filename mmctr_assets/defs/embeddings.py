@@ -289,8 +289,14 @@ def item_embedding_table(storage: ProjectStorage, source: str, seed: int) -> np.
     if source.startswith(ITEM_EMB_PREFIX):
         from ..lib.embeddings.precomputed import organiser_item_table
 
-        return organiser_item_table(storage.read_raw("item_emb"), source.removeprefix(ITEM_EMB_PREFIX),
-                                    storage.n_items())
+        item_emb = storage.read_raw("item_emb")  # raw_item_emb never materialised: says to run it
+        if item_emb.height == 0:
+            raise FileNotFoundError(
+                f"embedding_source {source} reads item_emb.parquet, but raw_item_emb found no file at "
+                f"{storage.source('item_emb')} (it is optional in the download). Put the real download's "
+                "item_emb.parquet there and materialise raw_item_emb, or choose another embedding_source "
+                "(e.g. fused).")
+        return organiser_item_table(item_emb, source.removeprefix(ITEM_EMB_PREFIX), storage.n_items())
     if source in ("fused", "organisers"):
         path = (
             storage.require(storage.item_info_updated(), "fused_item_embeddings")

@@ -55,8 +55,8 @@ TUNING = dg.AssetSelection.assets("ctr_tuning")
 retrain_job = dg.define_asset_job(
     "retrain_job",
     selection=(RAW | dg.AssetSelection.assets("item2vec_embeddings").downstream()) - SCORER - TUNING,
-    description="Fresh raw snapshots, then item2vec -> fused embeddings -> DCN-DIN -> predictions -> "
-    "submission zip. Reuses the CLIP shards on disk (run full_refresh_job when item content changed).",
+    description="Fresh raw snapshots, then item2vec -> fused embeddings -> the CTR model (dcn_din_model) -> "
+    "predictions -> submission zip. Reuses the CLIP shards on disk (run full_refresh_job when item content changed).",
     tags={TRIGGER_TAG: "manual"},
 )
 

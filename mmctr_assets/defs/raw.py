@@ -72,7 +72,9 @@ _CHECK_DESCRIPTIONS = {
     "with source: precomputed reads them, and refuses broken ones itself.",
     "item_ids_match_item_info": "Blocking: item_emb.parquet has one row for every item of item_info.",
     "vectors_well_formed": "Blocking: every item_emb_d128_* vector is 128 long and finite.",
-    "levels_in_range": "Blocking: likes_level/views_level are integers 0..MMCTR_MAX_LEVEL, no nulls.",
+    "levels_in_range": "Blocking: likes_level/views_level are integers 0..MMCTR_MAX_LEVEL, no nulls (in train, "
+                       "valid and test a null passes when item_feature has per-item levels: the model's inputs "
+                       "fill it with the target item's level).",
 }
 
 
@@ -89,6 +91,12 @@ def _column_warnings(data_dir: str, table: str) -> list[str]:
         out.append(f"{table}: columns {extra} are not part of the MicroLens format and are left out "
                    "of the snapshot.")
     return out
+
+
+def _items_have_levels(storage: ProjectStorage) -> bool:
+    """item_feature.parquet carries per-item likes/views levels (they fill a row's null levels)."""
+    src = storage.source("item_feature")
+    return src.exists() and {"likes_level", "views_level"} <= set(pl.read_parquet_schema(src))
 
 
 def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
@@ -123,7 +131,8 @@ def build_raw_table_asset(table: str) -> dg.AssetsDefinition:
             return
         frame = microlens.read_table(storage.data_dir, table)
         n_items = storage.n_items() if needs_item_info else None
-        outcomes = checks.content_checks(table, frame, n_items, settings.max_level())
+        outcomes = checks.content_checks(table, frame, n_items, settings.max_level(),
+                                         items_have_levels=needs_item_info and _items_have_levels(storage))
         for o in outcomes:
             (context.log.info if o.passed else context.log.error)(f"{o.name}: {o.description}")
         results = [

@@ -21,9 +21,9 @@ from ..lib.ctr.trainer import TrainConfig
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import ON_GPU, OWNERS, SINGLE_RUN
 from .ctr import EMBEDDING_SOURCE_HELP, EmbeddingSource
-from .embeddings import GROUP, item_embedding_table
+from .embeddings import GROUP
 from .freshness import FreshnessConfig, require_fresh_upstream
-from .training import read_train_valid, train_tracked
+from .training import read_model_inputs, train_tracked
 
 # Bump when SCORER_MODEL or SCORER_TRAIN change: scores of different versions are not comparable.
 SCORER_VERSION = 1
@@ -67,7 +67,7 @@ def scorer_model() -> ModelConfig:
 
 
 @dg.asset(group_name=GROUP, kinds={"pytorch", "mlflow"}, owners=OWNERS, backfill_policy=SINGLE_RUN, **ON_GPU,
-          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info"])
+          deps=["fused_item_embeddings", "raw_train", "raw_valid", "raw_item_info", "raw_item_emb", "raw_item_feature"])
 def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, storage: ProjectStorage,
                 compute: ComputeResource, mlflow: MlflowResource) -> dg.MaterializeResult:
     """Validation AUC of one fixed DIN (seed, budget and architecture fixed: SCORER_MODEL /
@@ -76,10 +76,10 @@ def task1_score(context: dg.AssetExecutionContext, config: Task1ScoreConfig, sto
     require_fresh_upstream(context, config)
     mlflow.check_reachable(must_exist=storage.model().exists())  # never recreate the store model.pt came from
     source, model_config = config.embedding_source, scorer_model()
-    emb = item_embedding_table(storage, source, SCORER_TRAIN.seed)
+    inputs = read_model_inputs(storage, source, SCORER_TRAIN.seed)
     # torch's default threads, not a claim of the free cores: the score must not depend on what runs beside it
-    with train_tracked(context, storage, compute, mlflow, frames=read_train_valid(storage), model_config=model_config,
-                       train_config=SCORER_TRAIN, source=source, emb=emb, run_name=f"task1_score_{source}",
+    with train_tracked(context, storage, compute, mlflow, inputs=inputs, model_config=model_config,
+                       train_config=SCORER_TRAIN, run_name=f"task1_score_{source}",
                        tags={"stage": "task1_score"}, params={"scorer_version": SCORER_VERSION},
                        claim_cores=False) as trained:
         pass

@@ -1,5 +1,5 @@
-"""One tracked training, shared by dcn_din_model, task1_score and tuning trials: read train/valid,
-fingerprint the inputs, open an MLflow run with the params, train (logging each epoch), log the
+"""One tracked training, shared by dcn_din_model and task1_score: read the inputs (lib/ctr/inputs.py,
+which ctr_tuning's trials read too), open an MLflow run with the params, train (logging each epoch), log the
 result, and hand back what the asset reports. Then, for the served model only, the champion gate
 (lib/ctr/registry.py): register the version, score the champion on the same validation rows,
 compare the two with DeLong's paired test, move the aliases, and publish model.pt only on promotion."""
@@ -19,8 +19,10 @@ import dagster as dg
 import numpy as np
 import polars as pl
 
+from .. import settings
 from ..lib import output_paths
 from ..lib.ctr import training_run
+from ..lib.ctr.inputs import Fingerprints, ModelInputs
 from ..lib.ctr.model_config import ModelConfig
 from ..lib.ctr.trainer import TrainConfig, TrainResult
 from ..lib.io import DiskFullError
@@ -34,9 +36,9 @@ NOT_WORSE = "not_worse_than_champion"
 @dataclass
 class Trained:
     result: TrainResult
-    frames: dict[str, pl.DataFrame]  # train and valid as read
+    frames: dict[str, pl.DataFrame]  # train and valid as the model read them (ModelInputs.frames)
     valid_t: object  # CTRTensors of valid
-    fingerprints: training_run.Fingerprints
+    fingerprints: Fingerprints
     model_config: ModelConfig
     train_config: TrainConfig
     source: str
@@ -63,16 +65,21 @@ class Trained:
         }
 
 
-def read_train_valid(storage: ProjectStorage) -> dict[str, pl.DataFrame]:
-    return {t: storage.read_raw(t) for t in ("train", "valid")}
+def read_model_inputs(storage: ProjectStorage, source: str, seed: int, train_rows: int | None = None) -> ModelInputs:
+    """The inputs of a training on ``source``'s item table (lib/ctr/inputs.py): every Task 2 asset reads them here."""
+    from ..lib.ctr.inputs import read_inputs
+    from .embeddings import item_embedding_table
+
+    return read_inputs(storage, source, lambda s: item_embedding_table(storage, s, seed),
+                       max_level=settings.max_level(), train_rows=train_rows, seed=seed)
 
 
 @contextlib.contextmanager
 def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, compute: ComputeResource,
-                  mlflow: MlflowResource, *, frames: dict[str, pl.DataFrame], model_config: ModelConfig,
-                  train_config: TrainConfig, source: str, emb: np.ndarray, run_name: str, tags: dict[str, str],
+                  mlflow: MlflowResource, *, inputs: ModelInputs, model_config: ModelConfig,
+                  train_config: TrainConfig, run_name: str, tags: dict[str, str],
                   params: dict | None = None, checkpoint_dir: Path | None = None, claim_cores: bool = True,
-                  item_tags: np.ndarray | None = None, plots: bool = False) -> Iterator[Trained]:
+                  plots: bool = False) -> Iterator[Trained]:
     """Train inside an MLflow run and yield the result while the run is still open (so the caller
     can log or register more). ``checkpoint_dir`` None trains in a temp folder (no resume); given,
     an interrupted training resumes there, and the folder is removed once the block finishes."""
@@ -82,9 +89,9 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
     if checkpoint_dir is not None:  # refused before training, not at the delete afterwards
         output_paths.inside(storage.output_dir, checkpoint_dir, "checkpoint folder")
     device = compute.torch_device()
-    n_items = emb.shape[0] - 1
-    train_t, valid_t = training_run.build_tensors(frames, model_config, n_items)
-    fp = training_run.fingerprints(storage.raw("train"), storage.raw("valid"), storage.raw("item_info"), emb, source)
+    n_items, source = inputs.n_items, inputs.source
+    train_t, valid_t = inputs.tensors(model_config.max_len, model_config.level_vocab_size)
+    fp = inputs.fingerprints_for(model_config)
     logged: set[int] = set()
 
     def on_epoch_end(e) -> None:
@@ -105,7 +112,8 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
         started = time.perf_counter()
         try:
             result = trainer.train(
-                model_config, train_config, train_t, valid_t, emb, item_tags=item_tags, device=device,
+                model_config, train_config, train_t, valid_t, inputs.item_table, **inputs.model_tables(model_config),
+                device=device,
                 checkpoint_dir=folder, data_fingerprint=fp.run, on_epoch_end=on_epoch_end,
                 progress=lambda epoch, step, steps: progress(step, steps),
             )
@@ -120,7 +128,7 @@ def train_tracked(context: dg.AssetExecutionContext, storage: ProjectStorage, co
         mlflow.log_epochs(result.history, logged)  # epochs trained before a resume
         mlflow.log_metrics({"best_valid_auc": result.best_valid_auc, "seconds": seconds})
         mlflow.set_tag("resume", result.resume_note)
-        trained = Trained(result, frames, valid_t, fp, model_config, train_config, source, device, run,
+        trained = Trained(result, inputs.frames, valid_t, fp, model_config, train_config, source, device, run,
                           mlflow.run_url(run), seconds)
         if plots:
             curves = plot_training_curves(result.history)

@@ -10,7 +10,7 @@ from pydantic import field_validator
 from .. import deploy, settings
 from ..lib import output_paths
 from ..lib.ctr import tuning
-from ..lib.io import array_fingerprint, file_fingerprint, text_fingerprint
+from ..lib.io import file_fingerprint
 from ..lib.redaction import redact
 from ..resources import ComputeResource, MlflowResource, ProjectStorage
 from .common import TRAINED_ON_FUSED, cpu_cores, png_metadata, run_tags, torch_threads
@@ -106,9 +106,10 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: 
                     context.log.info(f"trial {trial.number} epoch {e.epoch}: valid AUC {e.valid_auc:.4f}")
                     tuning.report_epoch(trial, e.epoch, e.valid_auc)
 
+                inputs = data["inputs"]
                 result = trainer.train(
-                    model_config, train_config, data["train"], data["valid"], data["emb"],
-                    item_tags=data["tags"] if model_config.use_tag_embedding else None, device=device,
+                    model_config, train_config, data["train"], data["valid"], inputs.item_table,
+                    **inputs.model_tables(model_config), device=device,
                     checkpoint_dir=work_dir / f"trial-{trial.number}", data_fingerprint=data["fingerprint"],
                     on_epoch_end=on_epoch_end, progress=lambda epoch, step, steps: budget.check(trial, epoch))
                 mlflow.log_metrics({"best_valid_auc": result.best_valid_auc})
@@ -121,23 +122,15 @@ def _trial_runner(context, mlflow: MlflowResource, data: dict, device, outputs: 
 
 def _load_data(storage: ProjectStorage, seed: int, trial_rows: int | None) -> tuple[dict, int]:
     """Train (at most ``trial_rows``, a seeded sample) and valid tensors at the data's full history
-    width (a trial's max_len truncates), the fused item table, the tags; read once for all trials."""
-    from ..lib.ctr import tensors
-    from .ctr import _item_tags
-    from .embeddings import item_embedding_table
+    width (a trial's max_len truncates), and the fused table's inputs (lib/ctr/inputs.py), read once
+    for all trials."""
+    from .training import read_model_inputs
 
-    frames = {t: storage.read_raw(t) for t in ("train", "valid")}
-    if trial_rows is not None and frames["train"].height > trial_rows:
-        frames["train"] = frames["train"].sample(trial_rows, seed=seed)
-    width = tensors.history_width(frames["train"])
-    emb = item_embedding_table(storage, "fused", seed)
-    levels = settings.max_level() + 1
-    train_t, valid_t = (tensors.to_tensors(f, width, n_items=emb.shape[0] - 1, level_vocab_size=levels)
-                        for f in frames.values())
-    fingerprint = text_fingerprint(file_fingerprint(storage.raw("train")), file_fingerprint(storage.raw("valid")),
-                                   array_fingerprint(emb), "fused", f"train_rows={len(train_t)}")
-    return {"train": train_t, "valid": valid_t, "emb": emb, "tags": _item_tags(storage),
-            "fingerprint": fingerprint}, width
+    inputs = read_model_inputs(storage, "fused", seed, train_rows=trial_rows)
+    width = inputs.history_width
+    train_t, valid_t = inputs.tensors(width, settings.max_level() + 1)
+    return {"train": train_t, "valid": valid_t, "inputs": inputs,
+            "fingerprint": inputs.fingerprints.sample(len(train_t))}, width
 
 
 @dg.asset(group_name=GROUP, **TRAINED_ON_FUSED)

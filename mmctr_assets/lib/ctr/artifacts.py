@@ -47,7 +47,7 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu") ->
         raise ValueError(f"{path} was written by another mmctr version (format {found!r}, this one "
                          f"reads {MODEL_FORMAT!r}); retrain it: materialise dcn_din_model again")
     if found != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a DCN-DIN model written by save_model "
+        raise ValueError(f"{path} is not an mmctr CTR model written by save_model "
                          f"(expected format {MODEL_FORMAT!r})")
     architecture = artifact["architecture"]
     model = CTRModel.from_dict(architecture, ModelConfig.from_dict(architecture["config"]))

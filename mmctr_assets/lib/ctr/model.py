@@ -48,6 +48,9 @@ class CTRModel(nn.Module):
     model keeps it as a buffer, so a saved model predicts with its training data's counts.
     ``statistics`` (needed with ``use_statistics_features``; ``TrainingStatistics.fit`` on the
     training rows builds it) holds the training rows' click statistics, likewise saved with the model.
+    ``item_levels`` ``[n_items + 1, 2]`` (each item's likes and views level, row 0 padding; needed
+    with ``use_item_levels``) is a buffer too: every item vector, target and history, gains the
+    embeddings of its item's levels.
     """
 
     family: ClassVar[str] = ""
@@ -70,7 +73,8 @@ class CTRModel(nn.Module):
     def __init__(self, config, item_embeddings: np.ndarray | torch.Tensor,
                  item_tags: np.ndarray | torch.Tensor | None = None, *, n_tags: int | None = None,
                  item_frequency: np.ndarray | torch.Tensor | None = None,
-                 statistics: TrainingStatistics | None = None):
+                 statistics: TrainingStatistics | None = None,
+                 item_levels: np.ndarray | torch.Tensor | None = None):
         super().__init__()
         emb = torch.as_tensor(np.asarray(item_embeddings, dtype=np.float32))
         if emb.ndim != 2 or emb.shape[1] != config.embedding_dim:
@@ -109,6 +113,9 @@ class CTRModel(nn.Module):
             # is cheaper than summing the sparse gradient of every (item, tag) lookup
             self.tag_embedding = trainable_table(self.n_tags, config.tag_embedding_dim, sparse=False)
             item_dim += config.tag_embedding_dim
+        if config.use_item_levels:  # the row-level tables below embed them (the same bucketed quantity)
+            self.register_buffer("item_levels", _item_level_table(item_levels, self.n_items, config.level_vocab_size))
+            item_dim += 2 * config.level_embedding_dim
         self.item_dim = item_dim
         self.likes_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
         self.views_embedding = nn.Embedding(config.level_vocab_size, config.level_embedding_dim)
@@ -158,6 +165,10 @@ class CTRModel(nn.Module):
             tags = self.item_tags[ids.reshape(-1)]
             pooled = F.embedding_bag(tags, self.tag_embedding.weight, mode="mean", padding_idx=0)
             parts.append(pooled.view(*ids.shape, pooled.shape[-1]))
+        if self.config.use_item_levels:  # the padding item's levels (0, a real bucket) must not show
+            levels, real = self.item_levels[ids], (ids != 0).unsqueeze(-1)
+            parts.append(torch.cat([self.likes_embedding(levels[..., 0]), self.views_embedding(levels[..., 1])],
+                                   dim=-1) * real)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def batch_item_vectors(self, item_id: torch.Tensor,
@@ -274,8 +285,10 @@ class CTRModel(nn.Module):
         statistics = (TrainingStatistics(d["n_items"], d.get("n_statistics_users", 0),
                                          config.statistics_prior_strength)
                       if config.use_statistics_features else None)
+        levels = np.zeros((d["n_items"] + 1, 2), np.int64) if config.use_item_levels else None
         return CTRModel(config, np.zeros((d["n_items"] + 1, config.embedding_dim), np.float32), tags,
-                        n_tags=d["n_tags"] or None, item_frequency=counts, statistics=statistics)
+                        n_tags=d["n_tags"] or None, item_frequency=counts, statistics=statistics,
+                        item_levels=levels)
 
 
 class BatchItems:
@@ -336,6 +349,25 @@ def _standardised_log_counts(counts: np.ndarray | torch.Tensor | None, n_items: 
     out = (logs - logs[1:].mean()) / (std if std > 0 else 1.0)
     out[0] = 0.0
     return torch.from_numpy(out.astype(np.float32))
+
+
+def _item_level_table(levels: np.ndarray | torch.Tensor | None, n_items: int, vocab: int) -> torch.Tensor:
+    """``[n_items + 1, 2]`` int64 (likes, views) levels, checked against the level tables' range."""
+    if levels is None:
+        raise ValueError("use_item_levels=True needs item_levels (each item's likes_level and views_level as a "
+                         "[n_items + 1, 2] int matrix, lib/ctr/inputs.item_levels builds it from item_feature); "
+                         "pass it or set use_item_levels=False")
+    table = torch.as_tensor(np.array(levels, dtype=np.int64))  # a copy: the model owns its buffer
+    if table.shape != (n_items + 1, 2):
+        raise ValueError(f"item_levels must have shape [{n_items + 1}, 2] (one row per row of item_embeddings: "
+                         f"likes, views), got {tuple(table.shape)}")
+    bad = (table < 0) | (table >= vocab)
+    if bad.any():
+        item, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"item_levels: {int(bad.sum())} values outside the level tables' 0..{vocab - 1}, e.g. item "
+                         f"{item}'s {('likes', 'views')[col]} level {int(table[item, col])}; bucket the levels into "
+                         "that range or raise ModelConfig.level_vocab_size")
+    return table
 
 
 def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -102,6 +102,9 @@ class ModelConfig:
     use_statistics_features: bool = False
     statistics_prior_strength: float = DEFAULT_PRIOR_STRENGTH  # pseudo-rows at the mean click rate
     statistics_folds: int = DEFAULT_FOLDS  # folds of the training rows' out-of-fold statistics
+    # each item's own likes/views level (item_feature's, per item) embedded into its vector, for the
+    # target and every history position (the row's levels stay as they are): docs/models.md
+    use_item_levels: bool = False
 
     def __post_init__(self):
         # Lists arrive from JSON/Dagster config; store tuples so the config stays hashable.

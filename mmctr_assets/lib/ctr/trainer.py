@@ -328,12 +328,15 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
           item_tags: np.ndarray | None = None, device: str | torch.device = "cpu",
           checkpoint_dir: str | Path, data_fingerprint: str | None = None,
           on_epoch_end: Callable[[EpochLog], None] | None = None,
-          progress: Callable[[int, int, int], None] | None = None) -> TrainResult:
-    """Train DCN-DIN with AdamW, LR-on-plateau and early stopping on valid AUC; resume if possible.
+          progress: Callable[[int, int, int], None] | None = None,
+          item_levels: np.ndarray | None = None) -> TrainResult:
+    """Train the CTR model of ``model_config.family`` (default the Transformer + DCN-V2) with AdamW,
+    LR-on-plateau and early stopping on valid AUC; resume if possible.
 
     ``data_fingerprint`` identifies the data for resuming (default: a hash of the tensors,
     embeddings and tags). ``on_epoch_end(log)`` runs after ``last.pt`` is written, so an exception
     there (or a kill) loses nothing. ``progress(epoch, step, n_steps)`` is called after each batch.
+    ``item_levels`` ``[n_items + 1, 2]``: each item's likes/views level (needed with use_item_levels).
     """
     cfg = train_config
     device = torch.device(device)
@@ -343,7 +346,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
     train_data = train_tensors.truncate(model_config.max_len)
     valid_data = valid_tensors.truncate(model_config.max_len)
     if data_fingerprint is None:
-        extra = () if item_tags is None else (np.asarray(item_tags),)
+        extra = tuple(np.asarray(t) for t in (item_tags, item_levels) if t is not None)
         data_fingerprint = array_fingerprint(*train_data.arrays(), *valid_data.arrays(),
                                         item_embeddings, *extra)
     run_key = _run_key(model_config, cfg, data_fingerprint)
@@ -366,7 +369,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         counts = (item_frequency(train_data, item_embeddings.shape[0] - 1)
                   if model_config.use_item_frequency else None)
         model = CTRModel(model_config, item_embeddings, item_tags, item_frequency=counts,
-                         statistics=statistics).to(device)
+                         statistics=statistics, item_levels=item_levels).to(device)
         optimizer = make_optimizer(model, cfg)
         run = _Run(model=model, optimizer=optimizer,
                    scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(

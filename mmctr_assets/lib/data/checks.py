@@ -153,18 +153,22 @@ def check_labels(frame: pl.DataFrame, table: str) -> CheckOutcome:
                         {"positive_rate": rate})
 
 
-def check_levels(frame: pl.DataFrame, table: str, max_level: int) -> CheckOutcome:
+def check_levels(frame: pl.DataFrame, table: str, max_level: int, fill_from_items: bool = False) -> CheckOutcome:
     """Row levels, and item_feature's per-item levels when the file has them (the real download
-    does, for every item): integers in 0..max_level, no nulls, in both places."""
+    does, for every item): integers in 0..max_level, no nulls, in both places. ``fill_from_items``
+    (a train/valid/test table while item_feature has per-item levels): a null row level passes, the
+    model's inputs fill it with its target item's level (lib/ctr/inputs.py)."""
     name = "levels_in_range"
     lo, hi = level_range(max_level)
     present = [c for c in ("likes_level", "views_level") if c in frame.columns]
     if not present:
         return CheckOutcome(name, True, f"{table}: no likes_level/views_level columns (optional here).")
-    problems, nulls, outside = {}, {}, {}
+    problems, nulls, outside, filled = {}, {}, {}, {}
     for col in present:
         s = frame.get_column(col)
         n_null, n_out = s.null_count(), int(((s < lo) | (s > hi)).sum())
+        if n_null and fill_from_items:
+            filled[col], n_null = n_null, 0
         if n_null:
             nulls[col] = n_null
         if n_out:
@@ -180,6 +184,9 @@ def check_levels(frame: pl.DataFrame, table: str, max_level: int) -> CheckOutcom
             said.append(f"values outside {lo}..{hi} in {outside}. likes_level/views_level are bucketed levels; set "
                         "MMCTR_MAX_LEVEL (and the model's level_vocab_size) if your data uses more buckets.")
         return CheckOutcome(name, False, f"{table}: " + " ".join(said), problems)
+    if filled:
+        return CheckOutcome(name, True, f"{table}: likes/views levels within {lo}..{hi}; null levels {filled} are "
+                            "filled with the target item's level from item_feature.", {"filled_from_items": filled})
     return CheckOutcome(name, True, f"{table}: likes/views levels within {lo}..{hi}.")
 
 
@@ -304,8 +311,9 @@ def check_item_emb_ids(frame: pl.DataFrame, n_items: int) -> CheckOutcome:
 
 
 def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
-                   max_level: int = MAX_LEVEL) -> list[CheckOutcome]:
-    """Every content invariant the downstream assets rely on, for one table."""
+                   max_level: int = MAX_LEVEL, items_have_levels: bool = False) -> list[CheckOutcome]:
+    """Every content invariant the downstream assets rely on, for one table. ``items_have_levels``:
+    item_feature carries per-item levels, which fill a row's null levels (check_levels)."""
     if table == "item_info":
         return check_item_info(frame)
     if table == "item_emb":
@@ -329,7 +337,7 @@ def content_checks(table: str, frame: pl.DataFrame, n_items: int | None,
     out = [check_has_rows(frame, table), check_histories(frame, table)]
     if n_items is not None:
         out.append(check_item_ids(frame, table, n_items))
-    out.append(check_levels(frame, table, max_level))
+    out.append(check_levels(frame, table, max_level, fill_from_items=items_have_levels))
     if table == "test":
         out.append(check_test_ids(frame))
     else:
