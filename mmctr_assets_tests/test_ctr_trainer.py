@@ -372,3 +372,50 @@ def test_an_lr_cut_continues_from_the_best_weights_when_asked(tmp_path, restore)
           checkpoint_dir=tmp_path, on_epoch_end=after_epoch)
     assert starts_from_best, "no LR cut happened: the test saw nothing"
     assert all(starts_from_best) if restore else not any(starts_from_best)
+
+
+def test_a_spent_study_budget_stops_a_training_still_waiting_for_cores(data, tmp_path, monkeypatch):
+    """A study's trial whose training waits for CPU cores (another process holds them all) stops at
+    the study's budget without training, instead of starting late and overrunning it."""
+    import fcntl
+    import threading
+
+    import optuna
+
+    from mmctr_assets.lib import cores
+    from mmctr_assets.lib.ctr import tuning
+
+    monkeypatch.setenv(cores.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir()
+    other_process = [open(tmp_path / "locks" / f"cpu-{i}.lock", "a+") for i in range(cores.available_cpus())]
+    for f in other_process:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    trial = optuna.create_study(direction="maximize").ask()
+    budget, steps = tuning.Budget(0.005), []  # 0.3 s
+
+    def progress(epoch, step, n_steps):
+        steps.append(step)
+        budget.check(trial, epoch)
+
+    raised = []
+
+    def training():
+        try:
+            _train(data, tmp_path, progress=progress)
+        except tuning.BudgetSpent as e:
+            raised.append(e)
+
+    waiter = threading.Thread(target=training, daemon=True)
+    waiter.start()
+    waiter.join(60)  # generous: the budget is 0.3 s; without the poll it would wait for the cores forever
+    for f in other_process:
+        f.close()
+    waiter.join(60)
+    assert raised and "budget of 0.005 minutes is spent" in str(raised[0])
+    assert steps and set(steps) == {0}  # polled while waiting; not one batch trained
+    assert not (tmp_path / "run" / "last.pt").exists()
+    # with cores free, a budget still open is checked before the first batch and after every batch
+    steps.clear()
+    budget = tuning.Budget(10)
+    _train(data, tmp_path, name="free", progress=progress, cfg=dataclasses.replace(FAST, epochs=1))
+    assert steps[0] == 0 and steps[1:] == list(range(1, len(steps)))

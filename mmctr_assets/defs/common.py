@@ -28,7 +28,8 @@ REFRESH_AFTER_UPSTREAM = dg.AutomationCondition.eager() & dg.AutomationCondition
 
 
 class ProgressLog:
-    """Logs items done, items/s and ETA at most every `every_s` seconds (and at the end)."""
+    """Logs items done, items/s and ETA at most every `every_s` seconds (and at the end); a call with
+    `done` 0 (the work has not started: trainer.train while it waits for cores) restarts the clock."""
 
     def __init__(self, log, what: str, every_s: float = 10.0):
         self.log, self.what, self.every_s = log, what, every_s
@@ -36,6 +37,9 @@ class ProgressLog:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.perf_counter()
+        if done <= 0:
+            self.start = self.last = now
+            return
         if now - self.last < self.every_s and done < total:
             return
         self.last = now

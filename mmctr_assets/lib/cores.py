@@ -85,10 +85,12 @@ def _try_claim(folder: Path, cores: int, want: int) -> list:
 
 @contextlib.contextmanager
 def core_lease(want: int | None = None, need: int = 1, *, folder: Path | None = None, cores: int | None = None,
-               on_wait: Callable[[str], None] | None = None) -> Iterator[int]:
+               on_wait: Callable[[str], None] | None = None,
+               poll: Callable[[], None] | None = None) -> Iterator[int]:
     """Hold up to ``want`` (None: all) of the machine's ``cores`` (default :func:`available_cpus`)
     that are free, at least ``need`` (waiting for them); yields how many. ``on_wait(message)`` is
-    told once when it has to wait, and again when it got them."""
+    told once when it has to wait, and again when it got them. ``poll()`` runs at every retry while
+    waiting: whatever it raises ends the wait (a study's spent budget, a cancelled run)."""
     cores = cores or available_cpus()
     want = max(1, min(want or cores, cores))
     need = max(1, min(need, want))
@@ -102,6 +104,8 @@ def core_lease(want: int | None = None, need: int = 1, *, folder: Path | None = 
             on_wait(f"waiting for {need} free CPU core(s) of {cores}; other CPU-heavy steps hold them "
                     f"(lib/cores.py, locks in {folder})")
             told = True
+        if poll is not None:
+            poll()
         time.sleep(0.5)
     if on_wait and told:
         on_wait(f"got {len(got)} CPU core(s) after {time.perf_counter() - t0:.0f}s")

@@ -158,6 +158,12 @@ class CTRModel(nn.Module):
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """Representation of items ``ids [...]`` -> ``[..., item_dim]``; id 0 maps to zeros."""
+        parts = self.item_vector_parts(ids)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def item_vector_parts(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """The parts of :meth:`item_vectors`, in its column order: the item table's vector, then the
+        id, pooled tag and level embeddings the config switches on."""
         parts = [self.item_embedding(ids)]
         if self.config.use_id_embedding:
             parts.append(self.id_embedding(ids))
@@ -169,7 +175,7 @@ class CTRModel(nn.Module):
             levels, real = self.item_levels[ids], (ids != 0).unsqueeze(-1)
             parts.append(torch.cat([self.likes_embedding(levels[..., 0]), self.views_embedding(levels[..., 1])],
                                    dim=-1) * real)
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return parts
 
     def batch_item_vectors(self, item_id: torch.Tensor,
                            item_seq: torch.Tensor) -> tuple[torch.Tensor, BatchItems]:
@@ -179,7 +185,7 @@ class CTRModel(nn.Module):
         history position, and each table row gets one gradient row. Same vectors as
         :meth:`item_vectors`."""
         ids = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()]).unique()
-        items = BatchItems(ids, self.item_vectors(ids))
+        items = BatchItems(ids, self.item_vector_parts(ids))
         return items(item_id), items
 
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
@@ -292,19 +298,33 @@ class CTRModel(nn.Module):
 
 
 class BatchItems:
-    """The vectors of a batch's distinct items (``table [n, item_dim]`` for the sorted ``ids``);
-    calling it with ids ``[...]`` gathers their vectors ``[..., item_dim]``. A family may instead
-    transform ``table`` once per distinct item and gather the result with :meth:`rows_of`."""
+    """The vectors of a batch's distinct items (for the sorted ``ids``), kept as the parts of
+    :meth:`CTRModel.item_vector_parts`; calling it with ids ``[...]`` gathers their vectors
+    ``[..., item_dim]``. A family may instead transform them once per distinct item (:meth:`linear`)
+    and gather the result with :meth:`rows_of`."""
 
-    def __init__(self, ids: torch.Tensor, table: torch.Tensor):
-        self.ids, self.table = ids, table
+    def __init__(self, ids: torch.Tensor, parts: list[torch.Tensor]):
+        self.ids, self.parts = ids, parts
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
-        """Row of ``table`` holding each id of ``x``, flattened."""
+        """Row of the distinct items holding each id of ``x``, flattened."""
         return torch.searchsorted(self.ids, x.long()).reshape(-1)
 
+    def linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear(vectors, weight)`` for the distinct items' vectors, part by part: a frozen part
+        (the item table's content vectors) then gets no input gradient, which the product over the
+        joined vectors would compute and throw away."""
+        out, start = None, 0
+        for part in self.parts:
+            term = F.linear(part, weight[:, start:start + part.shape[-1]])
+            out, start = term if out is None else out + term, start + part.shape[-1]
+        return out
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
-        return self.table.index_select(0, self.rows_of(x)).view(*x.shape, self.table.shape[1])
+        rows = self.rows_of(x)
+        parts = [part.index_select(0, rows) for part in self.parts]
+        vectors = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return vectors.view(*x.shape, vectors.shape[-1])
 
 
 def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:

@@ -115,17 +115,19 @@ class TrainResult:
 
 
 @contextlib.contextmanager
-def _torch_settings(deterministic: bool, num_threads: int | None) -> Iterator[None]:
+def _torch_settings(deterministic: bool, num_threads: int | None,
+                    poll: Callable[[], None] | None = None) -> Iterator[None]:
     """Apply determinism / thread settings for the duration of training, then restore them.
 
     Threads come from the machine-wide core lease (lib/cores.py): the cores the calling step
     already holds, else up to ``num_threads`` (None: all) free ones, waiting for them, so two
-    trainings on one machine never run more threads than it has cores."""
+    trainings on one machine never run more threads than it has cores. ``poll()`` runs while it
+    waits for them (a raise ends the wait)."""
     prev_det = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     prev_threads = torch.get_num_threads()
     with contextlib.ExitStack() as stack:
-        cores = held_cores() or stack.enter_context(core_lease(num_threads, need=num_threads or 1))
+        cores = held_cores() or stack.enter_context(core_lease(num_threads, need=num_threads or 1, poll=poll))
         try:
             if deterministic:
                 torch.use_deterministic_algorithms(True, warn_only=True)
@@ -335,7 +337,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
 
     ``data_fingerprint`` identifies the data for resuming (default: a hash of the tensors,
     embeddings and tags). ``on_epoch_end(log)`` runs after ``last.pt`` is written, so an exception
-    there (or a kill) loses nothing. ``progress(epoch, step, n_steps)`` is called after each batch.
+    there (or a kill) loses nothing. ``progress(epoch, step, n_steps)`` is called after each batch,
+    and with ``step`` 0 while waiting for CPU cores and once before the first batch, so a caller's
+    deadline (a study's budget) also stops a run that has not trained yet.
     ``item_levels`` ``[n_items + 1, 2]``: each item's likes/views level (needed with use_item_levels).
     """
     cfg = train_config
@@ -362,7 +366,9 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
         train_data, valid_data = train_data.to(device), valid_data.to(device)
     valid_labels = valid_data.label.cpu().numpy()
 
-    with _torch_settings(cfg.deterministic, cfg.num_threads):
+    n_steps = len(_batch_bounds(len(train_data), cfg.batch_size)) - 1
+    poll = None if progress is None else (lambda: progress(1, 0, n_steps))
+    with _torch_settings(cfg.deterministic, cfg.num_threads, poll):
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
@@ -378,6 +384,8 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
                    scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
                    generator=torch.Generator().manual_seed(cfg.seed))
         resumed_from, note = _try_resume(run, last_path, run_key)
+        if progress is not None:
+            progress(len(run.history) + 1, 0, n_steps)
 
         for epoch in range(len(run.history) + 1, cfg.epochs + 1):
             if run.stopped_early:

@@ -79,7 +79,7 @@ class TransformerDcnV2(CTRModel):
         target's part computed once per row."""
         d = self.config.transformer_dim
         if self.config.token_interaction == "factorised":
-            history_part, history_factor = F.linear(items.table, self.token_history.weight).index_select(
+            history_part, history_factor = items.linear(self.token_history.weight).index_select(
                 0, items.rows_of(ids)).split(d, dim=1)
             target_part, target_factor = self.token_target(target).index_select(0, rows).split(d, dim=1)
             return history_part + target_part + history_factor * target_factor
