@@ -319,7 +319,7 @@ def test_make_demo_run_configs_are_valid_dcn_din_configs(name):
                                   else {"dcn_din_model"})
     _, train = DcnDinConfig(**config["ops"]["dcn_din_model"]["config"]).library_configs(history_width=100)
     if name.startswith("full"):
-        assert train["batch_size"] == 4096 and train["epochs"] == 10
+        assert train["batch_size"] == 4096 and train["epochs"] == 4
         assert Item2VecConfig(**config["ops"]["item2vec_embeddings"]["config"]).workers == 0
 
 
