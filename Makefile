@@ -77,7 +77,7 @@ demo: demo-inputs
 	$(BIN)/dagster asset materialize -m mmctr_assets --select task1_score
 	@echo "Outputs in $(MMCTR_OUTPUT_DIR); open the UI with 'make dev'."
 
-## The whole graph at full size (91,717 items, 3.6M training rows, 10 epochs), its own data/outputs.
+## The whole graph at full size (91,717 items, 3.6M training rows, at most 4 epochs), its own data/outputs.
 demo-full: demo
 
 ## The UI (webserver + daemon) on http://127.0.0.1:3000 with the same instance and data.

@@ -257,3 +257,21 @@ def test_unknown_or_unavailable_executor_says_what_to_do(monkeypatch):
             jobs.executor_from_env()
     else:
         assert jobs.executor_from_env() is dagster_k8s.k8s_job_executor
+
+
+def test_progress_log_rates_count_only_the_pass_since_it_restarted(monkeypatch):
+    """dcn_din_model's "training steps" line: the trainer restarts it (done 0) at every epoch, so its
+    rate and ETA are this epoch's, not the run's since the step began (which earlier epochs,
+    evaluation and any wait for cores would drag down)."""
+    from mmctr_assets.defs import common
+
+    now = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: now[0])
+    lines = []
+    log = type("Log", (), {"info": lambda self, message: lines.append(message)})()
+    progress = common.ProgressLog(log, "training steps", every_s=30)
+    now[0] = 500.0  # a first epoch, its evaluation, a wait
+    progress(0, 100)
+    now[0] = 540.0
+    progress(80, 100)
+    assert lines == ["training steps: 80/100 (80%), 2.0/s, ETA 10s"]

@@ -29,7 +29,8 @@ REFRESH_AFTER_UPSTREAM = dg.AutomationCondition.eager() & dg.AutomationCondition
 
 class ProgressLog:
     """Logs items done, items/s and ETA at most every `every_s` seconds (and at the end); a call with
-    `done` 0 (the work has not started: trainer.train while it waits for cores) restarts the clock."""
+    `done` 0 (the work starts, or starts over: trainer.train at each epoch and while it waits for
+    cores) restarts the clock, so the rate counts only this pass's items."""
 
     def __init__(self, log, what: str, every_s: float = 10.0):
         self.log, self.what, self.every_s = log, what, every_s

@@ -241,6 +241,8 @@ def _train_epoch(run: _Run, data: CTRTensors, cfg: TrainConfig, device: torch.de
     perm = torch.randperm(len(data), generator=run.generator).to(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # no per-step host sync
     model.train()
+    if progress is not None:
+        progress(epoch, 0, len(bounds) - 1)
     for step in range(len(bounds) - 1):
         b = data.take(perm[bounds[step]:bounds[step + 1]]).to(device)
         loss = training_step(model, optimizer, scaler, b, cfg, device, params)
@@ -338,7 +340,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
     ``data_fingerprint`` identifies the data for resuming (default: a hash of the tensors,
     embeddings and tags). ``on_epoch_end(log)`` runs after ``last.pt`` is written, so an exception
     there (or a kill) loses nothing. ``progress(epoch, step, n_steps)`` is called after each batch,
-    and with ``step`` 0 while waiting for CPU cores and once before the first batch, so a caller's
+    and with ``step`` 0 before an epoch's first batch and while waiting for CPU cores, so a caller's
     deadline (a study's budget) also stops a run that has not trained yet.
     ``item_levels`` ``[n_items + 1, 2]``: each item's likes/views level (needed with use_item_levels).
     """
@@ -384,8 +386,6 @@ def train(model_config: ModelConfig, train_config: TrainConfig, train_tensors: C
                    scaler=torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16"),
                    generator=torch.Generator().manual_seed(cfg.seed))
         resumed_from, note = _try_resume(run, last_path, run_key)
-        if progress is not None:
-            progress(len(run.history) + 1, 0, n_steps)
 
         for epoch in range(len(run.history) + 1, cfg.epochs + 1):
             if run.stopped_early:
