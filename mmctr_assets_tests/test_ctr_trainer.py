@@ -152,7 +152,8 @@ def test_model_learns_the_planted_signal(data, tmp_path):
     assert result.best_valid_auc > 0.75, (result.best_valid_auc, data["oracle_auc"])
     assert result.best_valid_auc > data["oracle_auc"] - 0.06
     assert [e.epoch for e in epochs] == [1, 2, 3, 4, 5] and all(isinstance(e, EpochLog) for e in epochs)
-    assert calls[0] == (1, 1, 24) and calls[-1] == (5, 24, 24)  # 6000 rows / 256 -> 24 batches
+    # 6000 rows / 256 -> 24 batches; step 0 marks each epoch's start
+    assert calls == [(epoch, step, 24) for epoch in range(1, 6) for step in range(25)]
     assert result.resumed_from_epoch is None and "started fresh" in result.resume_note
     assert result.valid_predictions.dtype == np.float32 and result.valid_predictions.shape == (2000,)
     assert auc(data["valid"].label, result.valid_predictions) == pytest.approx(result.best_valid_auc)

@@ -473,6 +473,47 @@ def test_tuned_trains_the_studys_family_when_launched_through_dagster_config(
     assert {k: params[f"train.{k}"] for k in best_train} == {k: str(v) for k, v in best_train.items()}
 
 
+def test_a_study_whose_budget_runs_out_waiting_for_cores_fails_saying_so_and_keeps_the_best_config(
+        task1_outputs, tiny_data, make_resources, tmp_path, monkeypatch):
+    """Other steps hold every CPU core for longer than the study's budget: the step stops waiting at
+    the budget (not when the cores come free), says why, runs no trial and keeps the last best config."""
+    import fcntl
+    import threading
+
+    from mmctr_assets.lib import cores
+
+    monkeypatch.setenv(cores.LOCK_DIR_ENV, str(tmp_path / "locks"))
+    (tmp_path / "locks").mkdir()
+    other_steps = [open(tmp_path / "locks" / f"cpu-{i}.lock", "a+") for i in range(cores.available_cpus())]
+    for f in other_steps:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    out = Path(shutil.copytree(task1_outputs[0], tmp_path / "outputs"))
+    best = tuning.tuned_file(out)
+    best.parent.mkdir(parents=True, exist_ok=True)
+    best.write_text("last good")
+    config = {"n_trials": 2, "search_space": str(write_space(tmp_path, TINY_SPACE)), "study_name": "waiting",
+              "budget_minutes": 0.01, "storage": f"sqlite:///{out / 'optuna.db'}"}
+    results = []
+
+    def materialize():
+        with dg.instance_for_test() as instance:
+            results.append(dg.materialize([tuning_defs.ctr_tuning], resources=make_resources(tiny_data, out),
+                                          instance=instance, raise_on_error=False,
+                                          run_config={"ops": {"ctr_tuning": {"config": config}}}))
+
+    step = threading.Thread(target=materialize, daemon=True)
+    step.start()
+    step.join(120)  # the budget is 0.6 s; without the budget in the wait it would wait for the cores forever
+    for f in other_steps:
+        f.close()
+    step.join(120)
+    assert results and not results[0].success
+    failure = next(e for e in results[0].all_events if e.event_type_value == "STEP_FAILURE")
+    assert "budget of 0.01 minutes ran out while it waited for CPU cores" in str(failure.event_specific_data.error)
+    assert best.read_text() == "last good"
+    assert optuna.load_study(study_name="waiting", storage=config["storage"]).trials == []
+
+
 def test_a_trial_the_budget_stops_inside_the_asset_ends_pruned_and_the_last_best_config_stays(
         task1_outputs, tiny_data, make_resources, tmp_path, monkeypatch):
     """The asset's trial runner checks the budget during training: with a budget already spent once

@@ -63,18 +63,20 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
-def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step"):
+def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step", poll=None):
     """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
 
     Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
     of two runs, of any deployment); each spawning a thread per core oversubscribes the machine.
     So a step leases up to ``want`` free cores (None: all) from the machine-wide lease
     (lib/cores.py), runs with that many threads, and waits only while fewer than ``need`` are free.
-    A training inside the block uses the step's cores instead of leasing more.
+    A training inside the block uses the step's cores instead of leasing more. ``poll()`` runs while
+    it waits; what it raises ends the wait (a study's spent budget).
     """
     from ..lib.embeddings.clip import available_cpus
 
-    return core_lease(want, need, folder=lock_dir, cores=available_cpus(), on_wait=lambda m: log.info(f"{what}: {m}"))
+    return core_lease(want, need, folder=lock_dir, cores=available_cpus(), on_wait=lambda m: log.info(f"{what}: {m}"),
+                      poll=poll)
 
 
 @contextlib.contextmanager

@@ -170,9 +170,17 @@ def ctr_tuning(
     tags = run_tags(context) | {"stage": "task2_tuning", "optuna.study": config.study_name}
     best_path = tuning.tuned_file(storage.output_dir)
     want = (compute.cpu_threads or None) if device.type == "cpu" else 1
+
+    def stop_if_spent() -> None:  # a wait for cores that other steps hold counts against the budget too
+        if budget.left_s() == 0:
+            raise TimeoutError(f"ctr_tuning's budget of {config.budget_minutes:g} minutes ran out while it waited "
+                               "for CPU cores that other steps hold (lib/cores.py): no trial ran, and the previous "
+                               "best config is kept. Raise budget_minutes, or run the study once those steps are done")
+
     with mlflow.start_run(f"ctr_tuning_{config.study_name}", tags=tags) as parent:
         _log_study(mlflow, config, url, data["fingerprint"])
-        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning") as cores, torch_threads(cores):
+        with cpu_cores(context.log, storage.cpu_lock_dir(), want, what="ctr_tuning", poll=stop_if_spent) as cores, \
+                torch_threads(cores):
             ran = tuning.run_study(
                 study, space, _trial_runner(context, mlflow, data, device, storage.output_dir, work_dir, tags, budget),
                 n_trials=config.n_trials, budget=budget,
