@@ -5,8 +5,9 @@ any size? And is training/inference as fast as the bare model, per model family?
    config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
    whole-table steps (``default_dense``: ``sparse_embedding_updates: false``), beside the
    ``dcn_din`` preset and the former default (``former_default``: the config the default was before
-   issue 31, ``elementwise`` Transformer tokens, last 8, cross rank 32): bare training steps (lib/ctr/trainer.py ``training_step``: forward, loss +
-   regulariser, backward, clip, optimiser step) on the same batches, alternated for ``--repeats`` rounds, best of each;
+   issue 31, ``elementwise`` Transformer tokens, last 8, cross rank 32): bare training steps
+   (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser, backward, clip, optimiser
+   step) on the same batches, alternated for ``--repeats`` rounds, best of each;
    ``<model>_ratio`` = its samples/s over dcn_din's (goal >= 0.6 at 91,717 items), ``_cpu_ratio``
    the same from process CPU time per step (with ``--threads 1`` the figure a loaded machine
    distorts least). Data: the
