@@ -4,6 +4,7 @@ condition, CPU turns, progress logging, images in metadata, MLflow run tags."""
 import base64
 import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
@@ -63,7 +64,8 @@ def run_tags(context: dg.AssetExecutionContext) -> dict[str, str]:
     }
 
 
-def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step", poll=None):
+def cpu_cores(log, lock_dir: Path, want: int | None = None, need: int = 1, what: str = "step",
+              poll: Callable[[], None] | None = None):
     """Claim cores of this machine for a CPU-heavy step; yields how many it got (>= ``need``).
 
     Dagster runs independent steps at once (clip_embeddings beside item2vec_embeddings, or steps
