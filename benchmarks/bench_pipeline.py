@@ -47,7 +47,7 @@ from _common import emit, peak_mb  # noqa: E402
 SOURCES = ("content", "item2vec", "fused", "organisers")
 GOAL_FUSED_GAP = 0.02
 GOAL_FULL_PEAK_MB = 16 * 1024
-# Trainer settings shared by every quality run: TrainConfig defaults (lr 1e-3, batch 4096,
+# Trainer settings shared by every quality run: TrainConfig defaults (lr 2e-3, batch 4096,
 # max_len 64, early stopping) with a fixed seed and epoch budget.
 QUALITY_TRAIN = {"seed": 0, "epochs": 10}
 VARIANTS: dict[str, dict] = {

@@ -512,7 +512,7 @@ def test_the_library_defaults_are_the_default_model_and_a_preset_file_means_what
     default = ModelConfig(max_len=20)
     assert (default.family, default.use_id_embedding, default.use_tag_embedding, default.use_user_embedding,
             default.cross_rank) == ("transformer_dcnv2", True, True, True, 16)
-    assert default.embedding_regularizer > 0 and TrainConfig().lr_factor == 0.5
+    assert default.embedding_regularizer > 0 and (TrainConfig().lr, TrainConfig().lr_factor) == (2e-3, 0.1)
     # another family: its own family options (din reads no cross net), the shared defaults kept
     din = ModelConfig(family="din", max_len=20)
     assert din.cross_rank is None and din.use_id_embedding

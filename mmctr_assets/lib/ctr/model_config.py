@@ -63,7 +63,7 @@ class ModelConfig:
     use_user_bias: bool = False
     # FuxiCTR's embedding_regularizer: lambda / 2 * ||W||^2 over every trainable embedding table;
     # a model without trainable tables must set it to 0 (nothing for it to act on)
-    embedding_regularizer: float = 0.004
+    embedding_regularizer: float = 0.002
     # True: a step updates and regularises only the table rows its batch touches (sparse gradients,
     # lazy AdamW catching each row up on the regulariser's pull it missed), so its cost does not
     # grow with the catalog; False: whole tables every step (docs/models.md)
@@ -95,7 +95,7 @@ class ModelConfig:
     deep_units: tuple[int, ...] = (128, 64)
     # an MLP over [cross net, deep net] before the output layer (momo's [64, 32]); () = linear output
     head_units: tuple[int, ...] = ()
-    dropout: float = 0.1
+    dropout: float = 0.15
     batch_norm: bool = False
     # the target item's and the user's smoothed click rates and log counts from the training rows,
     # out-of-fold on training rows (lib/ctr/statistics.py); needs user_id
