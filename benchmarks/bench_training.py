@@ -4,8 +4,9 @@ any size? And is training/inference as fast as the bare model, per model family?
 1. ``step`` (always; one line per ``--items`` count): the default model (dcn_din_model's default
    config: Transformer + DCN-V2 over trainable item-id, tag and user tables), and the same with
    whole-table steps (``default_dense``: ``sparse_embedding_updates: false``), beside the
-   ``dcn_din`` preset and the former default (``former_default``: the config the default was before
-   issue 31, ``elementwise`` Transformer tokens, last 8, cross rank 32): bare training steps
+   ``dcn_din`` preset, the default before its tables narrowed (``wide_default``: 64-d id and tag
+   tables, 3 cross layers) and the former default (``former_default``: the config the default was
+   before issue 31, ``elementwise`` Transformer tokens, last 8, cross rank 32): bare training steps
    (lib/ctr/trainer.py ``training_step``: forward, loss + regulariser, backward, clip, optimiser
    step) on the same batches, alternated for ``--repeats`` rounds, best of each;
    ``<model>_ratio`` = its samples/s over dcn_din's (goal >= 0.6 at 91,717 items), ``_cpu_ratio``
@@ -163,16 +164,19 @@ def bare_train_rate(model_config: ModelConfig, emb: np.ndarray, counts: np.ndarr
 
 def model_configs() -> dict[str, ModelConfig]:
     """The default (dcn_din_model's config when a run config says nothing), the default with the
-    whole-table step (``sparse_embedding_updates: false``), the former default (``former_default``:
-    the default's config before issue 31: the Transformer tokens of models saved before
-    ``token_interaction``, last 8, cross rank 32), each when the library has the option, and the
-    dcn_din preset."""
+    whole-table step (``sparse_embedding_updates: false``), the default before its tables narrowed
+    (``wide_default``: 64-d item-id and tag tables, 3 cross layers), the former default
+    (``former_default``: the default's config before issue 31: the Transformer tokens of models
+    saved before ``token_interaction``, last 8, cross rank 32, and the wide tables), each when the
+    library has the option, and the dcn_din preset."""
     configs = {name: ModelConfig(**(preset(name)["model"] | {"max_len": MAX_LEN})) for name in ("default", "dcn_din")}
     if "sparse_embedding_updates" in ModelConfig.__dataclass_fields__:
         configs["default_dense"] = dataclasses.replace(configs["default"], sparse_embedding_updates=False)
+    wide = dataclasses.replace(configs["default"], id_embedding_dim=64, tag_embedding_dim=64, cross_layers=3)
+    if wide != configs["default"]:
+        configs["wide_default"] = wide
     if "token_interaction" in ModelConfig.__dataclass_fields__:
-        configs["former_default"] = dataclasses.replace(configs["default"], token_interaction="elementwise",
-                                                        last_k=8, cross_rank=32)
+        configs["former_default"] = dataclasses.replace(wide, token_interaction="elementwise", last_k=8, cross_rank=32)
     return configs
 
 
