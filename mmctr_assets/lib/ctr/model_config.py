@@ -51,8 +51,9 @@ class ModelConfig:
     max_len: int = 64  # history positions the model reads: the most recent max_len items
     finetune_item_embeddings: bool = False
     use_id_embedding: bool = True
-    # half momo's and FuxiCTR's MicroLens width (64): level with it on the demo worlds, and each
-    # width is paid per distinct item of every batch and again in the head (docs/results.md)
+    # half momo's and FuxiCTR's MicroLens width (64): with two cross layers, level with it on the
+    # demo worlds, and each width is paid per distinct item of every batch and again in the head
+    # (docs/results.md)
     id_embedding_dim: int = 32
     use_tag_embedding: bool = True
     tag_embedding_dim: int = 32

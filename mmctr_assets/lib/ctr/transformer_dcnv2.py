@@ -18,10 +18,11 @@ class TransformerDcnV2(CTRModel):
     OPTIONS = {
         "position": ("token", ("none", "token")),
         "use_item_frequency": (True, (True, False)),
-        # two: a third layer gained nothing on the demo worlds and costs a pass over the features
+        # two: with the 32-wide id and tag tables a third layer did not help on the demo worlds, and
+        # each layer is a pass over the features (docs/results.md)
         "cross_layers": (2, None),
         "cross_version": ("v2", ("v1", "v2")),
-        # low rank: full rank would triple the step on its ~470-wide features (docs/models.md)
+        # low rank: full rank would triple the step on its ~400-wide features (docs/models.md)
         "cross_rank": (16, None),
     }
     READS = ("transformer_dim", "transformer_layers", "transformer_heads", "transformer_ff_dim",
