@@ -297,6 +297,35 @@ def test_transformer_history_pools_last_k_and_max_over_real_items_only():
     assert short(tokens, padding).shape == (4, 9 * 8)  # k longer than the bucket: zero-filled
 
 
+@pytest.mark.parametrize("layers,heads,last_k", [(1, 1, 3), (2, 2, 3), (1, 2, 40)])
+def test_packed_transformer_history_is_the_padded_encoder_over_length_buckets(layers, heads, last_k):
+    """forward_packed (the model's path: position-wise parts over the real items only, attention
+    per length bucket, max-pool by segments) against PyTorch's encoder over each bucket's padded
+    grid, in training mode (batch-free layers: the same function), gradients included. Rows with
+    no history give zeros; last_k longer than the history is zero-filled. Tolerance: the same
+    products on differently shaped matrices round differently."""
+    torch.manual_seed(0)
+    enc = TransformerHistory(8, num_layers=layers, num_heads=heads, ff_dim=16, last_k=last_k).train()
+    lengths = torch.tensor([0, 1, 3, 5, 9, 30, 2, 0, 17, 4])
+    width = 32
+    real = torch.arange(width)[None, :] >= (width - lengths)[:, None]
+    tokens = torch.randn(int(lengths.sum()), 8, requires_grad=True)
+    packed = enc.forward_packed(tokens, real)
+    grid = tokens.new_zeros(len(lengths), width, 8).index_put((real,), tokens)  # row-major, as packed
+    reference = torch.zeros_like(packed)
+    for rows, w in length_buckets(lengths, width):
+        reference = reference.index_copy(0, rows, enc(grid[rows][:, -w:], ~real[rows][:, -w:]))
+    assert packed.shape == (10, (last_k + 1) * 8)
+    assert torch.equal(packed[lengths == 0], torch.zeros(2, (last_k + 1) * 8))
+    torch.testing.assert_close(packed, reference, rtol=1e-5, atol=1e-6)
+    weights = torch.randn_like(packed)
+    (grad_packed,) = torch.autograd.grad((packed * weights).sum(), tokens)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), tokens)
+    torch.testing.assert_close(grad_packed, grad_reference, rtol=1e-4, atol=1e-6)
+    empty = enc.forward_packed(tokens[:0], torch.zeros(3, width, dtype=torch.bool))
+    assert torch.equal(empty, torch.zeros(3, (last_k + 1) * 8))
+
+
 @pytest.mark.parametrize("version,rank", [("v1", 0), ("v2", 0), ("v2", 4)])
 def test_cross_net_and_mlp_give_the_same_result_on_zero_padded_features(version, rank):
     """pad_width appends zero columns (fast kernel widths); CrossNet and MLP pad their weights to

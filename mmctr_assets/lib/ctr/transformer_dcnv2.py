@@ -1,7 +1,8 @@
 """Transformer + DCN-V2 (the challenge winners' family): a token per history item from the item
 and the target (``token_interaction``) at ``transformer_dim`` plus a recency embedding (computed
-for the real history items only), a Transformer over the real history items (rows run in length
-buckets, so padding costs next to nothing), last-k + max pooling; head: DCN-V2 || deep MLP."""
+for the real history items only), a Transformer over the real history items (position-wise parts
+packed, attention in length buckets, so padding costs next to nothing), last-k + max pooling;
+head: DCN-V2 || deep MLP."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import TransformerHistory, length_buckets
+from mmctr_assets.lib.ctr.layers import TransformerHistory
 from mmctr_assets.lib.ctr.model import BatchItems, CTRModel, position_table
 
 
@@ -45,31 +46,16 @@ class TransformerDcnV2(CTRModel):
         return self.sequence.output_dim
 
     def _history(self, target: torch.Tensor, item_seq: torch.Tensor, vectors=None) -> tuple[torch.Tensor, None]:
-        """Run the encoder per length bucket (real items only, 1.5x at worst); empty rows stay 0.
-
-        Tokens are computed once per REAL history item (packed), then laid out per bucket with
-        padding positions as zero tokens: padding is never a key, and its outputs are dropped."""
+        """Tokens are computed once per REAL history item (packed) and the encoder runs over them
+        (``TransformerHistory.forward_packed``); a row without history gives zeros."""
         if vectors is None:
             _, vectors = self.batch_item_vectors(item_seq.new_zeros(0), item_seq)
-        out = target.new_zeros(target.shape[0], self.sequence.output_dim)
         real = item_seq != 0
-        buckets = length_buckets(real.sum(dim=1), item_seq.shape[1])
-        if not buckets:
-            return out, None
         rows, cols = real.nonzero(as_tuple=True)
         tokens = self._tokens(target, item_seq[rows, cols], rows, vectors)
         if self.config.position == "token":
             tokens = tokens + self.position_embedding((item_seq.shape[1] - 1) - cols)
-        # where each (row, position) finds its token: 0 is a zero token (padding), i + 1 the i-th packed one
-        slot = torch.zeros_like(item_seq, dtype=torch.long)
-        slot[rows, cols] = torch.arange(1, rows.numel() + 1)
-        tokens = torch.cat([tokens.new_zeros(1, tokens.shape[1]), tokens])
-        outputs = []
-        for bucket_rows, width in buckets:
-            seq_slots = slot.index_select(0, bucket_rows)[:, -width:]
-            grid = tokens.index_select(0, seq_slots.reshape(-1)).view(*seq_slots.shape, -1)
-            outputs.append(self.sequence(grid, seq_slots == 0))
-        return out.index_copy(0, torch.cat([r for r, _ in buckets]), torch.cat(outputs)), None
+        return self.sequence.forward_packed(tokens, real), None
 
     def _tokens(self, target: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, items: BatchItems) -> torch.Tensor:
         """Token ``[M, transformer_dim]`` of each packed history item ``ids [M]`` (row ``rows [M]``).
