@@ -1,14 +1,17 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmctr_assets.lib.ctr.layers import (
     MLP,
     CrossNet,
     Dice,
+    Dropout,
     HashedEmbedding,
     TargetAttention,
     TransformerHistory,
+    bag_mean,
     length_buckets,
     pack_history,
     pack_history_with_recency,
@@ -295,6 +298,43 @@ def test_transformer_history_pools_last_k_and_max_over_real_items_only():
     torch.testing.assert_close(pooled[row, 24:], out[row, -1])  # max over one real item
     short = TransformerHistory(8, num_heads=1, ff_dim=16, last_k=8).eval()
     assert short(tokens, padding).shape == (4, 9 * 8)  # k longer than the bucket: zero-filled
+
+
+def test_bag_mean_is_embedding_bags_mean_and_its_gradient():
+    """bag_mean's backward is hand-written (one index_add per id slot): it must give
+    F.embedding_bag's gradient, padding (0) left out of each mean and of the table's gradient.
+    Tolerance: float sums in another order."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 7, (50, 4))
+    ids[3] = 0  # a bag of padding only: zeros
+    ids[5] = torch.tensor([2, 2, 0, 2])  # a repeated id counts each time
+    weight = torch.randn(7, 5, requires_grad=True)
+    ours = bag_mean(ids, weight)
+    theirs = F.embedding_bag(ids, weight, mode="mean", padding_idx=0)
+    torch.testing.assert_close(ours, theirs)
+    assert torch.equal(ours[3], torch.zeros(5))
+    upstream = torch.randn(50, 5)
+    (grad_ours,) = torch.autograd.grad((ours * upstream).sum(), weight)
+    (grad_theirs,) = torch.autograd.grad((theirs * upstream).sum(), weight)
+    torch.testing.assert_close(grad_ours, grad_theirs, rtol=1e-5, atol=1e-6)
+    assert torch.equal(grad_ours[0], torch.zeros(5))
+
+
+def test_dropout_drops_at_its_rate_scales_the_rest_and_passes_its_mask_to_the_gradient():
+    torch.manual_seed(0)
+    drop = Dropout(0.15)
+    x = torch.ones(400, 250, requires_grad=True)
+    out = drop(x)
+    kept = out != 0
+    # 100,000 draws: the dropped share's standard error is 0.0011; 0.005 is over 4 of them
+    assert abs(1 - kept.float().mean().item() - 0.15) < 0.005
+    torch.testing.assert_close(out[kept], torch.full((int(kept.sum()),), 1 / 0.85))
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.85)
+    assert not torch.equal(kept, drop(x) != 0)  # a new mask each call
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(0.0).train()(x), x)
+    assert not Dropout(1.0).train()(x).any()
 
 
 @pytest.mark.parametrize("layers,heads,last_k", [(1, 1, 3), (2, 2, 3), (1, 2, 40)])

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
 from mmctr_assets.lib.ctr.model_config import FAMILIES, ModelConfig
+from mmctr_assets.lib.ctr.optim import add_row_penalty, coalesce_sparse_grads
 
 N_ITEMS, D, B, L = 50, 16, 8, 10
 # a DCN-DIN over the item table alone (no trainable tables): the library's default model is the
@@ -255,9 +257,10 @@ def test_every_family_gives_finite_logits_and_gradients_and_round_trips(family):
     users = torch.arange(B) * 1000
     logits = model(item_id, seq, likes, views, users)
     assert logits.shape == (B,) and torch.isfinite(logits).all()
-    penalty = model.embedding_penalty(item_id, seq, likes, views, users)
-    assert penalty > 0
+    penalty = model.embedding_penalty(item_id, seq, likes, views, users)  # the dense tables': none here
     (bce_loss(logits, torch.tensor([0.0, 1.0] * (B // 2))) + penalty).backward()
+    coalesce_sparse_grads(model.parameters())
+    assert add_row_penalty(model.row_regularised_tables(), 1e-3) > 0  # the id and user tables' rows
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert p.grad is not None and torch.isfinite(_grad(p)).all(), name
@@ -355,9 +358,11 @@ def test_embedding_penalty_covers_every_trainable_table_but_not_padding_or_froze
     assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
 
 
-def test_with_sparse_updates_the_penalty_is_lambda_half_the_squared_norm_of_the_rows_the_batch_touches():
-    """The default: touched rows of the catalog-sized tables (the optimiser catches the others up:
-    test_ctr_optim.py); the tag table, as large as the tag vocabulary, whole."""
+def test_with_sparse_updates_the_step_pays_lambda_half_the_squared_norm_of_the_rows_the_batch_looks_up():
+    """The default: the catalog-sized tables' regulariser on the rows the forward looks up, added to
+    their sparse gradients (the optimiser catches the others up: test_ctr_optim.py); the tag table,
+    as large as the tag vocabulary, whole, in the loss. Checked against autograd on the explicit
+    penalty: the same value, the same gradients."""
     model = _family("din", use_id_embedding=True, use_tag_embedding=True, use_user_embedding=True,
                     use_item_bias=True, use_user_bias=True, user_buckets=7, embedding_regularizer=0.5)
     assert model.config.sparse_embedding_updates
@@ -370,19 +375,35 @@ def test_with_sparse_updates_the_penalty_is_lambda_half_the_squared_norm_of_the_
     item_id = torch.tensor([3, 5, 3])
     seq = torch.tensor([[0, 0, 7, 5], [0, 0, 0, 0], [0, 9, 9, 3]])
     users = torch.tensor([11, 11, 4000])
-    items = torch.tensor([3, 5, 7, 9])  # each touched item once, padding left out
+    labels, levels = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1, 2, 3])
+    items = torch.tensor([3, 5, 7, 9])  # each looked-up item once, padding left out
     buckets = model.user_embedding.bucket(users).unique()
-    w = {name: p.detach() for name, p in model.named_parameters()}
-    expected = 0.5 / 2 * (w["id_embedding.weight"][items].pow(2).sum() + w["tag_embedding.weight"][1:].pow(2).sum()
-                          + w["user_embedding.embedding.weight"][buckets].pow(2).sum()
-                          + len(items) * 0.25 ** 2 + len(buckets) * 0.5 ** 2)
+    w = {name: p for name, p in model.named_parameters()}
+
+    def explicit():  # autograd over the rows the forward looks up (the item bias: the targets')
+        return 0.5 / 2 * (F.embedding(items, w["id_embedding.weight"]).pow(2).sum()
+                          + w["tag_embedding.weight"][1:].pow(2).sum()
+                          + F.embedding(buckets, w["user_embedding.embedding.weight"]).pow(2).sum()
+                          + F.embedding(item_id.unique(), w["item_bias.weight"]).pow(2).sum()
+                          + F.embedding(buckets, w["user_bias.embedding.weight"]).pow(2).sum())
+
+    torch.manual_seed(0)  # the same dropout masks in both passes
+    loss = bce_loss(model(item_id, seq, levels, levels, users), labels)
+    (loss + explicit()).backward()
+    expected = {name: _grad(p).clone() for name, p in w.items() if p.grad is not None}
+    expected_value = explicit().detach()
+    model.zero_grad(set_to_none=True)
     penalty = model.embedding_penalty(item_id, seq, None, None, users)
-    torch.testing.assert_close(penalty, expected)
-    # the gradient pulls each touched row toward zero once (lambda * w) and names no other row
-    penalty.backward()
-    grad = model.id_embedding.weight.grad.coalesce()
-    assert grad.indices()[0].tolist() == items.tolist()
-    torch.testing.assert_close(grad.values(), 0.5 * w["id_embedding.weight"][items])
+    torch.testing.assert_close(penalty, 0.5 / 2 * w["tag_embedding.weight"][1:].pow(2).sum())
+    torch.manual_seed(0)
+    (bce_loss(model(item_id, seq, levels, levels, users), labels) + penalty).backward()
+    coalesce_sparse_grads(model.parameters())
+    value = penalty + add_row_penalty(model.row_regularised_tables(), 0.5)
+    torch.testing.assert_close(value, expected_value)
+    for name, grad in expected.items():
+        torch.testing.assert_close(_grad(w[name]), grad, msg=lambda m: f"{name}: {m}")
+    grad = model.id_embedding.weight.grad
+    assert set(grad.indices()[0].tolist()) - {0} == set(items.tolist())  # no other row named
     assert model.item_embedding.weight.grad is None  # the frozen pretrained table is not regularised
 
 

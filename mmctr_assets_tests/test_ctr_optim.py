@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from mmctr_assets.lib.ctr.layers import length_buckets, recency_positions
 from mmctr_assets.lib.ctr.model import CTRModel
 from mmctr_assets.lib.ctr.model_config import ModelConfig
-from mmctr_assets.lib.ctr.optim import RowAdamW, clip_grad_norm_, coalesce_sparse_grads
+from mmctr_assets.lib.ctr.optim import RowAdamW, add_row_penalty, clip_grad_norm_, coalesce_sparse_grads
 from mmctr_assets.lib.ctr.tensors import CTRTensors
 from mmctr_assets.lib.ctr.trainer import TrainConfig, make_optimizer, training_step
 
@@ -62,6 +62,21 @@ def test_clipping_sees_each_rows_summed_gradient():
     torch.testing.assert_close(total, expected)
     clipped = torch.cat([p.grad.to_dense().flatten() for p in params]).norm()
     torch.testing.assert_close(clipped, torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_the_row_penalty_adds_lambda_w_to_the_named_rows_but_not_to_padding():
+    table = torch.nn.Embedding(5, 2, padding_idx=0, sparse=True)
+    with torch.no_grad():
+        table.weight.copy_(torch.arange(10.0).view(5, 2))  # a padding row that is not zero
+    table(torch.tensor([0, 2, 2, 4])).sum().backward()
+    coalesce_sparse_grads([table.weight])
+    value = add_row_penalty([table], 0.5)
+    assert table.weight.grad.indices()[0].tolist() == [2, 4]  # the padding row is not named
+    grad = table.weight.grad.to_dense()
+    data = torch.tensor([[0.0, 0], [0, 0], [2, 2], [0, 0], [1, 1]])  # padding_idx: no data gradient
+    torch.testing.assert_close(grad, data + 0.5 * torch.tensor([[0.0, 0], [0, 0], [4, 5], [0, 0], [8, 9]]))
+    torch.testing.assert_close(value, torch.tensor(0.5 / 2 * (16 + 25 + 64 + 81)))
+    assert add_row_penalty([torch.nn.Embedding(3, 2, sparse=True)], 0.5) == 0  # no gradient: nothing
 
 
 def _default_like(embedding_regularizer=0.1, **options):

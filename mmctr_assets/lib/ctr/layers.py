@@ -63,13 +63,47 @@ def length_buckets(lengths: torch.Tensor, max_len: int) -> list[tuple[torch.Tens
     return out
 
 
+def bag_mean(ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.embedding_bag(ids, weight, mode="mean", padding_idx=0)``: the mean of each row's
+    non-zero ids' rows of ``weight`` (zeros for a row of padding only), ``ids [N, k]`` -> ``[N, d]``.
+    Its backward is one ``index_add`` into the table's gradient, cheaper on CPU than embedding_bag's
+    own dense backward."""
+    return _BagMean.apply(ids, weight)
+
+
+class _BagMean(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        count = (ids != 0).sum(dim=1, keepdim=True).clamp(min=1).to(weight.dtype)
+        ctx.save_for_backward(ids, count)
+        ctx.rows = weight.shape[0]
+        return F.embedding_bag(ids, weight, mode="sum", padding_idx=0) / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
+        ids, count = ctx.saved_tensors
+        per_bag = grad / count
+        table = grad.new_zeros(ctx.rows, grad.shape[1])
+        for slot in ids.unbind(dim=1):  # one index_add per id slot: no [N, k, d] copy
+            table.index_add_(0, slot, per_bag)
+        table[0] = 0  # the padding row gets no gradient
+        return None, table
+
+
 def pad_width(x: torch.Tensor, multiple: int = 8) -> torch.Tensor:
     """``x [N, d]`` with zero columns appended up to a multiple of ``multiple``. CPU matrix
     kernels (oneDNN/MKL) run several times slower on an output width that is not one (e.g. 593),
     and both the forward and the backward of a layer over ``x`` produce such widths;
     :class:`CrossNet` and :class:`MLP` accept the padded input and give the same result."""
-    pad = -x.shape[-1] % multiple
-    return F.pad(x, (0, pad)) if pad else x
+    return cat_padded([x], multiple)
+
+
+def cat_padded(parts: Sequence[torch.Tensor], multiple: int = 8) -> torch.Tensor:
+    """``pad_width(torch.cat(parts, dim=-1))`` in one copy: the zero columns join as one more part."""
+    pad = -sum(part.shape[-1] for part in parts) % multiple
+    if pad:
+        parts = [*parts, parts[0].new_zeros(*parts[0].shape[:-1], pad)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 class Dice(nn.Module):
@@ -97,6 +131,32 @@ class Dice(nn.Module):
         return (flat * gate).reshape(x.shape)
 
 
+class Dropout(nn.Module):
+    """``nn.Dropout``'s function (zero each element with probability ``p`` in training, scale the
+    rest by ``1 / (1 - p)``; identity in eval) with a cheaper mask: 16 random bits per element, four
+    elements per 64-bit draw of torch's generator. ``nn.Dropout`` draws one number per element
+    (``bernoulli_``), which on CPU costs more than the layer it follows. ``p`` is applied to 1/65536."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0 <= p <= 1:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return x * 0
+        words = torch.randint(-2 ** 63, 2 ** 63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
+        bits = words.view(torch.int16)[:x.numel()].view(x.shape)  # uniform over -32768..32767
+        keep = bits >= round(self.p * 65536) - 32768
+        return x * keep.to(x.dtype).mul_(1 / (1 - self.p))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def _activation(name: str, units: int) -> nn.Module:
     if name == "dice":
         return Dice(units)
@@ -119,7 +179,7 @@ class MLP(nn.Module):
                 layers.append(nn.BatchNorm1d(units))
             layers.append(_activation(activation, units))
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             dim = units
         if output_dim is not None:
             layers.append(nn.Linear(dim, output_dim))
@@ -163,10 +223,10 @@ class CrossNet(nn.Module):
         self.weights = nn.ModuleList(weight() for _ in range(num_layers))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(input_dim)) for _ in range(num_layers))
 
-    def forward(self, x0: torch.Tensor) -> torch.Tensor:
+    def forward(self, x0: torch.Tensor, *, keep_padding: bool = False) -> torch.Tensor:
         """``x0 [N, input_dim]``, or zero-padded wider (:func:`pad_width`): the weights are padded
-        with zeros to match, the padding stays zero through every layer and is cut off the output,
-        so the result is the same."""
+        with zeros to match, the padding stays zero through every layer and is cut off the output
+        (kept with ``keep_padding``), so the result is the same."""
         pad = x0.shape[-1] - self.input_dim
         x = x0
         for w, b in zip(self.weights, self.biases):
@@ -179,7 +239,7 @@ class CrossNet(nn.Module):
             else:  # v1: [1, d] (input columns); v2: [d, d] (both)
                 wx = F.linear(x, F.pad(w.weight, (0, pad, 0, pad if self.version == "v2" else 0)))
             x = x0 * wx + F.pad(b, (0, pad)) + x
-        return x[:, :self.input_dim] if pad else x
+        return x[:, :self.input_dim] if pad and not keep_padding else x
 
 
 class TargetAttention(nn.Module):
@@ -211,7 +271,7 @@ class TargetAttention(nn.Module):
         self.split_first_layer = split_first_layer
         self.first = nn.Linear(4 * embedding_dim, attention_units[0])
         self.first_activation = _activation(activation, attention_units[0])
-        self.first_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.first_dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.rest = MLP(attention_units[0], attention_units[1:], activation=activation,
                         dropout=dropout, output_dim=1)
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, pad_width
+from mmctr_assets.lib.ctr.layers import MLP, CrossNet, HashedEmbedding, bag_mean, cat_padded
 from mmctr_assets.lib.ctr.statistics import FEATURES as STATISTICS_FEATURES
 from mmctr_assets.lib.ctr.statistics import TrainingStatistics
 
@@ -169,7 +169,7 @@ class CTRModel(nn.Module):
             parts.append(self.id_embedding(ids))
         if self.config.use_tag_embedding:  # the mean over the item's tags, padding (0) left out
             tags = self.item_tags[ids.reshape(-1)]
-            pooled = F.embedding_bag(tags, self.tag_embedding.weight, mode="mean", padding_idx=0)
+            pooled = bag_mean(tags, self.tag_embedding.weight)
             parts.append(pooled.view(*ids.shape, pooled.shape[-1]))
         if self.config.use_item_levels:  # the padding item's levels (0, a real bucket) must not show
             levels, real = self.item_levels[ids], (ids != 0).unsqueeze(-1)
@@ -231,49 +231,72 @@ class CTRModel(nn.Module):
                                  "hold every training label")
             raw = self.statistics(item_id, user_id) if statistics is None else statistics
             parts.append(self.statistics.standardise(raw.float()).to(target.dtype))
-        features = pad_width(torch.cat(parts, dim=-1))
-        if self.uses_cross:
-            hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1)
+        features = cat_padded(parts)
+        if self.uses_cross and not self.config.head_units:
+            logit = self._cross_deep_output(features)
         else:
-            hidden = self.deep(features)
-        if self.config.head_units:
-            hidden = self.head(hidden)
-        logit = self.output(hidden).squeeze(-1)
+            hidden = torch.cat([self.cross(features), self.deep(features)], dim=-1) if self.uses_cross \
+                else self.deep(features)
+            if self.config.head_units:
+                hidden = self.head(hidden)
+            logit = self.output(hidden).squeeze(-1)
         if self.config.use_item_bias:
             logit = logit + self.item_bias(item_id).squeeze(-1).to(logit.dtype)
         if self.config.use_user_bias:
             logit = logit + self.user_bias(user_id).squeeze(-1).to(logit.dtype)
         return logit
 
-    def embedding_penalty(self, item_id: torch.Tensor, item_seq: torch.Tensor, likes_level=None, views_level=None,
-                          user_id: torch.Tensor | None = None, statistics=None) -> torch.Tensor:
+    def _cross_deep_output(self, features: torch.Tensor) -> torch.Tensor:
+        """``output([cross(features), deep(features)])`` with the output weight split instead of
+        the two joined: no copy of the cross net's wide output, and its zero-padded columns meet
+        zero weights."""
+        cross, width = self.cross(features, keep_padding=True), self.cross.input_dim
+        weight = self.output.weight
+        logit = F.linear(cross, F.pad(weight[:, :width], (0, cross.shape[-1] - width)))
+        return (logit + F.linear(self.deep(features), weight[:, width:], self.output.bias)).squeeze(-1)
+
+    def embedding_penalty(self, item_id: torch.Tensor | None = None, item_seq: torch.Tensor | None = None,
+                          likes_level=None, views_level=None, user_id: torch.Tensor | None = None,
+                          statistics=None) -> torch.Tensor:
         """``embedding_regularizer / 2`` x the squared L2 norm of the trainable embedding tables
         (item ids, tags, user buckets, item and user biases; padding rows excluded), to add to the
-        batch's loss. Takes ``forward``'s arguments.
+        batch's loss. Takes ``forward``'s arguments (unused: kept so callers need not know the mode).
 
         Without ``sparse_embedding_updates``: FuxiCTR's ``lambda / 2 * ||W||^2`` over WHOLE tables
-        every step, a cost that grows with the catalog. With it (the default): only the rows this
-        batch looks up (each once), and the optimiser catches every other row up when a batch next
-        touches it (``RowAdamW``'s catch-up shrink, lib/ctr/optim.py): between its visits Adam
-        pulls a row toward zero under the whole-table penalty, so rare ids stay regularised as
-        strongly as the dense step keeps them. The tag table is dense and as large as the tag
-        vocabulary, not the catalog: always whole.
+        every step, a cost that grows with the catalog. With it (the default) only the tag table is
+        here (dense and as large as the tag vocabulary, not the catalog: always whole); the
+        catalog-sized tables' share is paid on the rows the batch looks up, by the training step
+        (:meth:`row_regularised_tables`, ``optim.add_row_penalty``), and the optimiser catches every
+        other row up when a batch next touches it (``RowAdamW``'s catch-up shrink, lib/ctr/optim.py):
+        between its visits Adam pulls a row toward zero under the whole-table penalty, so rare ids
+        stay regularised as strongly as the dense step keeps them.
         """
         cfg = self.config
-        items = None  # None: the whole table
-        if cfg.sparse_embedding_updates:
-            items = torch.cat([item_id.reshape(-1).long(), item_seq[item_seq != 0].long()]).unique()
-            items = items[items != 0]
-        tables = [(self.item_embedding, items)] if cfg.finetune_item_embeddings else []
-        tables += [(self.id_embedding, items)] if cfg.use_id_embedding else []
-        tables += [(self.item_bias, items)] if cfg.use_item_bias else []
-        tables += [(self.tag_embedding, None)] if cfg.use_tag_embedding else []
-        for hashed in ([self.user_embedding] if cfg.use_user_embedding else []) + (
-                [self.user_bias] if cfg.use_user_bias else []):
-            tables.append((hashed.embedding, hashed.bucket(user_id).unique() if cfg.sparse_embedding_updates else None))
-        total = sum((_squared_norm(table, rows) for table, rows in tables),
-                    start=self.likes_embedding.weight.new_zeros(()))
+        tables = [self.tag_embedding] if cfg.use_tag_embedding else []
+        if not cfg.sparse_embedding_updates:
+            tables += [self.item_embedding] if cfg.finetune_item_embeddings else []
+            tables += [self.id_embedding] if cfg.use_id_embedding else []
+            tables += [self.item_bias] if cfg.use_item_bias else []
+            tables += [self.user_embedding.embedding] if cfg.use_user_embedding else []
+            tables += [self.user_bias.embedding] if cfg.use_user_bias else []
+        total = sum((_squared_norm(table) for table in tables), start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
+
+    def row_regularised_tables(self) -> list[nn.Embedding]:
+        """The catalog-sized tables whose regulariser the training step pays on the rows each batch
+        looks up (``optim.add_row_penalty``: ``lambda * w`` added to those rows' sparse gradient, the
+        gradient of ``lambda / 2 * ||rows||^2``, without a second lookup and a second sparse
+        gradient). Empty without ``sparse_embedding_updates`` (:meth:`embedding_penalty` then covers
+        whole tables) or without a regulariser."""
+        cfg = self.config
+        if not cfg.sparse_embedding_updates or cfg.embedding_regularizer <= 0:
+            return []
+        tables = [self.item_embedding] if cfg.finetune_item_embeddings else []
+        tables += [self.id_embedding] if cfg.use_id_embedding else []
+        tables += [self.item_bias] if cfg.use_item_bias else []
+        tables += [self.user_embedding.embedding] if cfg.use_user_embedding else []
+        tables += [self.user_bias.embedding] if cfg.use_user_bias else []
+        return tables
 
     def to_dict(self) -> dict[str, Any]:
         """Architecture (config + table shapes): with a state_dict, enough to rebuild the model."""
@@ -338,10 +361,8 @@ def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding
     return table
 
 
-def _squared_norm(table: nn.Embedding, rows: torch.Tensor | None) -> torch.Tensor:
-    """Squared L2 norm of ``rows`` of ``table`` (None: the whole table), its padding row excluded."""
-    if rows is not None:
-        return F.embedding(rows, table.weight, sparse=table.sparse).pow(2).sum()
+def _squared_norm(table: nn.Embedding) -> torch.Tensor:
+    """Squared L2 norm of ``table``, its padding row excluded."""
     norm = table.weight.pow(2).sum()
     return norm if table.padding_idx is None else norm - table.weight[table.padding_idx].pow(2).sum()
 

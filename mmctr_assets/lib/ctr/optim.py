@@ -135,6 +135,23 @@ def coalesce_sparse_grads(params: Iterable[torch.Tensor]) -> None:
             p.grad = p.grad.coalesce()
 
 
+def add_row_penalty(tables: Iterable[torch.nn.Embedding], weight: float) -> torch.Tensor:
+    """The L2 regulariser ``weight / 2 * ||rows||^2`` over the rows each table's (coalesced) sparse
+    gradient names, applied where autograd would put it: ``weight * row`` added to each such row's
+    gradient. Returns the penalty's value (for the reported loss). A table without a gradient this
+    step adds nothing; a padding row is never named (an ``nn.Embedding``'s sparse gradient leaves
+    its ``padding_idx`` out), so it is not penalised."""
+    terms = []
+    for table in tables:
+        grad = table.weight.grad
+        if grad is None:
+            continue
+        rows = table.weight.detach().index_select(0, grad.indices()[0])
+        grad.values().add_(rows, alpha=weight)  # values() of a coalesced gradient: a view
+        terms.append(rows.pow(2).sum())
+    return weight / 2 * torch.stack(terms).sum() if terms else torch.zeros(())
+
+
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a mix of dense and (coalesced) sparse gradients."""
     grads = [p.grad for p in params if p.grad is not None]

@@ -27,7 +27,7 @@ from mmctr_assets.lib.ctr.artifacts import save_weights
 from mmctr_assets.lib.ctr.inference import check_user_ids, predict_batches
 from mmctr_assets.lib.ctr.model import CTRModel, bce_loss
 from mmctr_assets.lib.ctr.model_config import ModelConfig
-from mmctr_assets.lib.ctr.optim import RowAdamW, clip_grad_norm_, coalesce_sparse_grads
+from mmctr_assets.lib.ctr.optim import RowAdamW, add_row_penalty, clip_grad_norm_, coalesce_sparse_grads
 from mmctr_assets.lib.ctr.statistics import TrainingStatistics
 from mmctr_assets.lib.ctr.tensors import CTRTensors, check_labels, item_frequency
 from mmctr_assets.lib.io import array_fingerprint, atomic_path
@@ -275,19 +275,22 @@ def make_optimizer(model: CTRModel, cfg: TrainConfig) -> RowAdamW:
 def training_step(model: CTRModel, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                   batch: CTRTensors, cfg: TrainConfig, device: torch.device,
                   params: list[torch.Tensor]) -> torch.Tensor:
-    """Forward, loss (+ the regulariser over the rows the batch touches), backward, clip, step;
-    returns the loss. The benchmarks time this same function."""
+    """Forward, loss (+ the regulariser: the tag table's in the loss, the catalog-sized tables' on the
+    rows the batch looks up, added to their gradients), backward, clip, step; returns the loss
+    (the regulariser included). The benchmarks time this same function."""
     inputs = batch.model_inputs()
     with autocast(device, cfg.precision):
         logits = model(*inputs)
     loss = bce_loss(logits, batch.label)
-    if model.config.embedding_regularizer > 0:
+    regularizer = model.config.embedding_regularizer
+    if regularizer > 0:
         loss = loss + model.embedding_penalty(*inputs)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     coalesce_sparse_grads(params)
+    scaler.unscale_(optimizer)  # the row penalty and the clip see true gradients
+    loss = loss.detach() + add_row_penalty(model.row_regularised_tables(), regularizer)
     if cfg.grad_clip_norm:
-        scaler.unscale_(optimizer)
         clip_grad_norm_(params, cfg.grad_clip_norm)
     scaler.step(optimizer)
     scaler.update()
