@@ -571,7 +571,8 @@ def test_factorised_tokens_are_the_per_position_formula_and_old_models_load_as_e
         h, t, d = model.item_vectors(ids), model.item_vectors(item_id)[rows], model.config.transformer_dim
         a, p = (h @ model.token_history.weight.t()).split(d, dim=1)
         b, q = (t @ model.token_target.weight.t() + model.token_target.bias).split(d, dim=1)
-        torch.testing.assert_close(model._tokens(target, ids, rows, items), a + b + p * q)
+        assert torch.equal(items.history_rows, items.rows_of(ids))  # unique's inverse: the same rows as a search
+        torch.testing.assert_close(model._tokens(target, items.history_rows, rows, items), a + b + p * q)
 
     old = _family("transformer_dcnv2", token_interaction="elementwise")
     spec = json.loads(json.dumps(old.to_dict()))

@@ -423,7 +423,7 @@ class TransformerHistory(nn.Module):
         """``nn.MultiheadAttention`` (self-attention, key padding masked) over packed ``x [M, d]``:
         the projections run once over the real items, the attention bucket by bucket."""
         d, heads = x.shape[1], attention.num_heads
-        grid = F.linear(x, attention.in_proj_weight, attention.in_proj_bias).index_select(0, layout.grid)
+        grid = _GridGather.apply(F.linear(x, attention.in_proj_weight, attention.in_proj_bias), layout)
         outputs = []
         for (rows, width), keys, part in zip(layout.shapes, layout.keys, grid.split(layout.sizes)):
             q, k, v = part.view(rows, width, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
@@ -432,6 +432,22 @@ class TransformerHistory(nn.Module):
             outputs.append(out.transpose(1, 2).reshape(rows * width, d))
         packed = torch.cat(outputs).index_select(0, layout.packed)
         return F.linear(packed, attention.out_proj.weight, attention.out_proj.bias)
+
+
+class _GridGather(torch.autograd.Function):
+    """``x.index_select(0, layout.grid)`` (packed rows -> the buckets' grid positions) whose
+    backward is a gather too (``layout.packed``: each packed row's one real grid position), not
+    index_select's scatter-add over the whole grid. Exact because the grid's other reads of a row
+    (padding positions read item 0) get zero gradient: they are masked keys and dropped queries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
+        ctx.packed = layout.packed
+        return x.index_select(0, layout.grid)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad.index_select(0, ctx.packed), None
 
 
 class _PackedLayout:

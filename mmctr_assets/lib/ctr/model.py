@@ -184,9 +184,10 @@ class CTRModel(nn.Module):
         once and then gathered, so tables and tag pooling are paid per distinct item, not per
         history position, and each table row gets one gradient row. Same vectors as
         :meth:`item_vectors`."""
-        ids = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()]).unique()
-        items = BatchItems(ids, self.item_vector_parts(ids))
-        return items(item_id), items
+        looked_up = torch.cat([item_id.new_zeros(1), item_id.long(), item_seq[item_seq != 0].long()])
+        ids, rows = torch.unique(looked_up, return_inverse=True)
+        items = BatchItems(ids, self.item_vector_parts(ids), history_rows=rows[1 + len(item_id):])
+        return items.gather(rows[1:1 + len(item_id)]), items
 
     def interest(self, target: torch.Tensor, item_seq: torch.Tensor) -> torch.Tensor:
         """History summary ``[B, *]``: the pooled interest (attention families) or the pooled
@@ -324,10 +325,12 @@ class BatchItems:
     """The vectors of a batch's distinct items (for the sorted ``ids``), kept as the parts of
     :meth:`CTRModel.item_vector_parts`; calling it with ids ``[...]`` gathers their vectors
     ``[..., item_dim]``. A family may instead transform them once per distinct item (:meth:`linear`)
-    and gather the result with :meth:`rows_of`."""
+    and gather the result with :meth:`rows_of`. ``history_rows`` (when given): the row of each real
+    history item of the batch, in row-major order (``item_seq[item_seq != 0]``), known from the
+    ``unique`` that found the ids, so the packed history needs no search."""
 
-    def __init__(self, ids: torch.Tensor, parts: list[torch.Tensor]):
-        self.ids, self.parts = ids, parts
+    def __init__(self, ids: torch.Tensor, parts: list[torch.Tensor], history_rows: torch.Tensor | None = None):
+        self.ids, self.parts, self.history_rows = ids, parts, history_rows
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:
         """Row of the distinct items holding each id of ``x``, flattened."""
@@ -343,11 +346,15 @@ class BatchItems:
             out, start = term if out is None else out + term, start + part.shape[-1]
         return out
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # index_select: its backward is a plain index_add
-        rows = self.rows_of(x)
-        parts = [part.index_select(0, rows) for part in self.parts]
-        vectors = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        vectors = self.gather(self.rows_of(x))
         return vectors.view(*x.shape, vectors.shape[-1])
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Vectors ``[N, item_dim]`` of the distinct items at ``rows [N]`` (index_select: its
+        backward is a plain index_add)."""
+        parts = [part.index_select(0, rows) for part in self.parts]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def trainable_table(rows: int, dim: int, *, sparse: bool = True) -> nn.Embedding:

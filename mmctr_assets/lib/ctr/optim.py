@@ -81,28 +81,24 @@ class RowAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if group["catch_up_shrink"] and state:
-                    _shrink(p, None, state)
+                    p.copy_(_caught_up(p, state, None))
+                    state["lr_mark"].copy_(state["lr_total"].expand_as(state["lr_mark"]))
 
 
-def _shrink(p: torch.Tensor, rows: torch.Tensor | None, state: dict) -> None:
-    """Soft-threshold ``rows`` of ``p`` (None: every row) toward zero by the learning rates of the
-    steps each missed since its last update; they are then up to date."""
+def _caught_up(value: torch.Tensor, state: dict, rows: torch.Tensor | None) -> torch.Tensor:
+    """``value`` (the table's ``rows``; None: every row) soft-thresholded toward zero by the
+    learning rates of the steps each row missed since its last update."""
     if "lr_mark" not in state:
-        state["lr_total"] = p.new_zeros(())
-        state["lr_mark"] = p.new_zeros(p.shape[0])
+        state["lr_total"] = value.new_zeros(())
+        state["lr_mark"] = value.new_zeros(state["exp_avg"].shape[0])
     mark = state["lr_mark"] if rows is None else state["lr_mark"].index_select(0, rows)
     missed = (state["lr_total"] - mark).clamp_(min=0).unsqueeze(1)
-    value = p if rows is None else p.index_select(0, rows)
-    value = value.sign() * (value.abs() - missed).clamp_(min=0)
-    if rows is None:
-        p.copy_(value)
-        state["lr_mark"].copy_(state["lr_total"].expand_as(state["lr_mark"]))
-    else:
-        p.index_copy_(0, rows, value)
+    return value.sign() * (value.abs() - missed).clamp_(min=0)
 
 
 def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
-    """One AdamW step on the rows ``grad`` names (duplicates summed), as torch's Adam computes it."""
+    """One AdamW step on the rows ``grad`` names (duplicates summed), as torch's Adam computes it;
+    each row first caught up (``catch_up_shrink``). The rows are read and written once."""
     grad = grad.coalesce()
     rows, values = grad.indices()[0], grad.values()
     if rows.numel() == 0:
@@ -111,14 +107,14 @@ def _row_step(p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> 
     lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
     state["step"] += 1
     step = float(state["step"])
+    value = p.index_select(0, rows)
     if group["catch_up_shrink"]:
-        _shrink(p, rows, state)
+        value = _caught_up(value, state, rows)
     exp_avg = state["exp_avg"].index_select(0, rows).lerp_(values, 1 - beta1)
     exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(values, values, value=1 - beta2)
     state["exp_avg"].index_copy_(0, rows, exp_avg)
     state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
     denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
-    value = p.index_select(0, rows)
     if decay:
         value.mul_(1 - lr * decay)
     p.index_copy_(0, rows, value.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step)))

@@ -52,13 +52,16 @@ class TransformerDcnV2(CTRModel):
             _, vectors = self.batch_item_vectors(item_seq.new_zeros(0), item_seq)
         real = item_seq != 0
         rows, cols = real.nonzero(as_tuple=True)
-        tokens = self._tokens(target, item_seq[rows, cols], rows, vectors)
+        item_rows = vectors.history_rows if vectors.history_rows is not None else vectors.rows_of(item_seq[rows, cols])
+        tokens = self._tokens(target, item_rows, rows, vectors)
         if self.config.position == "token":
             tokens = tokens + self.position_embedding((item_seq.shape[1] - 1) - cols)
         return self.sequence.forward_packed(tokens, real), None
 
-    def _tokens(self, target: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor, items: BatchItems) -> torch.Tensor:
-        """Token ``[M, transformer_dim]`` of each packed history item ``ids [M]`` (row ``rows [M]``).
+    def _tokens(self, target: torch.Tensor, item_rows: torch.Tensor, rows: torch.Tensor,
+                items: BatchItems) -> torch.Tensor:
+        """Token ``[M, transformer_dim]`` of each packed history item (``item_rows [M]``: its row
+        among the batch's distinct items; ``rows [M]``: its row of the batch).
 
         ``factorised``: ``A h + B t + b + (P h) * (Q t)``: the item's parts are projected once per
         distinct item of the batch and the target's once per row, so each history position costs
@@ -68,10 +71,10 @@ class TransformerDcnV2(CTRModel):
         d = self.config.transformer_dim
         if self.config.token_interaction == "factorised":
             history_part, history_factor = items.linear(self.token_history.weight).index_select(
-                0, items.rows_of(ids)).split(d, dim=1)
+                0, item_rows).split(d, dim=1)
             target_part, target_factor = self.token_target(target).index_select(0, rows).split(d, dim=1)
             return history_part + target_part + history_factor * target_factor
-        history = items(ids)
+        history = items.gather(item_rows)
         w_h, w_t, w_ht = self.token.weight.split(self.item_dim, dim=1)
         return (F.linear(history, w_h) + F.linear(history * target.index_select(0, rows), w_ht)
                 + F.linear(target, w_t, self.token.bias).index_select(0, rows))
