@@ -426,7 +426,8 @@ class TransformerHistory(nn.Module):
         """``nn.MultiheadAttention`` (self-attention, key padding masked) over packed ``x [M, d]``:
         the projections run once over the real items, the attention bucket by bucket."""
         d, heads = x.shape[1], attention.num_heads
-        grid = _GridGather.apply(F.linear(x, attention.in_proj_weight, attention.in_proj_bias), layout)
+        # gathered before the projection: a third of the width to move, for the padding's share more rows
+        grid = F.linear(_GridGather.apply(x, layout), attention.in_proj_weight, attention.in_proj_bias)
         outputs = []
         for (rows, width), keys, part in zip(layout.shapes, layout.keys, grid.split(layout.sizes)):
             q, k, v = part.view(rows, width, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
