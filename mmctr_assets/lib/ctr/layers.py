@@ -427,39 +427,46 @@ class TransformerHistory(nn.Module):
         the projections run once over the real items, the attention bucket by bucket."""
         d, heads = x.shape[1], attention.num_heads
         # gathered before the projection: a third of the width to move, for the padding's share more rows
-        grid = F.linear(_GridGather.apply(x, layout), attention.in_proj_weight, attention.in_proj_bias)
+        grid = F.linear(_Regather.apply(x, layout.grid, layout.packed), attention.in_proj_weight,
+                        attention.in_proj_bias)
         outputs = []
         for (rows, width), keys, part in zip(layout.shapes, layout.keys, grid.split(layout.sizes)):
             q, k, v = part.view(rows, width, 3, heads, d // heads).permute(2, 0, 3, 1, 4).unbind(0)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keys,
                                                  dropout_p=self.dropout if self.training else 0.0)
             outputs.append(out.transpose(1, 2).reshape(rows * width, d))
-        packed = torch.cat(outputs).index_select(0, layout.packed)
+        packed = _Regather.apply(torch.cat(outputs), layout.packed, layout.grid, layout.grid_padding)
         return F.linear(packed, attention.out_proj.weight, attention.out_proj.bias)
 
 
-class _GridGather(torch.autograd.Function):
-    """``x.index_select(0, layout.grid)`` (packed rows -> the buckets' grid positions) whose
-    backward is a gather too (``layout.packed``: each packed row's one real grid position), not
-    index_select's scatter-add over the whole grid. Exact because the grid's other reads of a row
-    (padding positions read item 0) get zero gradient: they are masked keys and dropped queries."""
+class _Regather(torch.autograd.Function):
+    """``x.index_select(0, index)`` between the packed rows and the buckets' grid, whose backward
+    is a gather too (by ``inverse``, the other direction), not index_select's scatter-add.
+
+    Packed -> grid (``index`` = ``layout.grid``, ``inverse`` = ``layout.packed``): exact because
+    the grid's other reads of a row (padding positions read item 0) get zero gradient, as masked
+    keys and dropped queries. Grid -> packed (``index`` = ``layout.packed``, ``inverse`` =
+    ``layout.grid``): ``padding`` (the grid's padding positions) is zeroed in the gradient, as
+    index_select's backward would leave it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, layout: _PackedLayout) -> torch.Tensor:
-        ctx.packed = layout.packed
-        return x.index_select(0, layout.grid)
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.inverse, ctx.padding = inverse, padding
+        return x.index_select(0, index)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad.index_select(0, ctx.packed), None
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        out = grad.index_select(0, ctx.inverse)
+        return (out if ctx.padding is None else out.masked_fill_(ctx.padding, 0.0)), None, None, None
 
 
 class _PackedLayout:
     """Index plan of :meth:`TransformerHistory.forward_packed` for one batch ``real [B, L]``:
     ``grid`` (the packed item each bucket-grid position reads; padding reads item 0, a masked key
-    whose output is dropped), ``packed`` (the grid position of each packed item), each bucket's
-    ``shapes``/``sizes``/``keys`` (attention mask, True = a real key), and the last-k gather
-    (``last``, ``last_padding``)."""
+    whose output is dropped; ``grid_padding`` marks those), ``packed`` (the grid position of each
+    packed item), each bucket's ``shapes``/``sizes``/``keys`` (attention mask, True = a real key),
+    and the last-k gather (``last``, ``last_padding``)."""
 
     def __init__(self, real: torch.Tensor, last_k: int):
         self.lengths = real.sum(dim=1)
@@ -477,7 +484,7 @@ class _PackedLayout:
             self.keys.append((slots != 0).view(slots.shape[0], 1, 1, width))
             grids.append(slots.reshape(-1))
         grid = torch.cat(grids)
-        self.grid = (grid - 1).clamp(min=0)
+        self.grid, self.grid_padding = (grid - 1).clamp(min=0), (grid == 0).unsqueeze(1)
         at = (grid != 0).nonzero(as_tuple=True)[0]
         self.packed = torch.empty(n, dtype=torch.long, device=real.device)
         self.packed[grid[at] - 1] = at
