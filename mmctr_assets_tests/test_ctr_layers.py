@@ -10,13 +10,13 @@ from mmctr_assets.lib.ctr.layers import (
     Dropout,
     HashedEmbedding,
     TargetAttention,
-    TransformerHistory,
     bag_mean,
     length_buckets,
     pack_history,
     pack_history_with_recency,
     pad_width,
 )
+from mmctr_assets.lib.ctr.transformer_history import TransformerHistory
 
 D = 8
 

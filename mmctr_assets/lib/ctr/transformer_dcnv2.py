@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmctr_assets.lib.ctr.layers import TransformerHistory
 from mmctr_assets.lib.ctr.model import BatchItems, CTRModel, position_table
+from mmctr_assets.lib.ctr.transformer_history import TransformerHistory
 
 
 class TransformerDcnV2(CTRModel):
