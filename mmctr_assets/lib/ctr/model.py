@@ -275,11 +275,7 @@ class CTRModel(nn.Module):
         cfg = self.config
         tables = [self.tag_embedding] if cfg.use_tag_embedding else []
         if not cfg.sparse_embedding_updates:
-            tables += [self.item_embedding] if cfg.finetune_item_embeddings else []
-            tables += [self.id_embedding] if cfg.use_id_embedding else []
-            tables += [self.item_bias] if cfg.use_item_bias else []
-            tables += [self.user_embedding.embedding] if cfg.use_user_embedding else []
-            tables += [self.user_bias.embedding] if cfg.use_user_bias else []
+            tables += self._catalog_tables()
         total = sum((_squared_norm(table) for table in tables), start=self.likes_embedding.weight.new_zeros(()))
         return cfg.embedding_regularizer / 2 * total
 
@@ -290,8 +286,11 @@ class CTRModel(nn.Module):
         gradient). Empty without ``sparse_embedding_updates`` (:meth:`embedding_penalty` then covers
         whole tables) or without a regulariser."""
         cfg = self.config
-        if not cfg.sparse_embedding_updates or cfg.embedding_regularizer <= 0:
-            return []
+        return self._catalog_tables() if cfg.sparse_embedding_updates and cfg.embedding_regularizer > 0 else []
+
+    def _catalog_tables(self) -> list[nn.Embedding]:
+        """The regularised tables as large as the catalog or the user buckets (all but the tag table)."""
+        cfg = self.config
         tables = [self.item_embedding] if cfg.finetune_item_embeddings else []
         tables += [self.id_embedding] if cfg.use_id_embedding else []
         tables += [self.item_bias] if cfg.use_item_bias else []
