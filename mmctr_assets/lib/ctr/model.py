@@ -324,11 +324,11 @@ class BatchItems:
     """The vectors of a batch's distinct items (for the sorted ``ids``), kept as the parts of
     :meth:`CTRModel.item_vector_parts`; calling it with ids ``[...]`` gathers their vectors
     ``[..., item_dim]``. A family may instead transform them once per distinct item (:meth:`linear`)
-    and gather the result with :meth:`rows_of`. ``history_rows`` (when given): the row of each real
-    history item of the batch, in row-major order (``item_seq[item_seq != 0]``), known from the
-    ``unique`` that found the ids, so the packed history needs no search."""
+    and gather the result with :meth:`rows_of`. ``history_rows``: the row of each real history item
+    of the batch, in row-major order (``item_seq[item_seq != 0]``), known from the ``unique`` that
+    found the ids, so the packed history needs no search."""
 
-    def __init__(self, ids: torch.Tensor, parts: list[torch.Tensor], history_rows: torch.Tensor | None = None):
+    def __init__(self, ids: torch.Tensor, parts: list[torch.Tensor], history_rows: torch.Tensor):
         self.ids, self.parts, self.history_rows = ids, parts, history_rows
 
     def rows_of(self, x: torch.Tensor) -> torch.Tensor:

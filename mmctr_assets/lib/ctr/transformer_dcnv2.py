@@ -52,8 +52,7 @@ class TransformerDcnV2(CTRModel):
             _, vectors = self.batch_item_vectors(item_seq.new_zeros(0), item_seq)
         real = item_seq != 0
         rows, cols = real.nonzero(as_tuple=True)
-        item_rows = vectors.history_rows if vectors.history_rows is not None else vectors.rows_of(item_seq[rows, cols])
-        tokens = self._tokens(target, item_rows, rows, vectors)
+        tokens = self._tokens(target, vectors.history_rows, rows, vectors)
         if self.config.position == "token":
             tokens = tokens + self.position_embedding((item_seq.shape[1] - 1) - cols)
         return self.sequence.forward_packed(tokens, real), None
